@@ -1,0 +1,1 @@
+"""Custom kernels and their pure-torch references (DESIGN.md §6)."""

@@ -1,0 +1,1 @@
+"""Mesh extraction and GLB export."""

@@ -1,0 +1,1 @@
+"""Reference networks: one plain-PyTorch definition of every Pixal3D network."""

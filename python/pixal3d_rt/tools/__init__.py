@@ -1,0 +1,1 @@
+"""Developer tools (golden parity checker)."""

@@ -1,0 +1,57 @@
+"""pixal3d-rt: one package, `pixal3d_rt`, assembled from the project's top-level folders (DESIGN.md §2)."""
+from setuptools import setup
+
+# top-level folder -> package; subpackages are discovered below each root.
+ROOTS = {
+    "pixal3d_rt": "python/pixal3d_rt",
+    "pixal3d_rt.runtime": "runtime",
+    "pixal3d_rt.kernels": "kernels",
+    "pixal3d_rt.export": "export",
+}
+
+
+def _packages():
+    import os
+
+    pkgs, dirs = [], {}
+    for pkg, root in ROOTS.items():
+        for here, subdirs, files in os.walk(root):
+            subdirs[:] = [d for d in subdirs if not d.startswith((".", "__"))]
+            if "__init__.py" not in files:
+                continue
+            rel = os.path.relpath(here, root)
+            name = pkg if rel == "." else pkg + "." + rel.replace(os.sep, ".")
+            pkgs.append(name)
+            dirs[name] = here
+    return pkgs, dirs
+
+
+PACKAGES, PACKAGE_DIR = _packages()
+
+setup(
+    name="pixal3d-rt",
+    version="0.1.0",
+    description="Compiled, memory-budgeted inference runtime for Pixal3D (image -> textured PBR GLB)",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"pixal3d_rt.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors",
+        "transformers>=4.56",
+        "trimesh",
+        "pillow",
+        "click",
+        "xatlas",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "kernels": ["triton"],
+        "export": ["onnx", "onnxruntime"],
+        "rembg": ["rembg"],
+    },
+    entry_points={"console_scripts": ["pixal3d-rt=pixal3d_rt.cli:main"]},
+)
