@@ -1,0 +1,71 @@
+"""Pipeline settings that are not network weights: sampler parameters, stage geometry, camera.
+
+Values are upstream's: `pipeline.json` guidance intervals plus the overrides that Pixal3D's
+`inference.py` passes to `run()` (pixal3d.md §4.1). The sampler settings read from a weights
+directory's pipeline.json are used where present, and inference.py's overrides are applied on top,
+exactly as upstream's entry point does.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# inference.py's overrides of pipeline.json (all stages 12 steps)
+SAMPLER_OVERRIDES = {
+    "sparse_structure": {"steps": 12, "guidance_strength": 7.5, "guidance_rescale": 0.7, "rescale_t": 5.0},
+    "shape_slat": {"steps": 12, "guidance_strength": 7.5, "guidance_rescale": 0.5, "rescale_t": 3.0},
+    "tex_slat": {"steps": 12, "guidance_strength": 1.0, "guidance_rescale": 0.0, "rescale_t": 3.0},
+}
+# pipeline.json guidance intervals (texture [0.6, 0.9]: measured from a reference dump, pixal3d.md U1)
+GUIDANCE_INTERVALS = {"sparse_structure": [0.6, 1.0], "shape_slat": [0.6, 1.0], "tex_slat": [0.6, 0.9]}
+SIGMA_MIN = 1e-5
+
+# Blender's default 50 mm lens on a 36 mm sensor: upstream's default camera_angle_x when no FOV is given
+DEFAULT_FOV_RAD = 0.8575560450553894
+DEFAULT_FOV_DEG = math.degrees(DEFAULT_FOV_RAD)  # 49.13°
+MESH_SCALE = 1.0
+MAX_NUM_TOKENS = 49152  # 1536 cascade cap (upstream run())
+
+
+def sampler_params(stage: str, pipeline_args: dict | None = None, steps: int | None = None) -> dict:
+    """Sampler parameters of a stage: pipeline.json params, then inference.py overrides, then --steps."""
+    key = {"sparse_structure": "sparse_structure_sampler", "shape_slat": "shape_slat_sampler", "tex_slat": "tex_slat_sampler"}[stage]
+    params = {"guidance_interval": list(GUIDANCE_INTERVALS[stage])}
+    if pipeline_args and isinstance(pipeline_args.get(key), dict):
+        params.update(pipeline_args[key].get("params", {}))
+    params.update(SAMPLER_OVERRIDES[stage])
+    if steps is not None:
+        params["steps"] = int(steps)
+    return params
+
+
+def camera_params(fov_rad: float, image_resolution: int = 512) -> dict:
+    """inference.py's camera for a manual FOV: the distance at which the cube's mid-depth slice
+    [-0.5, 0.5] spans the image width. Computed as upstream does (fp32 focal length, float64 rest);
+    analytically 0.5 / tan(fov / 2), independent of image_resolution."""
+    import torch
+
+    focal_mm = 16.0 / torch.tan(torch.tensor(fov_rad / 2.0))
+    f_px = float((focal_mm * image_resolution / 32.0).item())
+    x_world, y_world = -0.5, -0.0  # grid point (-1, 0, 0) after the Blender rotation and /2
+    x_ndc = 0 - image_resolution / 2.0  # it must land on pixel column 0
+    distance = f_px * x_world / x_ndc - y_world
+    return {"camera_angle_x": float(fov_rad), "distance": float(distance), "mesh_scale": MESH_SCALE}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Image sizes and the token cap of the cascade; full size is upstream's, `tiny` scales it down.
+    Grids follow the networks: the SS decoder output pooled ×2 is the LR grid (32), `--resolution R`
+    means an HR grid of LR·R/512 (64 / 96) and an output resolution of 16× the grid."""
+
+    lr_image: int = 512  # DINOv3 input of the SS and LR-shape stages (NAF target T of both shape stages)
+    hr_image: int = 1024  # DINOv3 input of the HR-shape and texture stages (NAF target T of the texture stage)
+    max_num_tokens: int = MAX_NUM_TOKENS  # 1536 cascade: lower the resolution until N_HR is below this
+
+    def naf_target(self, stage: str) -> int:
+        # pixal3d.md §1.1: shape_512 T=512 (dilation 16), shape_1024 T=512 (dilation 8), tex_1024 T=1024 (dilation 16)
+        return {"shape_lr": self.lr_image, "shape_hr": self.lr_image, "tex": self.hr_image}[stage]
+
+
+FULL = Geometry()

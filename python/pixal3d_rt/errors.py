@@ -1,0 +1,17 @@
+"""User-facing errors: one line that names the file or input and the remedy, never a deep traceback."""
+
+
+class Pixal3DError(Exception):
+    """Base class; the CLI prints `error: <message>` and exits with status 2."""
+
+
+class CheckpointError(Pixal3DError):
+    """A weights file is missing, unreadable, of the wrong class, or does not match its network."""
+
+
+class InputImageError(Pixal3DError):
+    """The input image is missing, unreadable, or has nothing to reconstruct."""
+
+
+class BudgetError(Pixal3DError):
+    """A request does not fit the resources it was given."""

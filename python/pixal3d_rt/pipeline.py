@@ -1,0 +1,280 @@
+"""The eager Pixal3D pipeline: image → conditioning → 4 flow stages → decoders → mesh → GLB.
+
+Follows upstream `Pixal3DImageTo3DPipeline.run` (pixal3d.md §4) step for step, including the order
+in which noise is drawn after `manual_seed(seed)`, so the same weights and seed give upstream's
+latents. What differs is only where upstream wastes work: DINOv3 runs once per image size and is
+shared by the stages (upstream keeps four copies), and projection features are sampled at the
+active voxels instead of on a dense R³ grid that is then gathered.
+
+Frames: token coordinates (x, y, z) are grid indices with x = image right, y = image up,
+z = toward the camera (pixal3d.md §1.2). The GLB's axes are documented in mesh/glb.py.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import config as C
+from .checkpoints import HIRES_ONLY, Weights, load_weights
+from .errors import BudgetError, InputImageError
+from .models.sparse import SparseTensor
+
+
+@dataclass
+class Result:
+    """What `run` produces: the decoded mesh and PBR voxels, plus measurements."""
+
+    vertices: torch.Tensor  # [V,3] float32, grid frame inside [-0.5, 0.5]^3
+    faces: torch.Tensor  # [F,3] int32
+    voxel_coords: torch.Tensor | None  # [M,3] int32 at `resolution` (None: shape only)
+    voxel_attrs: torch.Tensor | None  # [M,6] float32 in [0,1]: base colour 0:3, metallic 3, roughness 4, alpha 5
+    resolution: int  # output grid resolution (mesh and voxels)
+    timings: list = field(default_factory=list)  # (stage, seconds, detail)
+    tokens: dict = field(default_factory=dict)
+    latents: dict = field(default_factory=dict)  # shape_slat / tex_slat SparseTensors (for tests and tools)
+
+
+class _Stopwatch:
+    def __init__(self, device, progress):
+        self.device, self.progress, self.rows = device, progress, []
+
+    def __call__(self, name: str, detail: str = ""):
+        sw = self
+
+        class _Span:
+            def __enter__(self):
+                if sw.progress:
+                    sw.progress(f"[{name}] {detail}".rstrip())
+                self.t = time.perf_counter()
+                return self
+
+            def __exit__(self, *exc):
+                if exc[0] is None:
+                    if str(sw.device).startswith("cuda"):
+                        torch.cuda.synchronize()
+                    sw.rows.append((name, time.perf_counter() - self.t, self.detail if hasattr(self, "detail") else detail))
+
+        return _Span()
+
+
+def _sampler_progress(progress, name):
+    if progress is None:
+        return None
+    return lambda i, n: progress(f"  {name}: step {i}/{n}") if (i == n or i % max(1, n // 4) == 0) else None
+
+
+class Pipeline:
+    def __init__(self, weights: Weights, device="cpu", geometry: C.Geometry = C.FULL, preset: str | None = None):
+        from .conditioning import ImageConditioner
+
+        self.w = weights
+        self.device = torch.device(device)
+        self.geometry = geometry
+        self.preset = preset
+        self.models = weights.models
+        self.conditioner = ImageConditioner(weights.dinov3, weights.naf)
+        args = weights.pipeline_args
+        self.shape_norm = {k: torch.tensor(args["shape_slat_normalization"][k], dtype=torch.float32) for k in ("mean", "std")}
+        self.tex_norm = {k: torch.tensor(args["tex_slat_normalization"][k], dtype=torch.float32) for k in ("mean", "std")}
+
+    # ----------------------------------------------------------------------------------------
+    # construction
+
+    @classmethod
+    def from_pretrained(cls, weights_dir, device="cpu", progress=None, resolution: int = 1024) -> "Pipeline":
+        # CPU runs the fp32 oracle; on CUDA the networks keep upstream's bf16/fp16 torsos
+        dtype = "float32" if str(device) == "cpu" else None
+        need = None if resolution != 512 else set(k for k in _all_models() if k not in HIRES_ONLY)
+        w = load_weights(weights_dir, device=device, dtype=dtype, need=need, progress=progress)
+        return cls(w, device=device)
+
+    @classmethod
+    def from_preset(cls, name: str, device="cpu", progress=None) -> "Pipeline":
+        from .presets import build_preset
+
+        w, geometry = build_preset(name, device=device)
+        return cls(w, device=device, geometry=geometry, preset=name)
+
+    # ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, image, resolution: int = 1024, seed: int = 42, steps: int | None = None,
+            fov_deg: float | None = None, progress=None, preprocess: bool = True) -> Result:
+        from .conditioning import distance_from_fov  # noqa: F401  (camera math lives with the projection)
+        from .models.sc_vae import quantize_hr_coords
+        from .models.ss_decoder import occupancy_to_coords
+        from .preprocess import preprocess_image, to_tensor
+        from .sampler import sample
+
+        if resolution not in (512, 1024, 1536):
+            raise ValueError(f"resolution must be 512, 1024 or 1536, not {resolution}")
+        if resolution != 512 and not all(k in self.models for k in HIRES_ONLY):
+            raise BudgetError(f"resolution {resolution} needs the 1024 shape/texture models, which were not loaded")
+        dev, g, m, cond = self.device, self.geometry, self.models, self.conditioner
+        sw = _Stopwatch(dev, progress)
+        fov = math.radians(fov_deg) if fov_deg is not None else C.DEFAULT_FOV_RAD
+        cam = C.camera_params(fov)
+        args = self.w.pipeline_args
+        result_tokens = {}
+
+        with sw("preprocess"):
+            img = preprocess_image(image) if preprocess else image
+            img_lr = to_tensor(img, g.lr_image).to(dev)
+            img_hr = to_tensor(img, g.hr_image).to(dev) if resolution != 512 else None
+
+        with sw("dinov3", f"{g.lr_image}px" + (f" + {g.hr_image}px" if img_hr is not None else "")):
+            enc_lr = cond.encode(img_lr)
+            enc_hr = cond.encode(img_hr) if img_hr is not None else None
+
+        gen = torch.Generator().manual_seed(seed)  # upstream: torch.manual_seed(seed), noise drawn on the CPU
+
+        # ---- stage 1: sparse structure --------------------------------------------------------
+        ss_flow = m["sparse_structure_flow_model"]
+        R = ss_flow.resolution
+        with sw("ss_flow", f"{R ** 3} tokens"):
+            proj = cond.project_dense(enc_lr, R, cam, image_size=g.lr_image)
+            c = {"global": enc_lr.global_tokens, "proj": proj}
+            neg = {k: torch.zeros_like(v) for k, v in c.items()}
+            noise = torch.randn(1, ss_flow.in_channels, R, R, R, generator=gen).to(dev)
+            z = sample(ss_flow, noise, c, neg, **C.sampler_params("sparse_structure", args, steps),
+                       progress=_sampler_progress(progress, "ss_flow"))
+            del proj, c, neg
+        with sw("ss_decoder"):
+            logits = m["sparse_structure_decoder"](z.to(_param_dtype(m["sparse_structure_decoder"])))
+            lr_grid = logits.shape[-1] // 2  # upstream pools the 64³ occupancy to 32³
+            coords = occupancy_to_coords(logits.float(), pool=True).to(dev)
+            del logits
+        if coords.shape[0] == 0:
+            raise InputImageError("the sparse-structure stage found no occupied voxel for this image")
+        result_tokens["ss"] = R ** 3
+        result_tokens["shape_lr"] = int(coords.shape[0])
+
+        # ---- stage 2: shape at the LR grid ------------------------------------------------------
+        with sw("shape_lr_flow", f"{coords.shape[0]} tokens @{lr_grid}³"):
+            naf_lr = cond.naf_map(img_lr, enc_lr, g.naf_target("shape_lr"))
+            lr_slat = self._sample_shape(m["shape_slat_flow_model_512"], enc_lr, naf_lr, coords, lr_grid, cam,
+                                         g.lr_image, gen, args, steps, progress, "shape_lr_flow")
+            del naf_lr
+
+        shape_dec = m["shape_slat_decoder"]
+        if resolution == 512:
+            res = lr_grid * 16
+            shape_slat = lr_slat
+        else:
+            # ---- stage 3a: LR → HR token set ---------------------------------------------------
+            with sw("upsample"):
+                hr_coords = shape_dec.upsample(lr_slat, upsample_times=4)
+                r_dec = lr_grid * 16  # upstream: the literal 512
+                res = lr_grid * 16 * resolution // 512
+                floor_res = lr_grid * 16 * 2  # 1024: no cap
+                step = lr_grid * 4  # 128 at full size
+                while True:
+                    hr_unique = quantize_hr_coords(hr_coords, r_dec, res // 16)
+                    if hr_unique.shape[0] < g.max_num_tokens or res <= floor_res:
+                        break
+                    res -= step
+                hr_grid = res // 16
+                del hr_coords
+            result_tokens["shape_hr"] = int(hr_unique.shape[0])
+            # ---- stage 3b: shape at the HR grid -----------------------------------------------
+            with sw("shape_hr_flow", f"{hr_unique.shape[0]} tokens @{hr_grid}³"):
+                naf_hr = cond.naf_map(img_hr, enc_hr, g.naf_target("shape_hr"))
+                shape_slat = self._sample_shape(m["shape_slat_flow_model_1024"], enc_hr, naf_hr, hr_unique, hr_grid, cam,
+                                                g.hr_image, gen, args, steps, progress, "shape_hr_flow")
+                del naf_hr
+            # ---- stage 4: texture -----------------------------------------------------------------
+            with sw("tex_flow", f"{shape_slat.coords.shape[0]} tokens"):
+                naf_tex = cond.naf_map(img_hr, enc_hr, g.naf_target("tex"))
+                tex_slat = self._sample_tex(m["tex_slat_flow_model_1024"], enc_hr, naf_tex, shape_slat, hr_grid, cam,
+                                            g.hr_image, gen, args, steps, progress)
+                del naf_tex
+
+        # ---- decode ---------------------------------------------------------------------------------
+        from .mesh.fdg import flexible_dual_grid_to_mesh
+
+        with sw("shape_decoder", f"@{res}³"):
+            shape_dec.set_resolution(res)
+            dec_cache = {}
+            h, subs = shape_dec(shape_slat.replace(shape_slat.feats.to(_param_dtype(shape_dec))), return_subs=True, cache=dec_cache)
+            mc, dual, inter, lerp = shape_dec.mesh_inputs(h)
+            vertices, faces = flexible_dual_grid_to_mesh(mc, dual.float(), inter, lerp.float(),
+                                                         aabb=[[-0.5] * 3, [0.5] * 3], grid_size=res)
+            result_tokens["voxels"] = int(h.coords.shape[0])
+            del h
+        voxel_coords = voxel_attrs = None
+        if resolution != 512:
+            with sw("tex_decoder"):
+                tex_dec = m["tex_slat_decoder"]
+                t = tex_dec(tex_slat.replace(tex_slat.feats.to(_param_dtype(tex_dec))), guide_subs=subs, cache=dec_cache)
+                voxel_coords = t.coords[:, 1:].int().cpu()
+                voxel_attrs = (t.feats.float() * 0.5 + 0.5).cpu()
+                del t
+        del subs, dec_cache
+        latents = {"shape_slat": shape_slat}
+        if resolution != 512:
+            latents["tex_slat"] = tex_slat
+        return Result(vertices.cpu(), faces.cpu(), voxel_coords, voxel_attrs, res, sw.rows, result_tokens, latents)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _proj_cond(self, enc, naf_map, coords, grid, cam, image_size, dtype):
+        proj = self.conditioner.project(coords, grid, cam, image_size=image_size, maps=(enc.patch_map, naf_map))
+        c = {"global": enc.global_tokens, "proj": SparseTensor(proj, coords)}
+        neg = {"global": torch.zeros_like(c["global"]), "proj": SparseTensor(torch.zeros_like(proj), coords)}
+        return c, neg
+
+    def _sample_shape(self, flow, enc, naf_map, coords, grid, cam, image_size, gen, args, steps, progress, name):
+        from .sampler import sample
+
+        c, neg = self._proj_cond(enc, naf_map, coords, grid, cam, image_size, None)
+        noise = SparseTensor(torch.randn(coords.shape[0], flow.in_channels, generator=gen).to(self.device), coords)
+        slat = sample(flow, noise, c, neg, **C.sampler_params("shape_slat", args, steps), progress=_sampler_progress(progress, name))
+        n = self.shape_norm
+        return slat.replace(slat.feats * n["std"].to(slat.feats) + n["mean"].to(slat.feats))
+
+    def _sample_tex(self, flow, enc, naf_map, shape_slat, grid, cam, image_size, gen, args, steps, progress):
+        from .sampler import sample
+
+        coords = shape_slat.coords
+        c, neg = self._proj_cond(enc, naf_map, coords, grid, cam, image_size, None)
+        n = self.shape_norm
+        shape_norm = shape_slat.replace((shape_slat.feats - n["mean"].to(shape_slat.feats)) / n["std"].to(shape_slat.feats))
+        noise = shape_slat.replace(torch.randn(coords.shape[0], flow.in_channels - shape_slat.feats.shape[1], generator=gen).to(self.device))
+        slat = sample(flow, noise, c, neg, concat_cond=shape_norm, **C.sampler_params("tex_slat", args, steps),
+                      progress=_sampler_progress(progress, "tex_flow"))
+        t = self.tex_norm
+        return slat.replace(slat.feats * t["std"].to(slat.feats) + t["mean"].to(slat.feats))
+
+    # ----------------------------------------------------------------------------------------
+
+    def export_glb(self, result: Result, path, texture_size: int | None = None, decimation_target: int | None = None, progress=None) -> dict:
+        from .mesh.glb import export_glb
+
+        small = self.preset is not None
+        texture_size = texture_size or (256 if small else 2048)
+        decimation_target = decimation_target or (20_000 if small else 200_000)
+        t0 = time.perf_counter()
+        if progress:
+            progress(f"[glb] {result.faces.shape[0]:,} faces → ≤{decimation_target:,}, texture {texture_size}²")
+        stats = export_glb(Path(path), result.vertices, result.faces, result.voxel_coords, result.voxel_attrs, result.resolution,
+                           decimation_target=decimation_target, texture_size=texture_size, progress=progress)
+        stats = dict(stats)
+        stats["timings"] = [("glb_export", time.perf_counter() - t0, f"texture {texture_size}²")]
+        return stats
+
+
+def _param_dtype(module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return torch.float32 if p.dtype == torch.float32 else p.dtype
+    return torch.float32
+
+
+def _all_models():
+    from .checkpoints import PIPELINE_MODELS
+
+    return PIPELINE_MODELS.keys()
