@@ -193,4 +193,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module, not this `__main__` copy: runner modules register into its RUNNERS
+    from pixal3d_rt.tools import parity as _parity
+
+    sys.exit(_parity.main())
