@@ -39,20 +39,6 @@ def sampler_params(stage: str, pipeline_args: dict | None = None, steps: int | N
     return params
 
 
-def camera_params(fov_rad: float, image_resolution: int = 512) -> dict:
-    """inference.py's camera for a manual FOV: the distance at which the cube's mid-depth slice
-    [-0.5, 0.5] spans the image width. Computed as upstream does (fp32 focal length, float64 rest);
-    analytically 0.5 / tan(fov / 2), independent of image_resolution."""
-    import torch
-
-    focal_mm = 16.0 / torch.tan(torch.tensor(fov_rad / 2.0))
-    f_px = float((focal_mm * image_resolution / 32.0).item())
-    x_world, y_world = -0.5, -0.0  # grid point (-1, 0, 0) after the Blender rotation and /2
-    x_ndc = 0 - image_resolution / 2.0  # it must land on pixel column 0
-    distance = f_px * x_world / x_ndc - y_world
-    return {"camera_angle_x": float(fov_rad), "distance": float(distance), "mesh_scale": MESH_SCALE}
-
-
 @dataclass(frozen=True)
 class Geometry:
     """Image sizes and the token cap of the cascade; full size is upstream's, `tiny` scales it down.
