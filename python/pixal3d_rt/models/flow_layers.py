@@ -86,6 +86,9 @@ class VarLenTokens:
         return [(i, self.offsets[i], self.offsets[i + 1]) for i in range(len(self.counts))]
 
     def self_attention(self, q, k, v):  # [T, H, D] each
+        # packed [T, 3, H, D], as upstream's sparse path hands q/k/v to SDPA, so this eager path uses
+        # upstream's memory and kernels (the layout alone does not change SDPA's speed on an H200)
+        q, k, v = torch.stack([q, k, v], dim=1).unbind(dim=1)
         outs = []
         for _, a, b in self._items():
             qi, ki, vi = (z[a:b].transpose(0, 1).unsqueeze(0) for z in (q, k, v))  # [1, H, L, D]
@@ -296,13 +299,16 @@ class ModulatedTransformerCrossBlock(nn.Module):
             m = (self.modulation + mod).type(mod.dtype)  # fp32 parameter + model-dtype mod, back to model dtype
         else:
             m = self.adaLN_modulation(mod)
-        shift1, scale1, gate1, shift2, scale2, gate2 = (layout.per_item(c) for c in m.chunk(6, dim=1))
-        h = self.norm1(x) * (1 + scale1) + shift1
-        x = x + self.self_attn(h, layout, phases=phases) * gate1
+        shift1, scale1, gate1, shift2, scale2, gate2 = m.chunk(6, dim=1)  # [B, C] each
+        # broadcast to the tokens at the point of use, as upstream does: `1 + scale` is formed per item
+        # and a varlen layout's per-token copies are transient, never all six held across the block
+        per = layout.per_item
+        h = self.norm1(x) * per(1 + scale1) + per(shift1)
+        x = x + self.self_attn(h, layout, phases=phases) * per(gate1)
         # context: (global, proj) in proj mode, the global tokens in cross mode
         x = x + self.cross_attn(self.norm2(x), layout, context)
-        h = self.norm3(x) * (1 + scale2) + shift2
-        x = x + self.mlp(h) * gate2
+        h = self.norm3(x) * per(1 + scale2) + per(shift2)
+        x = x + self.mlp(h) * per(gate2)
         return x
 
 
