@@ -70,7 +70,9 @@ def _sampler_progress(progress, name):
 class Pipeline:
     def __init__(self, weights: Weights, device="cpu", geometry: C.Geometry = C.FULL, preset: str | None = None):
         from .conditioning import ImageConditioner
+        from .sampler import FlowEulerGuidanceIntervalSampler
 
+        self.sampler = FlowEulerGuidanceIntervalSampler(sigma_min=C.SIGMA_MIN)
         self.w = weights
         self.device = torch.device(device)
         self.geometry = geometry
@@ -104,11 +106,10 @@ class Pipeline:
     @torch.no_grad()
     def run(self, image, resolution: int = 1024, seed: int = 42, steps: int | None = None,
             fov_deg: float | None = None, progress=None, preprocess: bool = True) -> Result:
-        from .conditioning import distance_from_fov  # noqa: F401  (camera math lives with the projection)
+        from .conditioning import Camera
         from .models.sc_vae import quantize_hr_coords
         from .models.ss_decoder import occupancy_to_coords
         from .preprocess import preprocess_image, to_tensor
-        from .sampler import sample
 
         if resolution not in (512, 1024, 1536):
             raise ValueError(f"resolution must be 512, 1024 or 1536, not {resolution}")
@@ -117,7 +118,7 @@ class Pipeline:
         dev, g, m, cond = self.device, self.geometry, self.models, self.conditioner
         sw = _Stopwatch(dev, progress)
         fov = math.radians(fov_deg) if fov_deg is not None else C.DEFAULT_FOV_RAD
-        cam = C.camera_params(fov)
+        cam = Camera.from_fov(fov, mesh_scale=C.MESH_SCALE)  # inference.py: distance from the FOV
         args = self.w.pipeline_args
         result_tokens = {}
 
@@ -140,11 +141,11 @@ class Pipeline:
             c = {"global": enc_lr.global_tokens, "proj": proj}
             neg = {k: torch.zeros_like(v) for k, v in c.items()}
             noise = torch.randn(1, ss_flow.in_channels, R, R, R, generator=gen).to(dev)
-            z = sample(ss_flow, noise, c, neg, **C.sampler_params("sparse_structure", args, steps),
+            z = self.sampler.sample(ss_flow, noise, c, neg, **C.sampler_params("sparse_structure", args, steps),
                        progress=_sampler_progress(progress, "ss_flow"))
             del proj, c, neg
         with sw("ss_decoder"):
-            logits = m["sparse_structure_decoder"](z.to(_param_dtype(m["sparse_structure_decoder"])))
+            logits = m["sparse_structure_decoder"](z)  # decoders cast to their own torso dtype
             lr_grid = logits.shape[-1] // 2  # upstream pools the 64³ occupancy to 32³
             coords = occupancy_to_coords(logits.float(), pool=True).to(dev)
             del logits
@@ -155,7 +156,7 @@ class Pipeline:
 
         # ---- stage 2: shape at the LR grid ------------------------------------------------------
         with sw("shape_lr_flow", f"{coords.shape[0]} tokens @{lr_grid}³"):
-            naf_lr = cond.naf_map(img_lr, enc_lr, g.naf_target("shape_lr"))
+            naf_lr = cond.naf_sampler(img_lr, enc_lr, g.naf_target("shape_lr"))
             lr_slat = self._sample_shape(m["shape_slat_flow_model_512"], enc_lr, naf_lr, coords, lr_grid, cam,
                                          g.lr_image, gen, args, steps, progress, "shape_lr_flow")
             del naf_lr
@@ -182,34 +183,30 @@ class Pipeline:
             result_tokens["shape_hr"] = int(hr_unique.shape[0])
             # ---- stage 3b: shape at the HR grid -----------------------------------------------
             with sw("shape_hr_flow", f"{hr_unique.shape[0]} tokens @{hr_grid}³"):
-                naf_hr = cond.naf_map(img_hr, enc_hr, g.naf_target("shape_hr"))
+                naf_hr = cond.naf_sampler(img_hr, enc_hr, g.naf_target("shape_hr"))
                 shape_slat = self._sample_shape(m["shape_slat_flow_model_1024"], enc_hr, naf_hr, hr_unique, hr_grid, cam,
                                                 g.hr_image, gen, args, steps, progress, "shape_hr_flow")
                 del naf_hr
             # ---- stage 4: texture -----------------------------------------------------------------
             with sw("tex_flow", f"{shape_slat.coords.shape[0]} tokens"):
-                naf_tex = cond.naf_map(img_hr, enc_hr, g.naf_target("tex"))
+                naf_tex = cond.naf_sampler(img_hr, enc_hr, g.naf_target("tex"))
                 tex_slat = self._sample_tex(m["tex_slat_flow_model_1024"], enc_hr, naf_tex, shape_slat, hr_grid, cam,
                                             g.hr_image, gen, args, steps, progress)
                 del naf_tex
 
         # ---- decode ---------------------------------------------------------------------------------
-        from .mesh.fdg import flexible_dual_grid_to_mesh
-
         with sw("shape_decoder", f"@{res}³"):
             shape_dec.set_resolution(res)
             dec_cache = {}
-            h, subs = shape_dec(shape_slat.replace(shape_slat.feats.to(_param_dtype(shape_dec))), return_subs=True, cache=dec_cache)
-            mc, dual, inter, lerp = shape_dec.mesh_inputs(h)
-            vertices, faces = flexible_dual_grid_to_mesh(mc, dual.float(), inter, lerp.float(),
-                                                         aabb=[[-0.5] * 3, [0.5] * 3], grid_size=res)
+            h, subs = shape_dec(shape_slat, return_subs=True, cache=dec_cache)  # cache: neighbour maps reused below
+            vertices, faces = shape_dec.extract_meshes(h)[0]  # batch of one
             result_tokens["voxels"] = int(h.coords.shape[0])
             del h
         voxel_coords = voxel_attrs = None
         if resolution != 512:
             with sw("tex_decoder"):
                 tex_dec = m["tex_slat_decoder"]
-                t = tex_dec(tex_slat.replace(tex_slat.feats.to(_param_dtype(tex_dec))), guide_subs=subs, cache=dec_cache)
+                t = tex_dec(tex_slat, guide_subs=subs, cache=dec_cache)
                 voxel_coords = t.coords[:, 1:].int().cpu()
                 voxel_attrs = (t.feats.float() * 0.5 + 0.5).cpu()
                 del t
@@ -228,23 +225,19 @@ class Pipeline:
         return c, neg
 
     def _sample_shape(self, flow, enc, naf_map, coords, grid, cam, image_size, gen, args, steps, progress, name):
-        from .sampler import sample
-
         c, neg = self._proj_cond(enc, naf_map, coords, grid, cam, image_size, None)
         noise = SparseTensor(torch.randn(coords.shape[0], flow.in_channels, generator=gen).to(self.device), coords)
-        slat = sample(flow, noise, c, neg, **C.sampler_params("shape_slat", args, steps), progress=_sampler_progress(progress, name))
+        slat = self.sampler.sample(flow, noise, c, neg, **C.sampler_params("shape_slat", args, steps), progress=_sampler_progress(progress, name))
         n = self.shape_norm
         return slat.replace(slat.feats * n["std"].to(slat.feats) + n["mean"].to(slat.feats))
 
     def _sample_tex(self, flow, enc, naf_map, shape_slat, grid, cam, image_size, gen, args, steps, progress):
-        from .sampler import sample
-
         coords = shape_slat.coords
         c, neg = self._proj_cond(enc, naf_map, coords, grid, cam, image_size, None)
         n = self.shape_norm
         shape_norm = shape_slat.replace((shape_slat.feats - n["mean"].to(shape_slat.feats)) / n["std"].to(shape_slat.feats))
         noise = shape_slat.replace(torch.randn(coords.shape[0], flow.in_channels - shape_slat.feats.shape[1], generator=gen).to(self.device))
-        slat = sample(flow, noise, c, neg, concat_cond=shape_norm, **C.sampler_params("tex_slat", args, steps),
+        slat = self.sampler.sample(flow, noise, c, neg, concat_cond=shape_norm, **C.sampler_params("tex_slat", args, steps),
                       progress=_sampler_progress(progress, "tex_flow"))
         t = self.tex_norm
         return slat.replace(slat.feats * t["std"].to(slat.feats) + t["mean"].to(slat.feats))
@@ -265,13 +258,6 @@ class Pipeline:
         stats = dict(stats)
         stats["timings"] = [("glb_export", time.perf_counter() - t0, f"texture {texture_size}²")]
         return stats
-
-
-def _param_dtype(module) -> torch.dtype:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return torch.float32 if p.dtype == torch.float32 else p.dtype
-    return torch.float32
 
 
 def _all_models():
