@@ -45,6 +45,7 @@ setup(
         "pillow",
         "click",
         "xatlas",
+        "fast-simplification",  # QEM decimation with prebuilt wheels (no compiler)
         "tqdm",
     ],
     extras_require={

@@ -253,9 +253,10 @@ class Pipeline:
         t0 = time.perf_counter()
         if progress:
             progress(f"[glb] {result.faces.shape[0]:,} faces → ≤{decimation_target:,}, texture {texture_size}²")
-        stats = export_glb(Path(path), result.vertices, result.faces, result.voxel_coords, result.voxel_attrs, result.resolution,
-                           decimation_target=decimation_target, texture_size=texture_size, progress=progress)
-        stats = dict(stats)
+        stats = dict(export_glb(Path(path), result.vertices, result.faces, result.voxel_coords, result.voxel_attrs, result.resolution,
+                                decimation_target=decimation_target, texture_size=texture_size, progress=progress,
+                                device=self.device if self.device.type == "cuda" else None))
+        stats["glb_timings"] = stats.pop("timings", {})  # per step: clean, simplify, uv, bake, write
         stats["timings"] = [("glb_export", time.perf_counter() - t0, f"texture {texture_size}²")]
         return stats
 

@@ -1,0 +1,554 @@
+"""GLB export (pixal3d_rt.mesh.glb / bake / uv) on synthetic inputs, CPU only.
+
+The synthetic input mimics the FlexiDualGrid extraction: one vertex per active voxel, one quad per
+sign-changing grid edge, quads oriented by axis only (about half of the faces point inward), plus a
+sparse voxel attribute field that is a known function of position. Checks are made against that
+function, against brute-force reference implementations, against the raw glTF file (parsed here,
+independently of trimesh), and with the Khronos glTF-Validator.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pixal3d_rt.mesh import bake, glb, uv
+
+TESTS = Path(__file__).resolve().parent
+VALIDATOR_JS = TESTS / "gltf_validate.mjs"
+
+
+# --------------------------------------------------------------------------------------------------
+# synthetic inputs
+
+
+def torus_sdf(p, R=0.27, r=0.11):
+    q = np.stack([np.sqrt(p[..., 0] ** 2 + p[..., 2] ** 2) - R, p[..., 1]], -1)
+    return np.linalg.norm(q, axis=-1) - r
+
+
+def sphere_sdf(p, r=0.3, c=(0.0, 0.0, 0.0)):
+    return np.linalg.norm(p - np.asarray(c), axis=-1) - r
+
+
+def dual_grid_mesh(sdf, G):
+    """(vertices [V,3] f32, faces [F,3] i32, active voxel coords [V,3] i32) of a dual-grid surface."""
+    c = np.arange(G + 1) / G - 0.5
+    inside = sdf(np.stack(np.meshgrid(c, c, c, indexing="ij"), -1)) < 0
+    quads = []
+    for a in range(3):
+        s0 = [slice(None)] * 3
+        s1 = [slice(None)] * 3
+        s0[a], s1[a] = slice(0, G), slice(1, G + 1)
+        edge = np.argwhere(inside[tuple(s0)] != inside[tuple(s1)])
+        b, d = [x for x in range(3) if x != a]
+        cells = []
+        for db, dd in [(-1, -1), (0, -1), (0, 0), (-1, 0)]:
+            cc = edge.copy()
+            cc[:, b] += db
+            cc[:, d] += dd
+            cells.append(cc)
+        cells = np.stack(cells, 1)
+        quads.append(cells[np.all((cells >= 0) & (cells < G), axis=(1, 2))])
+    quads = np.concatenate(quads)
+    flat = (quads[..., 0] * G + quads[..., 1]) * G + quads[..., 2]
+    uniq, inv = np.unique(flat, return_inverse=True)
+    inv = inv.reshape(-1, 4)
+    coords = np.stack([uniq // (G * G), (uniq // G) % G, uniq % G], -1)
+    centre = (coords + 0.5) / G - 0.5
+    h = 1e-4
+    grad = np.stack([(sdf(centre + h * e) - sdf(centre - h * e)) / (2 * h) for e in np.eye(3)], -1)
+    grad /= np.linalg.norm(grad, axis=-1, keepdims=True)
+    verts = centre - sdf(centre)[:, None] * grad
+    faces = np.concatenate([inv[:, [0, 1, 2]], inv[:, [0, 2, 3]]])
+    return verts.astype(np.float32), faces.astype(np.int32), coords.astype(np.int32)
+
+
+def field(p):
+    """attribute field of grid-frame position; asymmetric in x, y, z so an axis or v flip shows"""
+    p = np.asarray(p, dtype=np.float64)
+    r = 0.5 + 0.8 * p[..., 0]
+    g = 0.5 + 0.8 * p[..., 1]
+    b = 0.5 - 0.8 * p[..., 2]
+    metal = 0.5 + 0.6 * p[..., 2] + 0.3 * p[..., 0]
+    rough = 0.5 - 0.6 * p[..., 1] + 0.3 * p[..., 2]
+    alpha = 0.75 + 0.3 * p[..., 1]
+    return np.clip(np.stack([r, g, b, metal, rough, alpha], -1), 0, 1).astype(np.float32)
+
+
+G_TEST = 40
+
+
+@pytest.fixture(scope="module")
+def torus():
+    v, f, c = dual_grid_mesh(torus_sdf, G_TEST)
+    # an isolated unreferenced vertex and a duplicated face, as the extraction may leave
+    v = np.concatenate([v, np.array([[0.4, 0.4, 0.4]], np.float32)])
+    f = np.concatenate([f, f[:3]])
+    attrs = field((c + 0.5) / G_TEST - 0.5)
+    return v, f, c, attrs
+
+
+@pytest.fixture(scope="module")
+def exported(torus, tmp_path_factory):
+    v, f, c, attrs = torus
+    path = tmp_path_factory.mktemp("glb") / "torus.glb"
+    stats = glb.export_glb(path, torch.from_numpy(v), torch.from_numpy(f), torch.from_numpy(c),
+                           torch.from_numpy(attrs), G_TEST, decimation_target=2500, texture_size=256)
+    return path, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# a minimal glTF binary reader (independent of trimesh)
+
+_COMPONENTS = {5120: np.int8, 5121: np.uint8, 5122: np.int16, 5123: np.uint16, 5125: np.uint32, 5126: np.float32}
+_WIDTH = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4}
+
+
+def read_glb(path):
+    data = Path(path).read_bytes()
+    magic, version, length = struct.unpack_from("<III", data, 0)
+    assert magic == 0x46546C67 and version == 2 and length == len(data)
+    jlen, jtype = struct.unpack_from("<II", data, 12)
+    assert jtype == 0x4E4F534A
+    doc = json.loads(data[20:20 + jlen])
+    off = 20 + jlen
+    blen, btype = struct.unpack_from("<II", data, off)
+    assert btype == 0x004E4942
+    binary = data[off + 8: off + 8 + blen]
+
+    def view(i):
+        bv = doc["bufferViews"][i]
+        start = bv.get("byteOffset", 0)
+        return binary[start:start + bv["byteLength"]]
+
+    def accessor(i):
+        acc = doc["accessors"][i]
+        raw = view(acc["bufferView"])
+        dt = np.dtype(_COMPONENTS[acc["componentType"]])
+        n = acc["count"] * _WIDTH[acc["type"]]
+        arr = np.frombuffer(raw, dtype=dt, count=n, offset=acc.get("byteOffset", 0))
+        return arr.reshape(acc["count"], -1)
+
+    def image(i):
+        from io import BytesIO
+
+        from PIL import Image
+
+        return np.asarray(Image.open(BytesIO(view(doc["images"][i]["bufferView"]))))
+
+    return doc, accessor, image
+
+
+def bilinear(img, uv):
+    """sample an [H,W,C] image at glTF uv (u right, v down from the first row), texel centres at +0.5"""
+    h, w = img.shape[:2]
+    x = uv[:, 0] * w - 0.5
+    y = uv[:, 1] * h - 0.5
+    x0 = np.clip(np.floor(x).astype(int), 0, w - 1)
+    y0 = np.clip(np.floor(y).astype(int), 0, h - 1)
+    x1, y1 = np.clip(x0 + 1, 0, w - 1), np.clip(y0 + 1, 0, h - 1)
+    fx, fy = np.clip(x - x0, 0, 1)[:, None], np.clip(y - y0, 0, 1)[:, None]
+    im = img.astype(np.float64)
+    top = im[y0, x0] * (1 - fx) + im[y0, x1] * fx
+    bot = im[y1, x0] * (1 - fx) + im[y1, x1] * fx
+    return top * (1 - fy) + bot * fy
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end
+
+
+def test_export_loads_as_pbr_in_trimesh(exported):
+    import trimesh
+
+    path, stats = exported
+    scene = trimesh.load(path, force="scene")
+    meshes = list(scene.geometry.values())
+    assert len(meshes) == 1
+    m = meshes[0]
+    assert len(m.faces) > 0 and np.isfinite(m.vertices).all()
+    assert 1000 <= len(m.faces) <= 2600  # simplified to about the 2500-face target
+    mat = m.visual.material
+    assert isinstance(mat, trimesh.visual.material.PBRMaterial)
+    assert mat.baseColorTexture is not None and mat.metallicRoughnessTexture is not None
+    assert mat.baseColorTexture.size == (256, 256) and mat.baseColorTexture.mode == "RGBA"
+    assert mat.metallicRoughnessTexture.size == (256, 256)
+    assert mat.alphaMode == "OPAQUE"
+    assert stats["closed"] and stats["double_sided"] is False and mat.doubleSided is False
+    assert stats["faces"] == len(m.faces) and stats["texture_size"] == 256
+    assert not Path(str(path) + ".tmp").exists()
+    assert [p.name for p in Path(path).parent.iterdir()] == [Path(path).name]
+
+
+def test_texture_matches_voxel_field_at_surface_points(exported):
+    """Read the raw GLB: interpolate TEXCOORD_0 at face centroids, sample both textures, and compare with
+    the attribute field at the same points mapped back to the grid frame ((X,Y,Z) -> (-X, Y, -Z))."""
+    path, _ = exported
+    doc, accessor, image = read_glb(path)
+    prim = doc["meshes"][0]["primitives"][0]
+    pos = accessor(prim["attributes"]["POSITION"]).astype(np.float64)
+    tex = accessor(prim["attributes"]["TEXCOORD_0"]).astype(np.float64)
+    idx = accessor(prim["indices"]).reshape(-1, 3).astype(np.int64)
+    mat = doc["materials"][prim["material"]]["pbrMetallicRoughness"]
+    base = image(doc["textures"][mat["baseColorTexture"]["index"]]["source"])
+    mr = image(doc["textures"][mat["metallicRoughnessTexture"]["index"]]["source"])
+    assert base.shape == (256, 256, 4) and mr.shape == (256, 256, 3)
+
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(idx), size=400, replace=False)
+    w = rng.dirichlet([4.0, 4.0, 4.0], size=len(pick))  # interior points, away from chart seams
+    p_glb = np.einsum("nk,nkc->nc", w, pos[idx[pick]])
+    t = np.einsum("nk,nkc->nc", w, tex[idx[pick]])
+    p_grid = p_glb * np.array([-1.0, 1.0, -1.0])
+    want = field(p_grid)
+    got_base = bilinear(base, t) / 255.0
+    got_mr = bilinear(mr, t) / 255.0
+    got = np.concatenate([got_base[:, :3], got_mr[:, 2:3], got_mr[:, 1:2], got_base[:, 3:4]], axis=1)
+    err = np.abs(got - want)
+    # trilinear over a 1/40 voxel grid with missing neighbours dropped: |grad| * h ~ 0.02, + 8-bit
+    assert np.median(err) < 0.012, np.median(err, axis=0)
+    assert np.quantile(err, 0.98) < 0.05, np.quantile(err, 0.98, axis=0)
+    assert np.all(np.abs(got_mr[:, 0]) < 1e-6)  # R of metallicRoughness is unused (0), as upstream
+
+
+def test_geometry_in_glb_frame_and_outward(exported, torus):
+    """Vertices lie on the torus after (X,Y,Z) -> (-X,Y,-Z); normals and winding point outward."""
+    path, _ = exported
+    doc, accessor, _ = read_glb(path)
+    prim = doc["meshes"][0]["primitives"][0]
+    pos = accessor(prim["attributes"]["POSITION"]).astype(np.float64)
+    nrm = accessor(prim["attributes"]["NORMAL"]).astype(np.float64)
+    idx = accessor(prim["indices"]).reshape(-1, 3).astype(np.int64)
+    grid = pos * np.array([-1.0, 1.0, -1.0])
+    assert np.abs(torus_sdf(grid)).max() < 1.5 / G_TEST
+    h = 1e-4
+    grad = np.stack([(torus_sdf(grid + h * e) - torus_sdf(grid - h * e)) / (2 * h) for e in np.eye(3)], -1)
+    grad_glb = grad * np.array([-1.0, 1.0, -1.0])
+    assert np.mean(np.einsum("ij,ij->i", nrm, grad_glb) > 0.5) > 0.99
+    tri = pos[idx]
+    fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    cen_grid = tri.mean(1) * np.array([-1.0, 1.0, -1.0])
+    g = np.stack([(torus_sdf(cen_grid + h * e) - torus_sdf(cen_grid - h * e)) / (2 * h) for e in np.eye(3)], -1)
+    assert np.mean(np.einsum("ij,ij->i", fn, g * np.array([-1.0, 1.0, -1.0])) > 0) > 0.99
+
+
+def _run_validator(path):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the glTF-Validator check needs node >= 18")
+    if not (TESTS / "node_modules" / "gltf-validator").is_dir():
+        pytest.skip("npm package gltf-validator is missing: run `npm install --prefix tests` (uses tests/package.json)")
+    res = subprocess.run([node, str(VALIDATOR_JS), str(path)], capture_output=True, text=True, timeout=120)
+    if res.returncode == 2:
+        pytest.skip(f"glTF-Validator unavailable: {res.stderr.strip()}")
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    return res.returncode, report
+
+
+def test_khronos_validator_reports_no_errors(exported):
+    path, _ = exported
+    rc, report = _run_validator(path)
+    assert report["numErrors"] == 0, report["errors"]
+    assert report["numWarnings"] == 0, report["warnings"]
+    assert rc == 0
+
+
+def test_validator_catches_a_broken_file(exported, tmp_path):
+    """the validator wiring itself can fail: a GLB whose index accessor points past the vertices"""
+    path, _ = exported
+    data = bytearray(Path(path).read_bytes())
+    jlen = struct.unpack_from("<I", data, 12)[0]
+    doc = json.loads(data[20:20 + jlen])
+    doc["accessors"][doc["meshes"][0]["primitives"][0]["attributes"]["POSITION"]]["count"] = 3
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    text += b" " * (jlen - len(text)) if len(text) <= jlen else b""
+    if len(text) != jlen:
+        pytest.skip("could not rewrite the JSON chunk in place")
+    data[20:20 + jlen] = text
+    bad = tmp_path / "bad.glb"
+    bad.write_bytes(bytes(data))
+    rc, report = _run_validator(bad)
+    assert report["numErrors"] > 0 and rc == 1
+
+
+def test_untextured_and_empty_exports_are_valid(tmp_path):
+    v, f, _ = dual_grid_mesh(lambda p: sphere_sdf(p, 0.3), 16)
+    p1 = tmp_path / "plain.glb"
+    s1 = glb.export_glb(p1, v, f, None, None, 16, texture_size=64)
+    assert s1["texture_size"] == 0 and s1["faces"] > 0
+    doc, _, _ = read_glb(p1)
+    assert "images" not in doc or not doc["images"]
+    p2 = tmp_path / "empty.glb"
+    s2 = glb.export_glb(p2, np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32),
+                        np.zeros((0, 3), np.int32), np.zeros((0, 6), np.float32), 16)
+    assert s2["faces"] == 0 and p2.exists()
+    for p in (p1, p2):
+        _, report = _run_validator(p)
+        assert report["numErrors"] == 0, report["errors"]
+
+
+# --------------------------------------------------------------------------------------------------
+# atomic writing
+
+
+def _small_inputs():
+    v, f, c = dual_grid_mesh(lambda p: sphere_sdf(p, 0.3), 12)
+    return v, f, c, field((c + 0.5) / 12 - 0.5)
+
+
+@pytest.mark.parametrize("where", ["encode", "replace", "fsync"])
+def test_failure_mid_export_leaves_no_file(tmp_path, monkeypatch, where):
+    v, f, c, a = _small_inputs()
+    target = tmp_path / "out.glb"
+    old = tmp_path / "old.glb"
+    old.write_bytes(b"previous asset")
+
+    def boom(*args, **kwargs):
+        raise OSError(f"injected failure in {where}")
+
+    if where == "encode":
+        monkeypatch.setattr(glb, "encode_glb", boom)
+    elif where == "replace":
+        monkeypatch.setattr(glb.os, "replace", boom)
+    else:
+        monkeypatch.setattr(glb.os, "fsync", boom)
+    for path in (target, old):
+        with pytest.raises(OSError, match="injected"):
+            glb.export_glb(path, v, f, c, a, 12, decimation_target=500, texture_size=64)
+    assert not target.exists()
+    assert old.read_bytes() == b"previous asset"  # an existing file is left as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.glb"]  # no temporary left behind
+
+
+# --------------------------------------------------------------------------------------------------
+# pieces against independent references
+
+
+def test_axes_compose_upstream_transforms():
+    to_glb = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], dtype=float)  # (x,y,z) -> (x, z, -y)
+    rot = np.array([[-1, 0, 0], [0, 0, -1], [0, -1, 0]], dtype=float)  # Pixal3D inference.py
+    np.testing.assert_array_equal(rot @ to_glb, glb.GRID_TO_GLB)
+    p = np.random.default_rng(1).normal(size=(5, 3))
+    np.testing.assert_allclose(glb.to_glb_axes(p), p @ (rot @ to_glb).T, atol=1e-6)
+
+
+def test_clean_mesh_removes_junk():
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 0, 0], [5, 5, 5], [0, 0, 1], [np.nan, 0, 0]], np.float32)
+    f = np.array([[0, 1, 2],  # kept
+                  [0, 3, 2],  # duplicate of the first once vertex 3 merges into 1
+                  [2, 1, 0],  # same triangle, other winding: duplicate
+                  [0, 0, 5],  # degenerate
+                  [0, 1, 5],  # kept
+                  [0, 1, 9],  # out of range
+                  [0, 1, 6]])  # touches a non-finite vertex
+    cv, cf = glb.clean_mesh(v, f)
+    assert cf.shape == (2, 3) and cv.shape == (4, 3)
+    tris = {tuple(sorted(map(tuple, cv[t].tolist()))) for t in cf}
+    assert tris == {((0, 0, 0), (0, 1, 0), (1, 0, 0)), ((0, 0, 0), (0, 0, 1), (1, 0, 0))}
+
+
+def test_orient_faces_makes_closed_components_outward():
+    import trimesh
+
+    v1, f1, _ = dual_grid_mesh(torus_sdf, 24)
+    v2, f2, _ = dual_grid_mesh(lambda p: sphere_sdf(p, 0.08, (0.0, 0.35, 0.0)), 24)
+    v = np.concatenate([v1, v2])
+    f = np.concatenate([f1, f2 + len(v1)]).astype(np.int64)
+    rng = np.random.default_rng(3)
+    flip = rng.random(len(f)) < 0.5
+    f[flip] = f[flip][:, ::-1]
+    assert not trimesh.Trimesh(v, f, process=False).is_winding_consistent
+    out, info = glb.orient_faces(v, f)
+    assert len(np.unique(info["components"])) == 2 and info["closed"].all()
+    for part in trimesh.Trimesh(v, out, process=False).split(only_watertight=False):
+        assert part.is_winding_consistent and part.is_watertight and part.volume > 0
+    # same triangles, only the order within rows changed
+    np.testing.assert_array_equal(np.sort(out, axis=1), np.sort(f, axis=1))
+
+
+def test_fill_small_holes_closes_only_small_loops():
+    v, f, _ = dual_grid_mesh(lambda p: sphere_sdf(p, 0.3), 32)
+    v, f = glb.clean_mesh(v, f)
+    f, _ = glb.orient_faces(v, f)
+    top = int(np.argmax(v[:, 1]))
+    small = np.any(f == top, axis=1)  # the 1-ring of the top vertex: perimeter ~ 6 edges of 1/32
+    big = v[f].mean(1)[:, 1] < -0.25  # the bottom cap: a loop of perimeter ~ 2*pi*0.166
+    assert small.sum() >= 3 and not (small & big).any()
+    v2, f2 = glb._compact(v, f[~(small | big)])
+    f2, info = glb.orient_faces(v2, f2, outward=False)
+    assert not info["closed"].any()
+    v3, f3, n = glb.fill_small_holes(v2, f2, 0.4)
+    assert n == 1
+    f3, info3 = glb.orient_faces(v3, f3, outward=False)
+    assert not info3["closed"].all()  # the big hole is still open
+    v4, f4, n4 = glb.fill_small_holes(v2, f2, 10.0)
+    f4, info4 = glb.orient_faces(v4, f4)
+    assert n4 == 2 and info4["closed"].all()
+    # one centroid vertex per hole, one fan triangle per boundary edge, wound like the surface
+    _, _, count, _ = glb._edge_table(f2, len(v2))
+    assert len(v4) - len(v2) == 2 and len(f4) - len(f2) == int((count == 1).sum())
+    assert info4["flipped"] == 0
+    np.testing.assert_array_equal(glb.fill_small_holes(v2, f2, 1e-3)[1], f2)
+
+
+def test_remove_small_components():
+    v1, f1, _ = dual_grid_mesh(torus_sdf, 20)
+    v2, f2, _ = dual_grid_mesh(lambda p: sphere_sdf(p, 0.02, (0.0, 0.4, 0.0)), 64)
+    v = np.concatenate([v1, v2])
+    f = np.concatenate([f1, f2 + len(v1)]).astype(np.int64)
+    f, info = glb.orient_faces(v, f)
+    area_small = 4 * np.pi * 0.02 ** 2
+    _, f_kept, keep = glb.remove_small_components(v, f, info["components"], area_small * 2)
+    assert keep.sum() == len(f1) and len(f_kept) == len(f1)
+
+
+def test_simplify_without_library_warns_and_keeps_mesh(monkeypatch):
+    import builtins
+
+    v, f, _ = dual_grid_mesh(lambda p: sphere_sdf(p, 0.3), 16)
+    real_import = builtins.__import__
+
+    def no_fast_simplification(name, *args, **kwargs):
+        if name == "fast_simplification":
+            raise ImportError("not installed")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fast_simplification)
+    with pytest.warns(RuntimeWarning, match="fast-simplification"):
+        v2, f2 = glb.simplify_mesh(v, f, 100)
+    assert v2 is v and f2 is f
+
+
+def test_simplify_reaches_target_and_keeps_shape():
+    pytest.importorskip("fast_simplification")
+    v, f, _ = dual_grid_mesh(torus_sdf, 40)
+    v, f = glb.clean_mesh(v, f)
+    v2, f2 = glb.simplify_mesh(v, f, 3000)
+    assert 2500 <= len(f2) <= 3000
+    assert np.abs(torus_sdf(v2)).max() < 2.0 / 40
+
+
+def _rasterize_reference(uvs, faces, S):
+    """per triangle, test every texel centre of the image"""
+    ys, xs = np.mgrid[0:S, 0:S]
+    cx, cy = (xs + 0.5) / S, (ys + 0.5) / S
+    cover = np.full((S, S), -1)
+    for i, tri in enumerate(faces):
+        a, b, c = uvs[tri].astype(np.float64)
+        det = (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+        if abs(det) < 1e-14:
+            continue
+        l1 = ((cx - a[0]) * (c[1] - a[1]) - (cy - a[1]) * (c[0] - a[0])) / det
+        l2 = ((b[0] - a[0]) * (cy - a[1]) - (b[1] - a[1]) * (cx - a[0])) / det
+        inside = (l1 >= 0) & (l2 >= 0) & (1 - l1 - l2 >= 0)
+        cover[inside] = i
+    return cover
+
+
+@pytest.mark.parametrize("S", [37, 64])
+def test_rasterize_uv_matches_brute_force(S):
+    rng = np.random.default_rng(S)
+    n = 60
+    centre = rng.random((n, 1, 2))
+    uvs = (centre + rng.normal(scale=0.08, size=(n, 3, 2))).reshape(-1, 2)  # some leave [0,1]
+    faces = np.arange(3 * n).reshape(n, 3)
+    uvs[faces[5, 2]] = uvs[faces[5, 0]]  # a zero-area triangle covers nothing
+    fid, bary = bake.rasterize_uv(torch.from_numpy(uvs).float(), torch.from_numpy(faces), S, chunk=97)
+    fid, bary = fid.numpy(), bary.numpy()
+    ref = _rasterize_reference(uvs, faces, S)
+    # overlapping random triangles: compare coverage, and check each covered texel's owner contains it
+    edge_slack = 0
+    assert ((fid >= 0) != (ref >= 0)).sum() <= edge_slack + 2
+    assert not (fid == 5).any()
+    ys, xs = np.nonzero(fid >= 0)
+    p = np.stack([(xs + 0.5) / S, (ys + 0.5) / S], 1)
+    recon = np.einsum("nk,nkc->nc", bary[ys, xs], uvs[faces[fid[ys, xs]]])
+    np.testing.assert_allclose(recon, p, atol=1e-4)
+    assert (bary[ys, xs] >= 0).all() and np.allclose(bary[ys, xs].sum(1), 1, atol=1e-5)
+
+
+def _grid_sample_reference(points, coords, attrs, G):
+    """flex_gemm grid_sample_3d trilinear, one point at a time"""
+    table = {tuple(c): i for i, c in enumerate(coords.tolist())}
+    out = np.zeros((len(points), attrs.shape[1]))
+    for n, p in enumerate(points):
+        q = (p + 0.5) * G
+        base = np.floor(q - 0.5).astype(int)
+        acc, wsum = np.zeros(attrs.shape[1]), 0.0
+        for i in range(8):
+            x = base + np.array([i & 1, (i >> 1) & 1, (i >> 2) & 1])
+            if np.all((x >= 0) & (x < G)) and tuple(x) in table:
+                w = np.prod(1 - np.abs(q - x - 0.5))
+                acc += w * attrs[table[tuple(x)]]
+                wsum += w
+        out[n] = acc / max(wsum, 1e-12)
+    return out
+
+
+def test_sample_sparse_voxels_matches_flex_gemm_semantics():
+    rng = np.random.default_rng(7)
+    G = 9  # odd
+    allc = np.stack(np.meshgrid(*[np.arange(G)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    coords = allc[rng.random(len(allc)) < 0.45]  # sparse: many missing neighbours
+    coords = coords[rng.permutation(len(coords))]
+    attrs = rng.random((len(coords), 5)).astype(np.float32)
+    pts = rng.uniform(-0.56, 0.56, size=(500, 3))  # includes points past the grid border
+    pts[:20] = (coords[:20] + 0.5) / G - 0.5  # exactly at voxel centres
+    ref = _grid_sample_reference(pts, coords, attrs, G)
+    got = bake.sample_sparse_voxels(torch.from_numpy(pts).float(), torch.from_numpy(coords),
+                                    torch.from_numpy(attrs), G, fallback_radius=0, chunk=128).numpy()
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+    np.testing.assert_allclose(got[:20], attrs[:20], atol=1e-5)
+
+
+def test_sample_fallback_takes_nearest_voxel():
+    G = 16
+    coords = np.array([[3, 3, 3], [12, 12, 12]])
+    attrs = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    # 1.6 voxels from voxel (3,3,3) along x: none of its 8 neighbours exists
+    p = np.array([[(3.5 + 1.6) / G - 0.5, (3.5) / G - 0.5, (3.5) / G - 0.5]])
+    args = (torch.from_numpy(p).float(), torch.from_numpy(coords), torch.from_numpy(attrs), G)
+    np.testing.assert_array_equal(bake.sample_sparse_voxels(*args, fallback_radius=0).numpy(), [[0.0, 0.0]])
+    np.testing.assert_allclose(bake.sample_sparse_voxels(*args, fallback_radius=2).numpy(), [[1.0, 0.0]])
+
+
+def test_fill_uncovered_extends_borders_and_keeps_baked_texels():
+    H, W = 45, 70
+    img = torch.zeros(H, W, 3)
+    mask = torch.zeros(H, W, dtype=torch.bool)
+    mask[10:20, 10:30] = True
+    img[10:20, 10:30] = torch.tensor([0.2, 0.6, 0.9])
+    mask[30:40, 50:65] = True
+    img[30:40, 50:65] = torch.tensor([0.9, 0.1, 0.3])
+    out = bake.fill_uncovered(img, mask)
+    assert torch.equal(out[mask], img[mask])
+    assert torch.isfinite(out).all()
+    # rings next to a chart copy its colour; nothing is left black
+    torch.testing.assert_close(out[9, 12], torch.tensor([0.2, 0.6, 0.9]))
+    torch.testing.assert_close(out[20, 29], torch.tensor([0.2, 0.6, 0.9]))
+    torch.testing.assert_close(out[40, 64], torch.tensor([0.9, 0.1, 0.3]))
+    assert (out.sum(-1) > 0.5).all()
+
+
+def test_uv_unwrap_covers_each_face_once():
+    v, f, _ = dual_grid_mesh(torus_sdf, 24)
+    v, f = glb.clean_mesh(v, f)
+    f, _ = glb.orient_faces(v, f)
+    vmap, fu, uvs = uv.uv_unwrap(v, f, texture_size=128, cluster_size=200)
+    assert len(fu) == len(f) and uvs.min() >= 0 and uvs.max() <= 1
+    # the same triangles (through vmapping), in some order
+    assert np.array_equal(np.unique(np.sort(vmap[fu], axis=1), axis=0), np.unique(np.sort(f, axis=1), axis=0))
+    # charts do not overlap: the UV area adds up to less than the atlas and matches the texels covered
+    fid, _ = bake.rasterize_uv(torch.from_numpy(uvs), torch.from_numpy(fu), 128)
+    tri = uvs[fu].astype(np.float64)
+    area = 0.5 * np.abs((tri[:, 1, 0] - tri[:, 0, 0]) * (tri[:, 2, 1] - tri[:, 0, 1])
+                        - (tri[:, 1, 1] - tri[:, 0, 1]) * (tri[:, 2, 0] - tri[:, 0, 0]))
+    assert area.sum() < 1.0
+    assert abs((fid >= 0).float().mean().item() - area.sum()) < 0.08
