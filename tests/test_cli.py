@@ -118,3 +118,13 @@ def test_schema_mismatch(tmp_path):
 def test_output_must_be_glb(tmp_path):
     out = tmp_path / "a.obj"
     _assert_clean_failure(_infer("--image", EXAMPLE, "--output", out, "--preset", "tiny"), out, ".glb")
+
+
+def test_tiny_preset_glb_passes_khronos_validator(tiny_run):
+    from test_glb import _run_validator
+
+    res, out = tiny_run
+    assert res.exit_code == 0, res.output
+    rc, report = _run_validator(out)
+    assert report["numErrors"] == 0, report["errors"]
+    assert rc == 0

@@ -78,7 +78,7 @@ def randomize_(module: nn.Module, gen: torch.Generator) -> nn.Module:
     return module
 
 
-def _calibrate_occupancy(ss_dec: nn.Module, latent_res: int, gen: torch.Generator, target: float = 0.12) -> None:
+def _calibrate_occupancy(ss_dec: nn.Module, latent_res: int, gen: torch.Generator, target: float = 0.1) -> None:
     """Shift the SS decoder's output bias so that about `target` of the pooled grid is occupied."""
     from .models.ss_decoder import occupancy_to_coords
 
@@ -92,7 +92,7 @@ def _calibrate_occupancy(ss_dec: nn.Module, latent_res: int, gen: torch.Generato
         assert occupancy_to_coords(ss_dec(z)).shape[0] > 0
 
 
-def _calibrate_subdivision(dec: nn.Module, latent_res: int, gen: torch.Generator, keep: float = 0.3) -> None:
+def _calibrate_subdivision(dec: nn.Module, latent_res: int, gen: torch.Generator, keep: float = 0.25) -> None:
     """Shift each predicted-subdivision bias so that about `keep` of the 8 children survive per level."""
     heads = [m for n, m in dec.named_modules() if n.endswith("to_subdiv") and isinstance(m, nn.Linear)]
     n = 64
