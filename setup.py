@@ -40,7 +40,7 @@ setup(
         "torch>=2.4",
         "numpy",
         "safetensors",
-        "transformers>=4.56",
+        "transformers>=4.56,<5",  # DINOv3ViTModel module/key names of 4.x (checkpoint and golden layout)
         "trimesh",
         "pillow",
         "click",
@@ -51,7 +51,8 @@ setup(
     extras_require={
         "test": ["pytest"],
         "kernels": ["triton"],
-        "export": ["onnx", "onnxruntime"],
+        # onnxscript: torch.onnx's exporter; tensorrt-rtx: engine builds (CPU-only machines too) and the runner
+        "export": ["onnx", "onnxruntime", "onnxscript", "tensorrt-rtx==1.7.1.116"],
         "rembg": ["rembg"],
     },
     entry_points={"console_scripts": ["pixal3d-rt=pixal3d_rt.cli:main"]},

@@ -101,7 +101,7 @@ def _safetensors_header(path: Path) -> dict:
         with safe_open(str(path), "pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_short(e)})") from None
 
 
 def _load_safetensors_into(module: nn.Module, path: Path) -> None:
@@ -121,7 +121,13 @@ def _load_safetensors_into(module: nn.Module, path: Path) -> None:
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{path}: failed while reading tensors ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: failed while reading tensors ({_short(e)})") from None
+
+
+def _short(e: Exception) -> str:
+    """The first line of an exception's text, cut to a readable length (library messages can be paragraphs)."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _read_json(path: Path) -> dict:
@@ -181,25 +187,23 @@ def load_network(base: Path, expect: set | None = None, device="cpu", dtype: str
 
 
 def load_dinov3(directory: Path, device="cpu") -> tuple[nn.Module, dict]:
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    from .models.dinov3 import build_dinov3
 
     directory = Path(directory)
     cfg = _read_json(directory / "config.json")
     try:
-        config = DINOv3ViTConfig(**{k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "model_type", "transformers_version", "torch_dtype")})
+        with torch.device("meta"):
+            meta = build_dinov3(cfg)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory / 'config.json'}: not a DINOv3 ViT config ({e})") from None
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        meta = DINOv3ViTModel(config)
-    model = meta.to_empty(device=device)
+        raise CheckpointError(f"{directory / 'config.json'}: not a DINOv3 ViT config ({_short(e)})") from None
     non_persistent = set(dict(meta.named_buffers())) - set(meta.state_dict())
-    if non_persistent:  # RoPE tables are computed, not stored: rebuild them for real
+    if non_persistent:  # RoPE tables are computed, not stored: build for real so they exist
         with torch.device(device):
-            model = DINOv3ViTModel(config)
-    st = directory / "model.safetensors"
-    _load_safetensors_into(model, st)
-    return model.eval(), config.to_dict()
+            model = build_dinov3(cfg)
+    else:
+        model = meta.to_empty(device=device)
+    _load_safetensors_into(model, directory / "model.safetensors")
+    return model.eval(), model.config.to_dict()
 
 
 def load_naf(path: Path, device="cpu") -> tuple[nn.Module, dict]:
@@ -211,7 +215,7 @@ def load_naf(path: Path, device="cpu") -> tuple[nn.Module, dict]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch state_dict ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch state_dict ({_short(e)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

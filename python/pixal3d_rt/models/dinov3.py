@@ -8,12 +8,8 @@ trained norm (affine, config eps). So `extract_tokens` drives the same submodule
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,25 +33,6 @@ def build_dinov3(config: dict, attn_implementation: str = "sdpa", dtype: torch.d
     return model
 
 
-def load_dinov3(path, dtype: torch.dtype | None = None, device=None, attn_implementation: str = "sdpa") -> DINOv3ViTModel:
-    """DINOv3ViTModel from a transformers-layout directory (config.json + model.safetensors, or a
-    sharded model.safetensors.index.json), loaded strictly."""
-    path = Path(path)
-    config = json.loads((path / "config.json").read_text())
-    model = build_dinov3(config, attn_implementation)
-    state = {}
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    for f in files:
-        state.update(load_file(str(path / f)))
-    # checkpoints saved from a wrapper carry the base-model prefix
-    prefix = model.base_model_prefix + "."
-    if state and all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items()}
-    model.load_state_dict(state, strict=True)
-    return model.to(device=device, dtype=dtype)
-
-
 def extract_tokens(model: DINOv3ViTModel, image: torch.Tensor) -> torch.Tensor:
     """Pixal3D's DINOv3 tokens: image [B,3,S,S] in [0,1] -> [B, 1 + registers + P², C] (fp32).
 
@@ -68,7 +45,8 @@ def extract_tokens(model: DINOv3ViTModel, image: torch.Tensor) -> torch.Tensor:
     x = ((image - mean) / std).to(dtype)
     h = model.embeddings(x, bool_masked_pos=None)
     rope = model.rope_embeddings(x)
-    for layer in model.layer:
+    layers = model.layer if hasattr(model, "layer") else model.model.layer  # transformers 4.x / 5.x
+    for layer in layers:
         h = layer(h, position_embeddings=rope)
     return F.layer_norm(h.float(), h.shape[-1:], eps=1e-5)
 
