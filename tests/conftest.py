@@ -1,5 +1,8 @@
-"""Test session setup. Triton kernels run on the CPU through Triton's interpreter; it must be chosen
-before triton is first imported, so it is set here rather than in the kernel tests."""
+"""Test session setup. Without a GPU, Triton kernels run on the CPU through Triton's interpreter;
+it must be chosen before triton is first imported, so it is set here, not in the kernel tests."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
