@@ -14,8 +14,14 @@ per pixel, so the peak is about `max_elements` gathered elements however large t
 `na2d_at` evaluates only selected query pixels; with `kv_index` it reads K/V through per-axis
 index maps instead of a materialised map, so NAF's nearest-exact ×d upsampled keys and values
 (4 GiB at T = 1024 in the texture stage) never have to exist.
+
+Dispatch: on CUDA, `na2d` and `na2d_at` run the Triton kernel of `na2d_triton` (behind its guards;
+PIXAL3D_DISABLE_TRITON_NA2D=1 turns it off); elsewhere, and as the oracle, the torch reference
+`na2d_at_reference` / `na2d_reference`.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -56,21 +62,53 @@ def neighbour_window(length: int, kernel_size: int, dilation: int, device=None) 
     return (c[:, None] + o[None, :]) * d + g[:, None]
 
 
+def _triton_na2d(q_sel: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The Triton module when it should run these tensors, else None."""
+    if not q_sel.is_cuda or os.environ.get("PIXAL3D_DISABLE_TRITON_NA2D", "0") not in ("", "0"):
+        return None
+    try:
+        from pixal3d_rt.kernels import na2d_triton
+    except ImportError:  # no triton in this environment
+        return None
+    return na2d_triton if na2d_triton.supported(q_sel, k, v) else None
+
+
 def na2d_at(
     q_sel: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
+    rows: torch.Tensor | None,
+    cols: torch.Tensor | None,
     kernel_size,
     dilation,
     *,
     kv_index: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> torch.Tensor:
-    """Neighbourhood attention at selected query pixels only.
+    """Neighbourhood attention at selected query pixels (Triton on CUDA, else the reference).
+    Arguments as `na2d_at_reference`; rows = cols = None means every pixel in raster order."""
+    tri = _triton_na2d(q_sel, k, v)
+    if tri is not None:
+        return tri.na2d_at_triton(q_sel, k, v, rows, cols, kernel_size, dilation, kv_index=kv_index)
+    return na2d_at_reference(q_sel, k, v, rows, cols, kernel_size, dilation, kv_index=kv_index, max_elements=max_elements)
 
-    q_sel: [B, M, H, Dqk], the queries of pixels (rows[m], cols[m]) (int64 [M] each).
+
+def na2d_at_reference(
+    q_sel: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: torch.Tensor | None,
+    cols: torch.Tensor | None,
+    kernel_size,
+    dilation,
+    *,
+    kv_index: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> torch.Tensor:
+    """Neighbourhood attention at selected query pixels only (pure torch).
+
+    q_sel: [B, M, H, Dqk], the queries of pixels (rows[m], cols[m]) (int64 [M] each); rows = cols
+      = None: every pixel of the X×Y map in raster order (M = X·Y).
     k: [B, X', Y', H, Dqk], v: [B, X', Y', H, Dv].
     kv_index: None when k/v are the full X×Y maps (X' = X); otherwise (ix [X], iy [Y]) int64 maps
       from each full-map position to its row/column of k and v, i.e. the full maps are
@@ -95,6 +133,9 @@ def na2d_at(
     win_y = neighbour_window(Y, ky, dy, dev)
     if ix is not None:  # map full-map neighbours to rows/columns of the given k and v
         win_x, win_y = ix[win_x], iy[win_y]
+    if rows is None and cols is None:
+        rows = torch.arange(X, device=dev).repeat_interleave(Y)
+        cols = torch.arange(Y, device=dev).repeat(X)
     rows = rows.to(device=dev, dtype=torch.long)
     cols = cols.to(device=dev, dtype=torch.long)
     if rows.shape != (M,) or cols.shape != (M,):
@@ -129,12 +170,20 @@ def na2d(
 ) -> torch.Tensor:
     """natten.na2d(q, k, v, kernel_size, dilation) (non-causal, stride 1, scale Dqk^-0.5).
 
-    q, k: [B, X, Y, H, Dqk]; v: [B, X, Y, H, Dv] -> [B, X, Y, H, Dv].
+    q, k: [B, X, Y, H, Dqk]; v: [B, X, Y, H, Dv] -> [B, X, Y, H, Dv]. Triton on CUDA.
     """
     B, X, Y, H, Dqk = q.shape
     if k.shape != q.shape or v.shape[:4] != q.shape[:4]:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    rows = torch.arange(X, device=q.device).repeat_interleave(Y)
-    cols = torch.arange(Y, device=q.device).repeat(X)
-    out = na2d_at(q.reshape(B, X * Y, H, Dqk), k, v, rows, cols, kernel_size, dilation, max_elements=max_elements)
+    # a view where the layout allows (the kernel takes any strides)
+    out = na2d_at(q.flatten(1, 2), k, v, None, None, kernel_size, dilation, max_elements=max_elements)
+    return out.view(B, X, Y, H, v.shape[-1])
+
+
+def na2d_reference(q, k, v, kernel_size, dilation=1, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+    """`na2d` always through the torch reference (the oracle of the GPU kernel)."""
+    B, X, Y, H, Dqk = q.shape
+    if k.shape != q.shape or v.shape[:4] != q.shape[:4]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    out = na2d_at_reference(q.reshape(B, X * Y, H, Dqk), k, v, None, None, kernel_size, dilation, max_elements=max_elements)
     return out.view(B, X, Y, H, v.shape[-1])

@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixal3d_rt.kernels.na2d import DEFAULT_MAX_ELEMENTS
-from pixal3d_rt.models.dinov3 import extract_tokens, split_tokens
 
 # Blender world is Z-up: grid (x, y, z) -> world (x, -z, y)
 BLENDER_ROTATION = ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, 1.0, 0.0))
@@ -142,6 +141,12 @@ def bilinear_taps(g: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.
     return rows, cols, weights
 
 
+# texels per attention launch of the chunked path: [16384, 1024] fp32 = 64 MiB of output at a time
+DEFAULT_CHUNK_TEXELS = 16384
+# output rows per band of the lazy map's encoder (about 0.25 GB of band temporaries at 1024², dim 256)
+DEFAULT_BAND_ROWS = 16
+
+
 class NAFSampler:
     """The NAF high-resolution map [1, C, T, T] evaluated only where it is sampled.
 
@@ -156,21 +161,40 @@ class NAFSampler:
         self.naf, self.image, self.lr_features = naf, image, lr_features
         self.size = (int(T), int(T))
         self.max_elements = max_elements
+        self.chunk_texels = DEFAULT_CHUNK_TEXELS
+        self.band_rows = DEFAULT_BAND_ROWS
         self._qk = None  # encoder queries and pooled keys, computed on first use
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return (1, self.lr_features.shape[1], *self.size)
 
+    def texel_features(self, texels: torch.Tensor) -> torch.Tensor:
+        """The map's features at texel ids y·T + x (int64 [M]): [M, C] (what the GPU
+        back-projection gathers from)."""
+        w = self.size[1]
+        if self._qk is None:
+            self._qk = self.naf.queries_keys(self.image, self.lr_features.shape[-2:], self.size)
+        q, k = self._qk
+        return self.naf.attend_at(q, k, self.lr_features, texels // w, texels % w, self.max_elements)[0]
+
+    def texel_feature_chunks(self, texels: torch.Tensor):
+        """(first row, [m, C]) for consecutive slices of texel ids: the queries come from the banded
+        encoder (`NAF.queries_keys_at`), so neither the T×T query map nor the T×T output is built
+        (the GPU back-projection's path)."""
+        w = self.size[1]
+        rows, cols = texels // w, texels % w
+        q_sel, keys = self.naf.queries_keys_at(self.image, self.lr_features.shape[-2:], self.size, rows, cols, self.band_rows)
+        for m0 in range(0, texels.numel(), self.chunk_texels):
+            m1 = min(texels.numel(), m0 + self.chunk_texels)
+            yield m0, self.naf.attend_sel(q_sel[:, m0:m1], self.size, keys, self.lr_features, rows[m0:m1], cols[m0:m1],
+                                          self.max_elements)[0]
+
     def sample(self, g: torch.Tensor) -> torch.Tensor:
         h, w = self.size
         rows, cols, weights = bilinear_taps(g, h, w)
         texels, inverse = torch.unique(rows * w + cols, return_inverse=True)
-        if self._qk is None:
-            self._qk = self.naf.queries_keys(self.image, self.lr_features.shape[-2:], self.size)
-        q, k = self._qk
-        feats = self.naf.attend_at(q, k, self.lr_features, texels // w, texels % w, self.max_elements)[0]  # [M, C]
-        feats = feats.float()
+        feats = self.texel_features(texels).float()  # [M, C]
         out = weights[:, :1] * feats[inverse[:, 0]]
         for t in range(1, 4):  # tap by tap: no [N, 4, C] gather
             out += weights[:, t : t + 1] * feats[inverse[:, t]]
@@ -233,6 +257,8 @@ class ImageConditioner(nn.Module):
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> Encoding:
         """image [B, 3, S, S] in [0, 1] (already at the stage's size) -> Encoding."""
+        from pixal3d_rt.models.dinov3 import extract_tokens, split_tokens  # transformers, needed here only
+
         tokens = extract_tokens(self.dino, image)
         ps = self.patch_size
         return Encoding(*split_tokens(tokens, self.num_register_tokens, (image.shape[-2] // ps, image.shape[-1] // ps)))
@@ -258,9 +284,17 @@ class ImageConditioner(nn.Module):
         """Features at active voxels: coords int [N, 4] (batch, x, y, z) on the R³ grid -> [N, ΣC]
         fp32, the channels of `maps` (tensors [B, C, h, w], NAFSamplers or an Encoding's patch map)
         concatenated in order. Batch b samples map b; a map of batch 1 serves every b.
-        camera: Camera or {"camera_angle_x", "distance", "mesh_scale"}; image_size: the encoder's S."""
+        camera: Camera or {"camera_angle_x", "distance", "mesh_scale"}; image_size: the encoder's S.
+        On CUDA the Triton back-projection runs (PIXAL3D_DISABLE_TRITON_BACKPROJ=1: this reference)."""
         cam = _as_camera(camera)
         maps = _as_maps(maps)
+        if coords.is_cuda:
+            try:
+                from pixal3d_rt.kernels import backproject_triton as bp  # triton imported on CUDA only
+            except ImportError:
+                bp = None
+            if bp is not None and bp.supported(coords, maps):
+                return bp.backproject(coords, R, cam.fov, cam.distance, cam.mesh_scale, image_size, maps)
         g = project_voxels(coords[:, 1:], R, cam.fov, cam.distance, image_size, cam.mesh_scale)
         batch = coords[:, 0].long()
         parts = []
