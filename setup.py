@@ -35,7 +35,7 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"pixal3d_rt.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
+    package_data={"pixal3d_rt.kernels": ["cuda/*.cu", "cuda/*.cuh", "cuda/*.fatbin"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -7,8 +7,21 @@ Semantics are those of FlexGEMM's `sparse_submanifold_conv3d` as TRELLIS.2 uses 
 with the weight stored [Co, 3, 3, 3, Ci], the kernel offset flattened as v = 9a + 3b + c, a missing
 neighbour contributing zero, and neighbours searched only inside the same batch item. It is a
 correlation (no kernel flip) and output sites equal input sites.
+
+`build_neighbor_map` and `subm_conv3d` are the entry points. On CPU (and whenever a guard fails)
+they run the pure-torch references below; on CUDA they dispatch to
+- the CUDA hash table (kernels/cuda/hashmap.cuh via kernels/cuda_loader.py) for the neighbour map,
+  when CuPy is importable; off with PIXAL3D_DISABLE_CUDA_HASH=1;
+- the Triton implicit GEMM (kernels/sparse_conv_triton.py) for fp16/bf16 convs; off with
+  PIXAL3D_DISABLE_TRITON_SPCONV=1.
+A fast path that fails to load warns once and the reference runs instead.
 """
 from __future__ import annotations
+
+import os
+import time
+import warnings
+import weakref
 
 import torch
 
@@ -20,8 +33,8 @@ NEIGHBOR_OFFSETS = torch.tensor([[v // 9 - 1, (v // 3) % 3 - 1, v % 3 - 1] for v
 DEFAULT_CHUNK_BYTES = 256 << 20
 
 
-def build_neighbor_map(coords: torch.Tensor) -> torch.Tensor:
-    """Neighbour map of a coordinate set for the 3x3x3 submanifold conv.
+def build_neighbor_map_reference(coords: torch.Tensor) -> torch.Tensor:
+    """Neighbour map of a coordinate set for the 3x3x3 submanifold conv (pure torch).
 
     coords: [N, 4] integer rows (batch, x, y, z), unique. Returns int32 [N, 27]: entry [n, v] is the
     row of voxel (b_n, x_n + a - 1, y_n + b - 1, z_n + c - 1) with v = 9a + 3b + c, or -1 if absent.
@@ -59,26 +72,31 @@ def _rows_per_chunk(chunk: int | None, ci: int, itemsize: int) -> int:
     return max(1, DEFAULT_CHUNK_BYTES // max(1, KERNEL_VOLUME * ci * itemsize))
 
 
-def subm_conv3d(
+def _check_conv_args(feats: torch.Tensor, nmap: torch.Tensor, weight: torch.Tensor) -> None:
+    ci = feats.shape[1]
+    if weight.shape[1:] != (3, 3, 3, ci):
+        raise ValueError(f"subm_conv3d: weight {tuple(weight.shape)} does not match [Co, 3, 3, 3, {ci}]")
+    if nmap.dim() != 2 or nmap.shape[1] != KERNEL_VOLUME:
+        raise ValueError(f"subm_conv3d: neighbour map {tuple(nmap.shape)} is not [R, 27]")
+
+
+def subm_conv3d_reference(
     feats: torch.Tensor,
     nmap: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     chunk: int | None = None,
 ) -> torch.Tensor:
-    """Submanifold conv by gather + one GEMM per chunk of rows.
+    """Submanifold conv by gather + one GEMM per chunk of rows (pure torch).
 
     feats [N, Ci] (every voxel of the coordinate set), nmap [R, 27] (-1 = absent): the neighbour-map
     rows of the R output sites wanted (all N, or a slice), weight [Co, 3, 3, 3, Ci], bias [Co] or None.
     chunk: rows per chunk (None: sized so a gathered block is about DEFAULT_CHUNK_BYTES).
     Returns [R, Co] in feats' dtype.
     """
+    _check_conv_args(feats, nmap, weight)
     ci = feats.shape[1]
     co = weight.shape[0]
-    if weight.shape[1:] != (3, 3, 3, ci):
-        raise ValueError(f"subm_conv3d: weight {tuple(weight.shape)} does not match [Co, 3, 3, 3, {ci}]")
-    if nmap.dim() != 2 or nmap.shape[1] != KERNEL_VOLUME:
-        raise ValueError(f"subm_conv3d: neighbour map {tuple(nmap.shape)} is not [R, 27]")
     n = nmap.shape[0]
     w = weight.reshape(co, KERNEL_VOLUME * ci).t()  # [27*Ci, Co], rows ordered (v, ci) like the gather
     out = torch.empty(n, co, dtype=feats.dtype, device=feats.device)
@@ -91,3 +109,169 @@ def subm_conv3d(
         g = g.reshape(idx.shape[0], KERNEL_VOLUME * ci)
         out[s : s + rows] = torch.addmm(bias, g, w) if bias is not None else g @ w
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU dispatch
+
+
+def _disabled(var: str) -> bool:
+    return os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(kind: str, err: Exception) -> None:
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(f"{kind} unavailable, using the pure-torch reference: {err}", RuntimeWarning, stacklevel=3)
+
+
+def cuda_hash_applies(coords: torch.Tensor) -> bool:
+    """Guard of the CUDA neighbour-map path: CUDA coords, not switched off, CuPy importable."""
+    if not coords.is_cuda or coords.dtype not in (torch.int32, torch.int64) or _disabled("PIXAL3D_DISABLE_CUDA_HASH"):
+        return False
+    from pixal3d_rt.kernels.cuda_loader import cupy_available
+
+    return cupy_available()
+
+
+def build_neighbor_map_cuda(coords: torch.Tensor) -> torch.Tensor:
+    """`build_neighbor_map` on the GPU hash table (kernels/cuda/hashmap.cuh); same result as the reference.
+
+    Keys and the padded box are the reference's; the table holds 2N..4N slots (int64 key + int32 row:
+    12-24 bytes per voxel, freed on return). Raises CudaKernelsUnavailable if the module cannot load.
+    """
+    import numpy as np
+
+    from pixal3d_rt.kernels.cuda_loader import load_module
+
+    n = coords.shape[0]
+    device = coords.device
+    nmap = torch.empty(n, KERNEL_VOLUME, dtype=torch.int32, device=device)
+    if n == 0:
+        return nmap
+    c = coords.to(torch.int32).contiguous()
+    lo, hi = torch.stack([c.amin(dim=0), c.amax(dim=0)]).tolist()
+    if lo[0] < 0:  # keys would go negative and meet the table's empty marker; rare enough for the reference
+        return build_neighbor_map_reference(coords)
+    ex, ey, ez = (hi[k] - lo[k] + 3 for k in (1, 2, 3))  # occupied extent + one cell of padding per side
+    if (hi[0] + 1) * ex * ey * ez >= 2**63:
+        raise ValueError("build_neighbor_map: coordinate range too large for 64-bit keys")
+    capacity = 1 << max(5, (2 * n - 1).bit_length())  # power of two >= 2N: load factor <= 1/2
+    keys = torch.full((capacity,), -1, dtype=torch.int64, device=device)
+    vals = torch.empty(capacity, dtype=torch.int32, device=device)
+    module = load_module(device.index if device.index is not None else torch.cuda.current_device())
+    u64, i64 = np.uint64, np.int64
+    box = (i64(capacity - 1), i64(lo[1]), i64(lo[2]), i64(lo[3]), i64(ex), i64(ey), i64(ez))
+    table = (u64(c.data_ptr()), i64(n), u64(keys.data_ptr()), u64(vals.data_ptr()))
+    module.launch("pixal3d_hash_insert", n, table + box)
+    module.launch("pixal3d_hash_neighbors", KERNEL_VOLUME * n, table + box + (u64(nmap.data_ptr()),))
+    return nmap
+
+
+def build_neighbor_map(coords: torch.Tensor) -> torch.Tensor:
+    """Neighbour map int32 [N, 27] of coords [N, 4] (see `build_neighbor_map_reference` for the
+    definition); on CUDA through the GPU hash table when its guard holds."""
+    if cuda_hash_applies(coords):
+        from pixal3d_rt.kernels.cuda_loader import CudaKernelsUnavailable
+
+        try:
+            return build_neighbor_map_cuda(coords)
+        except CudaKernelsUnavailable as e:
+            _warn_once("CUDA neighbour-map kernel", e)
+    return build_neighbor_map_reference(coords)
+
+
+_triton_import_error: Exception | None = None
+
+
+def triton_conv_applies(feats: torch.Tensor, nmap: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Guard of the Triton path: CUDA fp16/bf16 features and weight of one dtype, int32 map, Triton importable."""
+    global _triton_import_error
+    if not (feats.is_cuda and nmap.is_cuda and weight.is_cuda and (bias is None or bias.is_cuda)):
+        return False
+    if feats.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != feats.dtype or nmap.dtype != torch.int32:
+        return False
+    if _disabled("PIXAL3D_DISABLE_TRITON_SPCONV") or _triton_import_error is not None:
+        return False
+    try:
+        import pixal3d_rt.kernels.sparse_conv_triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - no triton, or a triton without a GPU backend
+        _triton_import_error = e
+        _warn_once("Triton sparse conv", e)
+        return False
+    return True
+
+
+def conv_workspace_bytes_per_row(feats: torch.Tensor, nmap: torch.Tensor, weight: torch.Tensor) -> int:
+    """Transient bytes per output row `subm_conv3d` needs besides its output: the reference gathers
+    [rows, 27*Ci]; the Triton kernel gathers in registers and needs none. Callers size row chunks with it."""
+    if triton_conv_applies(feats, nmap, weight):
+        return 0
+    return KERNEL_VOLUME * feats.shape[1] * feats.element_size()
+
+
+# conv plans (row order + tap lists) per neighbour map, kept while the map tensor lives, so every
+# conv of a decoder level (and the texture decoder's, which shares the maps) sorts the rows once
+_plans: dict[tuple[int, int], tuple[weakref.ref, int, object]] = {}
+
+
+def _conv_plan(nmap: torch.Tensor, block_m: int):
+    from pixal3d_rt.kernels.sparse_conv_triton import conv_plan
+
+    key = (id(nmap), block_m)
+    entry = _plans.get(key)
+    if entry is not None and entry[0]() is nmap and entry[1] == nmap._version:
+        return entry[2]
+    plan = conv_plan(nmap, block_m)
+    _plans[key] = (weakref.ref(nmap, lambda _, key=key: _plans.pop(key, None)), nmap._version, plan)
+    return plan
+
+
+def subm_conv3d(
+    feats: torch.Tensor,
+    nmap: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Submanifold conv: feats [N, Ci] (every voxel of the coordinate set), nmap int32 [R, 27] (the rows
+    of the R output sites wanted, -1 = absent), weight [Co, 3, 3, 3, Ci], bias [Co] or None -> [R, Co]
+    in feats' dtype. On CUDA fp16/bf16 the Triton kernel runs (no workspace, `chunk` unused); otherwise
+    the reference, gathering `chunk` rows at a time (None: about DEFAULT_CHUNK_BYTES per gather)."""
+    _check_conv_args(feats, nmap, weight)
+    if triton_conv_applies(feats, nmap, weight, bias):
+        from pixal3d_rt.kernels.sparse_conv_triton import subm_conv3d_triton, tile_config
+
+        ci, co = feats.shape[1], weight.shape[0]
+        config = tile_config(ci, co, torch.cuda.get_device_capability(feats.device))
+        plan = _conv_plan(nmap, config.block_m) if nmap.shape[0] else None
+        return subm_conv3d_triton(feats, nmap, weight, bias, plan=plan, config=config)
+    return subm_conv3d_reference(feats, nmap, weight, bias, chunk)
+
+
+def warm_up_gpu_kernels(device: torch.device | str, conv_shapes, dtype: torch.dtype = torch.float16) -> dict:
+    """Load the GPU kernels before the first real conv: the CUDA module (fatbin, or NVRTC compile) and
+    every Triton tile the given (Ci, Co) convs use (compiled once per machine, later loaded from
+    Triton's disk cache). A pipeline calls it while loading the decoders, so their first decode pays
+    no kernel loading. Returns seconds spent on each part; does nothing off CUDA."""
+    device = torch.device(device)
+    spent = {"cuda_hash_s": 0.0, "triton_s": 0.0}
+    if device.type != "cuda":
+        return spent
+    t0 = time.perf_counter()
+    xyz = torch.cartesian_prod(*[torch.arange(2, device=device)] * 3)
+    coords = torch.cat([torch.zeros(8, 1, dtype=torch.long, device=device), xyz], dim=1).int()
+    nmap = build_neighbor_map(coords)
+    torch.cuda.synchronize(device)
+    spent["cuda_hash_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for ci, co in sorted(set(conv_shapes)):
+        feats = torch.randn(8, ci, device=device, dtype=dtype)
+        weight = torch.randn(co, 3, 3, 3, ci, device=device, dtype=dtype)
+        subm_conv3d(feats, nmap, weight, torch.zeros(co, device=device, dtype=dtype))
+    torch.cuda.synchronize(device)
+    spent["triton_s"] = time.perf_counter() - t0
+    return spent

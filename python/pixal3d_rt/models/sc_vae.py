@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixal3d_rt.kernels.subm_conv import DEFAULT_CHUNK_BYTES, build_neighbor_map, subm_conv3d
+from pixal3d_rt.kernels.subm_conv import DEFAULT_CHUNK_BYTES, build_neighbor_map, conv_workspace_bytes_per_row, subm_conv3d
 from pixal3d_rt.mesh.fdg import flexible_dual_grid_to_mesh
 from pixal3d_rt.models.sparse import SparseTensor
 
@@ -142,11 +142,15 @@ class SparseResBlockC2S3d(nn.Module):
         subdiv: torch.Tensor | None = None,
         chunk_size: int | None = None,
         child_cache=None,
+        epilogue=None,
     ) -> tuple[SparseTensor, torch.Tensor]:
         """Returns (children SparseTensor, subdivision logits [N, 8] at x's coords).
 
         child_cache: optional function child coords -> the cache dict for the children's SparseTensor
         (lets a caller hand in neighbour maps already built for the same coordinates).
+        epilogue: optional row-wise function applied to the block's output, fused into the last conv's
+        row chunks (the decoder's output head when nothing else runs at the children's level), so the
+        C'-wide output of the finest level is never held whole; the children then carry its result.
         """
         logits = self.subdivision(x, subdiv)
         child_coords, parent, j, counts = channel_to_spatial_index(x.coords, logits > 0)
@@ -157,7 +161,10 @@ class SparseResBlockC2S3d(nn.Module):
         # conv1 over parent chunks; each chunk's children are a contiguous range (parent-major order)
         h = torch.empty(m, co, dtype=a.dtype, device=a.device)
         child_start = torch.cumsum(counts, 0) - counts
-        rows = _chunk_rows(chunk_size, 27 * self.channels * a.element_size())
+        # per parent row: the conv's own workspace (the reference's gather; none on the GPU kernel)
+        # plus the 8·C' outputs of the chunk
+        conv_bytes = conv_workspace_bytes_per_row(a, nmap, self.conv1.weight)
+        rows = _chunk_rows(chunk_size, conv_bytes + 8 * co * a.element_size())
         for s in range(0, n, rows):
             e = min(n, s + rows)
             c0 = int(child_start[s])
@@ -166,18 +173,37 @@ class SparseResBlockC2S3d(nn.Module):
                 continue
             hp = self.conv1(a, nmap[s:e], chunk_size).reshape((e - s) * 8, co)
             h[c0:c1] = hp[(parent[c0:c1] - s) * 8 + j[c0:c1]]
+            del hp  # before the next chunk's conv: one chunk output alive at a time
         del a
         out = SparseTensor(h, child_coords, {} if child_cache is None else child_cache(child_coords))
         rows_h = _chunk_rows(chunk_size, co * 4)
         for s in range(0, m, rows_h):
             h[s : s + rows_h] = F.silu(self.norm2(h[s : s + rows_h]))
-        h = self.conv2(h, neighbor_map(out), chunk_size)
-        # skip: the children's slices of x, channels repeated up to C'
+        nmap_out = neighbor_map(out)
         xs = x.feats.reshape(n * 8, self.channels // 8)
         rep = co // (self.channels // 8)
-        for s in range(0, m, rows_h):
-            h[s : s + rows_h] += xs[parent[s : s + rows_h] * 8 + j[s : s + rows_h]].repeat_interleave(rep, dim=1)
-        return out.replace(h), logits
+
+        def skip(s: int, e: int) -> torch.Tensor:
+            """The children's slices of x, channels repeated up to C', for children rows s:e."""
+            return xs[parent[s:e] * 8 + j[s:e]].repeat_interleave(rep, dim=1)
+
+        if epilogue is None:
+            h = self.conv2(h, nmap_out, chunk_size)
+            for s in range(0, m, rows_h):
+                h[s : s + rows_h] += skip(s, s + rows_h)
+            return out.replace(h), logits
+        # per row: the conv's workspace plus about 16 bytes per channel of conv output, skip and the
+        # epilogue's fp32 temporaries
+        rows_e = _chunk_rows(chunk_size, conv_workspace_bytes_per_row(h, nmap_out, self.conv2.weight) + co * 16)
+        res = None
+        for s in range(0, m, rows_e):
+            y = epilogue(self.conv2(h, nmap_out[s : s + rows_e], chunk_size) + skip(s, s + rows_e))
+            if res is None:
+                res = torch.empty(m, y.shape[1], dtype=y.dtype, device=y.device)
+            res[s : s + y.shape[0]] = y
+        if res is None:  # no children
+            res = epilogue(h[:0])
+        return out.replace(res), logits
 
 
 BLOCK_TYPES = {"SparseConvNeXtBlock3d": SparseConvNeXtBlock3d}
@@ -212,6 +238,10 @@ class SparseUnetVaeDecoder(nn.Module):
         self.dtype = torch.float16 if use_fp16 else torch.float32
         self.low_vram = False  # upstream pipeline sets it; unused, as upstream
         self.chunk_size: int | None = None  # rows per chunk; None = from a byte budget
+        # fuse the output head into the last up-block's final conv when the last level has no blocks
+        # (saves holding the finest level's C-wide output: ~0.6 GB at 4.6 M voxels). None = on CUDA
+        # only, so CPU runs keep every block's output observable as upstream's (golden mids).
+        self.fuse_head: bool | None = None
 
         self.output_layer = nn.Linear(model_channels[-1], out_channels)
         self.from_latent = nn.Linear(latent_channels, model_channels[0])
@@ -257,12 +287,15 @@ class SparseUnetVaeDecoder(nn.Module):
         cache[level] = entry
         return entry
 
-    def _run(self, x: SparseTensor, guide_subs, cache: dict | None, stop_level: int | None = None):
+    def _run(self, x: SparseTensor, guide_subs, cache: dict | None, stop_level: int | None = None, head_dtype: torch.dtype | None = None):
         """Shared trunk. Returns (h at the last level reached, per up-block the subdivision logits
-        [N_i, 8] as a SparseTensor at the coordinates of the level they subdivide).
+        [N_i, 8] as a SparseTensor at the coordinates of the level they subdivide, whether h is already
+        the output head's result).
 
         With stop_level = K, stops once the coordinates of level K are known and returns a
         SparseTensor with those coordinates and no channels (the last up-block's convs are skipped).
+        With head_dtype, when the last level has no blocks, the output head (in head_dtype) is fused
+        into the last up-block's final conv (see SparseResBlockC2S3d.forward's epilogue).
         """
         if guide_subs is not None and self.pred_subdiv:
             raise ValueError("guide_subs is only for decoders with pred_subdiv=False")
@@ -270,9 +303,10 @@ class SparseUnetVaeDecoder(nn.Module):
         feats = self.from_latent(x.feats.to(self.from_latent.weight.dtype)).to(self.dtype)
         h = SparseTensor(feats, x.coords, self._level_cache(cache, 0, x.coords, x.cache))
         if stop_level == 0:
-            return SparseTensor(h.feats[:, :0], h.coords), []
+            return SparseTensor(h.feats[:, :0], h.coords), [], False
         subs = []
         last = len(self.blocks) - 1
+        fuse_head = head_dtype is not None and stop_level is None and last > 0 and len(self.blocks[last]) == 0
         for i, level in enumerate(self.blocks):
             for j, block in enumerate(level):
                 if not (i < last and j == len(level) - 1):
@@ -282,22 +316,26 @@ class SparseUnetVaeDecoder(nn.Module):
                 if stop_level is not None and i == stop_level - 1:
                     logits = block.subdivision(h, guide)
                     child, *_ = channel_to_spatial_index(h.coords, logits > 0)
-                    return SparseTensor(h.feats.new_zeros(child.shape[0], 0), child), subs + [SparseTensor(logits, h.coords)]
+                    return SparseTensor(h.feats.new_zeros(child.shape[0], 0), child), subs + [SparseTensor(logits, h.coords)], False
                 parent_coords = h.coords
-                h, logits = block(h, guide, chunk, child_cache=lambda c, lvl=i + 1: self._level_cache(cache, lvl, c, {}))
+                epilogue = (lambda f: self._head_rows(f, head_dtype)) if fuse_head and i == last - 1 else None
+                h, logits = block(h, guide, chunk, child_cache=lambda c, lvl=i + 1: self._level_cache(cache, lvl, c, {}), epilogue=epilogue)
                 subs.append(SparseTensor(logits, parent_coords))
-        return h, subs
+        return h, subs, fuse_head
+
+    def _head_rows(self, f: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """output_layer(LN_noaffine(f), eps 1e-5) for rows f [r, C], computed in the head's (fp32) dtype."""
+        y = self.output_layer(F.layer_norm(f.to(self.output_layer.weight.dtype), (f.shape[1],)))
+        return y.to(dtype)
 
     def _head(self, h: SparseTensor, dtype: torch.dtype) -> SparseTensor:
         """output_layer(LN_noaffine(h), eps 1e-5), computed in the head's (fp32) dtype over row chunks,
         returned in `dtype` (the latent's)."""
         n, c = h.feats.shape
-        head_dtype = self.output_layer.weight.dtype
         out = torch.empty(n, self.out_channels, dtype=dtype, device=h.feats.device)
         rows = _chunk_rows(self.chunk_size, c * 8)
         for s in range(0, n, rows):
-            f = h.feats[s : s + rows].to(head_dtype)
-            out[s : s + rows] = self.output_layer(F.layer_norm(f, (c,)))
+            out[s : s + rows] = self._head_rows(h.feats[s : s + rows], dtype)
         return h.replace(out)
 
     def forward(
@@ -319,8 +357,9 @@ class SparseUnetVaeDecoder(nn.Module):
         """
         if return_subs and not self.pred_subdiv:
             raise ValueError("return_subs needs pred_subdiv=True")
-        h, subs = self._run(x, guide_subs, cache)
-        out = self._head(h, x.dtype)
+        fuse = self.fuse_head if self.fuse_head is not None else x.feats.is_cuda
+        h, subs, headed = self._run(x, guide_subs, cache, head_dtype=x.dtype if fuse else None)
+        out = h if headed else self._head(h, x.dtype)
         return (out, subs) if return_subs else out
 
     def upsample(self, x: SparseTensor, upsample_times: int, cache: dict | None = None) -> torch.Tensor:
@@ -329,7 +368,7 @@ class SparseUnetVaeDecoder(nn.Module):
             raise ValueError("upsample needs a decoder with pred_subdiv=True")
         if not 0 <= upsample_times < len(self.blocks):
             raise ValueError(f"upsample_times must be in [0, {len(self.blocks) - 1}]")
-        h, _ = self._run(x, None, cache, stop_level=upsample_times)
+        h, _, _ = self._run(x, None, cache, stop_level=upsample_times)
         return h.coords
 
 
