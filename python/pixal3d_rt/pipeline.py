@@ -82,6 +82,20 @@ class Pipeline:
         args = weights.pipeline_args
         self.shape_norm = {k: torch.tensor(args["shape_slat_normalization"][k], dtype=torch.float32) for k in ("mean", "std")}
         self.tex_norm = {k: torch.tensor(args["tex_slat_normalization"][k], dtype=torch.float32) for k in ("mean", "std")}
+        if self.device.type == "cuda":
+            self._warm_up_decoder_kernels()
+
+    def _warm_up_decoder_kernels(self) -> dict:
+        """Load the sparse-conv kernels while the models load, so the first decode pays no kernel
+        loading (CUDA hash module; Triton tiles are compiled once per machine and then cached)."""
+        from .kernels.subm_conv import warm_up_gpu_kernels
+        from .models.sc_vae import SubMConv3d
+
+        convs = [mod for key in ("shape_slat_decoder", "tex_slat_decoder") if key in self.models
+                 for mod in self.models[key].modules() if isinstance(mod, SubMConv3d)]
+        if not convs:
+            return {}
+        return warm_up_gpu_kernels(self.device, {(c.in_channels, c.out_channels) for c in convs}, dtype=convs[0].weight.dtype)
 
     # ----------------------------------------------------------------------------------------
     # construction
