@@ -90,6 +90,11 @@ class FlowEulerGuidanceIntervalSampler:
 
     `x`/`noise`/`v` are dense tensors `[B, ...]` or `SparseTensor`s (the model gets and returns the
     same kind; sparse arithmetic runs on the feature rows, coordinates never change).
+
+    Batched CFG: a model with a `cfg_pair(x, t_in, cond, neg_cond, **kwargs) -> (v_pos, v_neg)` method
+    (the `cuda` backend) gets both halves of a guided step in one call; the velocities are then
+    combined exactly as in the sequential path. `batched_cfg=False` forces the sequential path (the
+    eager models have no `cfg_pair`, so for them it is always sequential: upstream's call order).
     """
 
     def __init__(self, sigma_min: float = 1e-5):
@@ -110,9 +115,12 @@ class FlowEulerGuidanceIntervalSampler:
         concat_cond: SparseTensor | torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
         return_trace: bool = False,
+        batched_cfg: bool | None = None,
         **model_kwargs,
     ):
-        """Returns the sample at t = 0 (same kind as `noise`), or `(sample, SamplerTrace)` with return_trace."""
+        """Returns the sample at t = 0 (same kind as `noise`), or `(sample, SamplerTrace)` with return_trace.
+
+        batched_cfg: None = use the model's `cfg_pair` when it has one; True = require it; False = never."""
         sparse = isinstance(noise, SparseTensor)
         if sparse:
             counts_list = noise.batch_counts()
@@ -139,6 +147,18 @@ class FlowEulerGuidanceIntervalSampler:
             out = model(noise.replace(x_feats) if sparse else x_feats, t_in, c, **model_kwargs)
             return out.feats if sparse else out
 
+        cfg_pair = getattr(model, "cfg_pair", None) if batched_cfg is not False else None
+        if batched_cfg and cfg_pair is None:
+            raise TypeError("batched_cfg=True needs a model with a cfg_pair method")
+
+        def call_pair(x_feats, t: float):
+            t_in = torch.tensor([1000 * t] * batch_size, device=x_feats.device, dtype=torch.float32)
+            if trace is not None:  # recorded as the sequential path would call: positive, then negative
+                trace.model_t_in += [float(t_in[0])] * 2
+                trace.model_is_pos += [True, False]
+            pos, neg = cfg_pair(noise.replace(x_feats) if sparse else x_feats, t_in, cond, neg_cond, **model_kwargs)
+            return (pos.feats, neg.feats) if sparse else (pos, neg)
+
         for i in range(steps):
             t, t_prev = ts[i], ts[i + 1]
             s = guidance_strength_at(t, guidance_strength, guidance_interval)
@@ -146,9 +166,12 @@ class FlowEulerGuidanceIntervalSampler:
                 v = call(x, t, cond, True)
             elif s == 0:
                 v = call(x, t, neg_cond, False)
-            else:  # positive call first, as upstream
-                v_pos = call(x, t, cond, True)
-                v_neg = call(x, t, neg_cond, False)
+            else:
+                if cfg_pair is not None:
+                    v_pos, v_neg = call_pair(x, t)
+                else:  # positive call first, as upstream
+                    v_pos = call(x, t, cond, True)
+                    v_neg = call(x, t, neg_cond, False)
                 v = guided_velocity(x, t, v_pos, v_neg, s, guidance_rescale, self.sigma_min, std)
             x_prev = x - (t - t_prev) * v
             if trace is not None:

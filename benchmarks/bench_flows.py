@@ -1,0 +1,601 @@
+"""The `cuda` backend of the flow transformers against this project's eager bf16 path (issue 4).
+
+One GPU run, everything measured in the same process:
+
+1. the bf16 matmul rate of this GPU (8192^3, random data): the ceiling the targets refer to;
+2. every Triton kernel of the fast path against its pure-torch reference on fresh random inputs of
+   awkward sizes (bf16, on the GPU);
+3. the attention table: QK-RMSNorm + RoPE + attention with each SDPA backend (cuDNN, flash,
+   efficient; prologue kernel first) and the Triton kernel with the query prologue fused, at every
+   token count, batch 1 and 2; the fastest at the reference counts becomes the backend's attention;
+4. per stage network and token count (4,096 SS; 4,377; 17,489; 39,000; 49,152): ms per forward of the
+   eager model (batch 1, as upstream), of the backend (batch 1, CUDA graph) and of the backend's CFG
+   pair (batch 2), achieved TFLOP/s (nominal FLOPs of pixal3d.md §9.3) against the matmul rate, the
+   first-call cost at a new token count, and the relative L2 error of each output against eager;
+5. the four sampling stages at the reference token counts with the real sampler settings (12 steps
+   each; SS 10 guided + 2, shape 9 + 3, texture 12 unguided): eager (sequential CFG) against the
+   backend (batched CFG), wall time and the relative error of each stage's sample.
+
+    python benchmarks/bench_flows.py [--schema-dir DIR] [--quick]
+
+Writes benchmarks/results/<name>.json and benchmarks/flows.md (copies under $OUT).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, cuda_time, environment, peak_memory, write_result  # noqa: E402
+from eager_baseline import (  # noqa: E402  (ensure_package() runs on import)
+    ATTN_FLOP_PER_N2,
+    default_schema_dir,
+    kernel_profile,
+    load_config,
+    randomize_,
+    shell_coords,
+)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pixal3d_rt import config as C  # noqa: E402
+from pixal3d_rt.models.registry import build_model  # noqa: E402
+from pixal3d_rt.models.flow_layers import rope_phases  # noqa: E402
+from pixal3d_rt.models.sparse import SparseTensor  # noqa: E402
+from pixal3d_rt.runtime import cuda_backend  # noqa: E402
+from pixal3d_rt.runtime import flow_kernels as fk  # noqa: E402
+from pixal3d_rt.sampler import FlowEulerGuidanceIntervalSampler  # noqa: E402
+
+DEV = "cuda"
+GLOBAL_TOKENS = 5
+NETWORKS = {  # name -> schema, linear GFLOP per token (pixal3d.md §9.3)
+    "ss_flow": ("ss_flow_img_dit_1_3B_64_bf16", 2.454),
+    "shape_flow_512": ("slat_flow_img2shape_dit_1_3B_512_bf16", 2.548),
+    "shape_flow_1024": ("slat_flow_img2shape_dit_1_3B_1024_bf16", 2.548),
+    "tex_flow_1024": ("slat_flow_imgshape2tex_dit_1_3B_1024_bf16", 2.548),
+}
+FORWARD_CASES = [("ss_flow", 4096), ("shape_flow_512", 4377), ("shape_flow_1024", 17489), ("tex_flow_1024", 17489),
+                 ("shape_flow_1024", 39000), ("shape_flow_1024", 49152)]
+SAMPLING_STAGES = [("ss", "ss_flow", 4096, "sparse_structure"), ("shape_lr", "shape_flow_512", 4377, "shape_slat"),
+                   ("shape_hr", "shape_flow_1024", 17489, "shape_slat"), ("tex", "tex_flow_1024", 17489, "tex_slat")]
+ATTN_NS = [4096, 4377, 17489, 39000, 49152]
+PROFILE_CASES = [("ss_flow", 4096), ("shape_flow_1024", 17489)]
+TRITON_CONFIGS = {"triton_m128n64": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
+                  "triton_m128n128": {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2}}
+TARGETS = {"large_n_fraction": 0.70, "small_n_fraction": 0.55, "sampling_s": 7.0, "sampling_speedup": 1.7,
+           "rel_err": 3e-2}
+
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def finite(t) -> bool:
+    return bool(torch.isfinite(t.float()).all())
+
+
+class Run:
+    """Result dict written after every section, so a run cut short still reports what it measured."""
+
+    def __init__(self, name: str, args):
+        self.name = name
+        self.data = {"benchmark": "bench_flows", "environment": environment(), "args": vars(args) | {"schema_dir": str(args.schema_dir)},
+                     "errors": {}, "targets": TARGETS}
+
+    @contextmanager
+    def section(self, key: str):
+        t0 = time.perf_counter()
+        print(f"--- {key}", flush=True)
+        try:
+            yield
+        except Exception:
+            tb = traceback.format_exc()
+            print(tb, flush=True)
+            self.data["errors"][key] = tb[-4000:]
+        finally:
+            self.data.setdefault("section_seconds", {})[key] = round(time.perf_counter() - t0, 2)
+            self.save()
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def save(self):
+        write_result(self.name, self.data)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. matmul rate
+
+
+def matmul_rate(reps: int) -> dict:
+    g = torch.Generator(device=DEV).manual_seed(1)
+    n = 8192
+    a = torch.randn(n, n, device=DEV, generator=g, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEV, generator=g, dtype=torch.bfloat16)
+    t = cuda_time(lambda: a @ b, warmup=3, reps=reps)
+    return {"m=n=k": n, "median_ms": t["median_ms"], "tflops": 2 * n ** 3 / (t["median_ms"] * 1e-3) / 1e12,
+            "best_tflops": 2 * n ** 3 / (t["min_ms"] * 1e-3) / 1e12}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. kernel checks
+
+
+def kernel_checks() -> dict:
+    from pixal3d_rt.kernels import attention_triton as at
+
+    g = torch.Generator(device=DEV).manual_seed(2)
+    rnd = lambda *s, dt=torch.bfloat16: torch.randn(*s, device=DEV, generator=g).to(dt)  # noqa: E731
+    out = {}
+    R, Cc = 1237, 1536
+    x, y, gate = rnd(R, Cc), rnd(R, Cc), rnd(Cc)
+    sp, sh = (1 + 0.3 * rnd(Cc, dt=torch.float32)).bfloat16(), rnd(Cc)
+    w, bb = 1 + 0.1 * rnd(Cc, dt=torch.float32), 0.1 * rnd(Cc, dt=torch.float32)
+    for name, kw in {"mod_gate": dict(y=y, gate=gate, norm=fk.NORM_MOD, na=sp, nb=sh),
+                     "affine_gate": dict(y=y, gate=gate, norm=fk.NORM_AFFINE, na=w, nb=bb),
+                     "vec_mod": dict(vec=gate, norm=fk.NORM_MOD, na=sp, nb=sh),
+                     "norm_only": dict(norm=fk.NORM_MOD, na=sp, nb=sh), "gate_only": dict(y=y, gate=gate)}.items():
+        xr, hr = fk.residual_norm(x.clone(), use_triton=False, **kw)
+        xo = torch.full_like(x, float("nan"))
+        ho = torch.full_like(x, float("nan"))
+        xt, ht = fk.residual_norm(x.clone(), out_x=xo, h_out=ho if hr is not None else None, use_triton=True, **kw)
+        out[f"residual_norm_{name}"] = {"x_rel": rel_err(xt, xr), "x_max_abs": float((xt.float() - xr.float()).abs().max()),
+                                        "h_rel": rel_err(ht, hr) if hr is not None else None,
+                                        "finite": finite(xt) and (ht is None or finite(ht))}
+    xo = torch.full((2 * R, Cc), float("nan"), device=DEV, dtype=torch.bfloat16)
+    fk.residual_norm(x, y=y, gate=gate, out_x=xo[:R], out_dup=xo[R:], use_triton=True)
+    out["residual_norm_dup"] = {"copies_equal": bool(torch.equal(xo[:R], xo[R:])), "finite": finite(xo)}
+    H, D, npos = 12, 128, 613
+    qkv = rnd(2 * npos, 3 * Cc)
+    ph = rope_phases(shell_coords(16, npos, DEV)[:, 1:], D)
+    cos, sin = ph.real.contiguous(), ph.imag.contiguous()
+    gq, gk = 1 + 0.1 * rnd(H, D, dt=torch.float32), 1 + 0.1 * rnd(H, D, dt=torch.float32)
+    ref = fk.qk_prologue(qkv, cos, sin, gq, gk, H, npos, use_triton=False)
+    got = fk.qk_prologue(qkv, cos, sin, gq, gk, H, npos, use_triton=True)
+    out["qk_prologue"] = {k: rel_err(a, b) for k, a, b in zip("qkv", got, ref)}
+    qc, kc = rnd(R, Cc), rnd(H, GLOBAL_TOKENS, D)
+    pr = fk.cross_probs(qc, kc, gq, H, GLOBAL_TOKENS, 64, use_triton=False)
+    pt = fk.cross_probs(qc, kc, gq, H, GLOBAL_TOKENS, 64, use_triton=True)
+    out["cross_probs"] = {"rel": rel_err(pt, pr), "pad_zero": bool((pt[:, H * GLOBAL_TOKENS:] == 0).all())}
+    # attention: Triton (prologue fused) vs the fp32 reference of the same prologue
+    q3 = qkv.view(2, npos, 3, H, D)
+    _, kn, _ = fk.qk_prologue(qkv, cos, sin, gq, gk, H, npos, do_q=False, do_v=False, use_triton=True)
+    kv = kn.view(2, npos, H, D)
+    for name, cfg in TRITON_CONFIGS.items():
+        o = at.attention(q3[:, :, 0], kv, q3[:, :, 2], prologue=(cos, sin, gq, npos), config=cfg)
+        r = at.attention_ref(q3[:, :, 0].float(), kv.float(), q3[:, :, 2].float(), prologue=(cos, sin, gq, npos))
+        out[f"attention_{name}"] = {"rel_vs_fp32": rel_err(o, r), "finite": finite(o)}
+    qn = ref[0].view(2, npos, H, D).transpose(1, 2)
+    r = F.scaled_dot_product_attention(qn.float(), kv.transpose(1, 2).float(), q3[:, :, 2].transpose(1, 2).float())
+    out["attention_sdpa_default_rel_vs_fp32"] = rel_err(F.scaled_dot_product_attention(qn, kv.transpose(1, 2), q3[:, :, 2].transpose(1, 2)), r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. attention table
+
+
+def attention_table(reps: int, slow_variants_lose: bool = True) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pixal3d_rt.kernels import attention_triton as at
+
+    H, D = 12, 128
+    Cc = H * D
+    g = torch.Generator(device=DEV).manual_seed(3)
+    gq, gk = 1 + 0.1 * torch.randn(H, D, device=DEV, generator=g), 1 + 0.1 * torch.randn(H, D, device=DEV, generator=g)
+    rows = []
+    for n in ATTN_NS:
+        ph = rope_phases(shell_coords(64, n, DEV)[:, 1:], D)
+        cos, sin = ph.real.contiguous(), ph.imag.contiguous()
+        for B in (1, 2):
+            qkv = torch.randn(B * n, 3 * Cc, device=DEV, generator=g).bfloat16()
+
+            def sdpa(backend):
+                def fn():
+                    q, k, v = fk.qk_prologue(qkv, cos, sin, gq, gk, H, n, use_triton=True)
+                    q, k, v = (z.view(B, n, H, D).transpose(1, 2) for z in (q, k, v))
+                    with sdpa_kernel(backend):
+                        o = F.scaled_dot_product_attention(q, k, v)
+                    return o.transpose(1, 2).reshape(B * n, Cc)
+                return fn
+
+            def triton(cfg):
+                def fn():
+                    _, k, _ = fk.qk_prologue(qkv, cos, sin, gq, gk, H, n, do_q=False, do_v=False, use_triton=True)
+                    v3 = qkv.view(B, n, 3, H, D)
+                    return at.attention(v3[:, :, 0], k.view(B, n, H, D), v3[:, :, 2], prologue=(cos, sin, gq, n),
+                                        config=cfg).view(B * n, Cc)
+                return fn
+
+            variants = {"cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
+            if n <= 17489 or not slow_variants_lose:
+                variants.update({"flash": sdpa(SDPBackend.FLASH_ATTENTION), "efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)})
+            variants.update({k: triton(v) for k, v in TRITON_CONFIGS.items()})
+            flop = B * 4 * n * n * Cc
+            ref = None
+            for name, fn in variants.items():
+                row = {"n": n, "batch": B, "variant": name}
+                try:
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    o = fn()
+                    torch.cuda.synchronize()
+                    row["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+                    if ref is None:
+                        ref = o.float()
+                    row["rel_vs_cudnn"] = rel_err(o, ref)
+                    row["finite"] = finite(o)
+                    del o
+                    t = cuda_time(fn, warmup=2, reps=reps)
+                    row["median_ms"] = t["median_ms"]
+                    row["tflops"] = flop / (t["median_ms"] * 1e-3) / 1e12
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                rows.append(row)
+                print(f"attn n={n} B={B} {name}: {row.get('median_ms', float('nan')):.2f} ms "
+                      f"{row.get('tflops', 0):.0f} TF/s err {row.get('rel_vs_cudnn', float('nan')):.1e}", flush=True)
+            qkv = ref = None  # free before the next size
+    # the backend's choice: least time over the reference sampling counts at batch 2
+    names = ["cudnn", "flash", "efficient", *TRITON_CONFIGS]
+    score = {}
+    for name in names:
+        ts = [r.get("median_ms") for r in rows if r["variant"] == name and r["batch"] == 2 and r["n"] in (4096, 4377, 17489)]
+        ok = all(r.get("finite", False) and r.get("rel_vs_cudnn", 1) < 2e-2 for r in rows if r["variant"] == name)
+        if ts and all(t is not None for t in ts) and ok:
+            score[name] = sum(ts)
+    best = min(score, key=score.get) if score else "cudnn"
+    return {"rows": rows, "score_ms_b2_reference_counts": score, "chosen": best}
+
+
+# ---------------------------------------------------------------------------------------------
+# models and inputs
+
+
+def build(name: str, schema_dir: Path, seed: int):
+    cfg = load_config(schema_dir, NETWORKS[name][0])
+    with torch.device(DEV):
+        model = build_model(cfg)
+    model.eval().requires_grad_(False)
+    randomize_(model, seed)
+    return cfg, model
+
+
+def nominal_flop(name: str, n: int) -> float:
+    return NETWORKS[name][1] * 1e9 * n + ATTN_FLOP_PER_N2 * n * n
+
+
+def executed_flop(cfg: dict, n: int, pair: bool, width: int = 64) -> float:
+    """FLOPs the backend actually runs (exact savings: neg cross-attention and proj products skipped,
+    first block's self-attention once per pair, cross to_out folded into [N, 64] x [64, C])."""
+    a = cfg["args"]
+    c, nb = a["model_channels"], a["num_blocks"]
+    hidden = int(c * a["mlp_ratio"])
+    selfl, mlp, cross = 8 * c * c, 4 * c * hidden, 2 * c * c + 2 * width * c
+    attn = 4 * n * n * c
+    if pair:
+        return n * ((2 * nb - 1) * selfl + nb * cross + 2 * nb * mlp) + (2 * nb - 1) * attn
+    return n * nb * (selfl + cross + mlp) + nb * attn
+
+
+def make_case(cfg: dict, n: int, seed: int, sampling: bool = False) -> dict:
+    """Random inputs (never zeros) of one forward or one sampling stage; neg = the all-zero condition."""
+    a = cfg["args"]
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, device=DEV, generator=g)  # noqa: E731
+    cp = a.get("proj_in_channels") or a["cond_channels"]
+    glob = rnd(1, GLOBAL_TOKENS, a["cond_channels"])
+    case = {"t": torch.tensor([500.0], device=DEV)}
+    if cfg["name"] == "SparseStructureFlowModel":
+        R = a["resolution"]
+        proj = rnd(1, R ** 3, cp)
+        case["x"] = rnd(1, a["in_channels"], R, R, R)
+        case["cond"] = {"global": glob, "proj": proj}
+        case["neg"] = {"global": torch.zeros_like(glob), "proj": torch.zeros_like(proj)}
+        case["kwargs"] = {}
+    else:
+        coords = shell_coords(a["resolution"], n, DEV)
+        proj = rnd(n, cp)
+        concat = 32 if a["in_channels"] == 64 else 0  # texture flow: noise 32 + shape latent 32
+        case["x"] = SparseTensor(rnd(n, a["in_channels"] - concat), coords)
+        case["cond"] = {"global": glob, "proj": SparseTensor(proj, coords)}
+        case["neg"] = {"global": torch.zeros_like(glob), "proj": SparseTensor(torch.zeros_like(proj), coords)}
+        case["kwargs"] = {"concat_cond": SparseTensor(rnd(n, concat), coords)} if concat else {}
+    return case
+
+
+def feats(v):
+    return v.feats if isinstance(v, SparseTensor) else v
+
+
+def timed_call(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, (time.perf_counter() - t0) * 1e3
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. per-forward
+
+
+def bench_forward(name: str, cfg, model, n: int, attention: str, rate: float, seed: int, quick: bool,
+                  profile: bool = False, lifecycle: bool = False) -> dict:
+    reps = 3 if n > 20000 else (5 if n > 5000 else 10)
+    if quick:
+        reps = 2
+    case = make_case(cfg, n, seed)
+    x, t, cond, neg, kw = case["x"], case["t"], case["cond"], case["neg"], case["kwargs"]
+    flop = nominal_flop(name, n)
+    res = {"network": name, "tokens": n, "reps": reps, "flop_nominal": flop, "attention": attention}
+    eager_pos = feats(model(x, t, cond, **kw))
+    eager_neg = feats(model(x, t, neg, **kw))
+    te = cuda_time(lambda: model(x, t, cond, **kw), warmup=1, reps=reps)
+    res["eager_ms"] = te["median_ms"]
+
+    backend = cuda_backend.wrap_flow(model, {"name": name, "attention": attention})
+    single, res["fast_single_first_call_ms"] = timed_call(lambda: backend(x, t, cond, **kw))
+    single2 = backend(x, t, cond, **kw)
+    ts = cuda_time(lambda: backend(x, t, cond, **kw), warmup=1, reps=reps)
+    res["fast_single_ms"] = ts["median_ms"]
+    (pp, pn), res["fast_pair_first_call_ms"] = timed_call(lambda: backend.cfg_pair(x, t, cond, neg, **kw))
+    pp2, pn2 = backend.cfg_pair(x, t, cond, neg, **kw)
+    tp = cuda_time(lambda: backend.cfg_pair(x, t, cond, neg, **kw), warmup=1, reps=reps)
+    res["fast_pair_ms"] = tp["median_ms"]
+    mem = peak_memory(lambda: backend.cfg_pair(x, t, cond, neg, **kw))
+    res["fast_pair_peak_gb"] = mem["total_peak_bytes"] / 1e9
+    res["errors"] = {
+        "single_vs_eager": rel_err(feats(single), eager_pos),
+        "pair_pos_vs_eager": rel_err(feats(pp), eager_pos),
+        "pair_neg_vs_eager": rel_err(feats(pn), eager_neg),
+        "graph_replay_vs_first_single": rel_err(feats(single2), feats(single)),
+        "graph_replay_vs_first_pair": max(rel_err(feats(pp2), feats(pp)), rel_err(feats(pn2), feats(pn))),
+        "finite": all(finite(feats(v)) for v in (single, single2, pp, pn, pp2, pn2)),
+    }
+    res["backend_stats"] = dict(backend.stats)
+    res["gelu_epilogue"] = backend.gelu_epilogue
+    if profile:  # kernel time by kind of one forward (no graph, so the profiler names every kernel)
+        prof_be = cuda_backend.wrap_flow(model, {"attention": attention, "graphs": False})
+        try:
+            res["profile_single"] = kernel_profile(lambda: prof_be(x, t, cond, **kw), top=16)
+            res["profile_pair"] = kernel_profile(lambda: prof_be.cfg_pair(x, t, cond, neg, **kw), top=16)
+        except Exception as e:  # a diagnostic: the timings stand without it
+            res["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        del prof_be
+    if lifecycle:  # a new token count on the same backend: new token state, graphs captured again
+        other = make_case(cfg, n - 1376, seed + 1)
+        xo, co, no = other["x"], other["cond"], other["neg"]
+        s1 = backend(xo, t, co, **other["kwargs"])
+        p1, n1 = backend.cfg_pair(xo, t, co, no, **other["kwargs"])
+        p2, n2 = backend.cfg_pair(xo, t, co, no, **other["kwargs"])
+        res["lifecycle"] = {"tokens": n - 1376, "stats": dict(backend.stats),
+                            "single_vs_eager": rel_err(feats(s1), feats(model(xo, t, co, **other["kwargs"]))),
+                            "pair_neg_vs_eager": rel_err(feats(n1), feats(model(xo, t, no, **other["kwargs"]))),
+                            "replay_vs_first": max(rel_err(feats(p2), feats(p1)), rel_err(feats(n2), feats(n1)))}
+    res["eager_tflops"] = flop / (res["eager_ms"] * 1e-3) / 1e12
+    res["fast_single_tflops"] = flop / (res["fast_single_ms"] * 1e-3) / 1e12
+    res["fast_pair_tflops_per_sample"] = 2 * flop / (res["fast_pair_ms"] * 1e-3) / 1e12
+    res["fast_pair_executed_tflops"] = executed_flop(cfg, n, True) / (res["fast_pair_ms"] * 1e-3) / 1e12
+    res["fast_single_executed_tflops"] = executed_flop(cfg, n, False) / (res["fast_single_ms"] * 1e-3) / 1e12
+    res["fraction_of_matmul"] = {k: res[k] / rate for k in ("eager_tflops", "fast_single_tflops", "fast_pair_tflops_per_sample")}
+    res["speedup_single"] = res["eager_ms"] / res["fast_single_ms"]
+    res["speedup_pair_vs_two_eager"] = 2 * res["eager_ms"] / res["fast_pair_ms"]
+    backend = None  # releases its graphs and buffers
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. sampling
+
+
+def bench_sampling(models: dict, attention: str, seed: int) -> dict:
+    sampler = FlowEulerGuidanceIntervalSampler(sigma_min=C.SIGMA_MIN)
+    stages = []
+    for stage, name, n, key in SAMPLING_STAGES:
+        cfg, model = models[name]
+        case = make_case(cfg, n, seed + 100)
+        params = C.sampler_params(key)
+        noise, cond, neg, kw = case["x"], case["cond"], case["neg"], case["kwargs"]
+        ref, t_e = timed_call(lambda: sampler.sample(model, noise, cond, neg, **params, **kw))
+        backend = cuda_backend.wrap_flow(model, {"name": stage, "attention": attention})
+        fast, t_f = timed_call(lambda: sampler.sample(backend, noise, cond, neg, **params, **kw))
+        stats_cold = dict(backend.stats)
+        fast2, t_w = timed_call(lambda: sampler.sample(backend, noise, cond, neg, **params, **kw))
+        row = {"stage": stage, "network": name, "tokens": n, "params": params,
+               "eager_s": t_e / 1e3, "fast_s": t_f / 1e3, "fast_warm_s": t_w / 1e3,
+               "speedup": t_e / t_f, "rel_err_sample": rel_err(feats(fast), feats(ref)),
+               "rel_err_warm_vs_cold": rel_err(feats(fast2), feats(fast)),
+               "finite": finite(feats(fast)) and finite(feats(fast2)), "backend_stats_cold": stats_cold}
+        print(f"sampling {stage}: eager {row['eager_s']:.3f} s fast {row['fast_s']:.3f} s (warm {row['fast_warm_s']:.3f}) "
+              f"err {row['rel_err_sample']:.2e}", flush=True)
+        stages.append(row)
+        backend = ref = fast = fast2 = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    tot = {k: sum(r[k] for r in stages) for k in ("eager_s", "fast_s", "fast_warm_s")}
+    tot["speedup"] = tot["eager_s"] / tot["fast_s"]
+    return {"stages": stages, "total": tot}
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def render_markdown(d: dict) -> str:
+    env = d["environment"]
+    rate = d.get("matmul", {}).get("tflops")
+    L = ["# Flow transformers: `cuda` backend vs eager bf16 (benchmarks/bench_flows.py)", "",
+         f"{env.get('gpu')} · driver {env.get('driver')} · torch {env.get('torch')} · CUDA {env.get('torch_cuda')} · "
+         f"triton {env.get('triton')} · commit {str(env.get('commit'))[:10]} · {env.get('date_utc')}", "",
+         "Full-size random weights (bf16 torso, fp32 norms), random inputs, the all-zero unconditional "
+         "condition of the pipeline. TFLOP/s use the nominal FLOPs of pixal3d.md §9.3 per sample "
+         "(what the eager model computes); the backend executes fewer (exact savings), shown as 'exec'. "
+         "All numbers come from one run; ratios compare variants measured in that run.", ""]
+    if rate:
+        L += [f"Measured bf16 matmul rate (8192³, random data): **{rate:.0f} TFLOP/s**.", ""]
+    at = d.get("attention")
+    if at:
+        L += ["## Attention (QK-RMSNorm + RoPE prologue + attention, one block call)", "",
+              "| N | B | " + " | ".join(v for v in ["cudnn", "flash", "efficient", *TRITON_CONFIGS]) + " |",
+              "|---|---|" + "---|" * (3 + len(TRITON_CONFIGS))]
+        for n in ATTN_NS:
+            for B in (1, 2):
+                cells = []
+                for v in ["cudnn", "flash", "efficient", *TRITON_CONFIGS]:
+                    r = next((r for r in at["rows"] if r["n"] == n and r["batch"] == B and r["variant"] == v), None)
+                    if r is None or "median_ms" not in r:
+                        cells.append("err" if r else "-")
+                    else:
+                        cells.append(f"{r['median_ms']:.2f} ms · {r['tflops']:.0f} TF/s")
+                L.append(f"| {n:,} | {B} | " + " | ".join(cells) + " |")
+        L += ["", f"Chosen for the backend (least batch-2 time summed over 4,096 / 4,377 / 17,489): **{at['chosen']}**.", ""]
+    fw = d.get("forward")
+    if fw:
+        L += ["## One forward", "",
+              "| network | N | eager ms | fast B=1 ms | fast pair ms | eager TF/s | fast B=1 TF/s | pair TF/s/sample (exec) | "
+              "% matmul (pair) | speed-up B=1 | pair vs 2× eager | first call ms (B=1 / pair) | rel err pos / neg |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in fw:
+            if "fast_pair_ms" not in r:
+                continue
+            e = r["errors"]
+            L.append(f"| {r['network']} | {r['tokens']:,} | {r['eager_ms']:.1f} | {r['fast_single_ms']:.1f} | {r['fast_pair_ms']:.1f} | "
+                     f"{r['eager_tflops']:.0f} | {r['fast_single_tflops']:.0f} | {r['fast_pair_tflops_per_sample']:.0f} "
+                     f"({r['fast_pair_executed_tflops']:.0f}) | {100 * r['fraction_of_matmul']['fast_pair_tflops_per_sample']:.0f}% | "
+                     f"{r['speedup_single']:.2f}× | {r['speedup_pair_vs_two_eager']:.2f}× | "
+                     f"{r['fast_single_first_call_ms']:.0f} / {r['fast_pair_first_call_ms']:.0f} | "
+                     f"{e['pair_pos_vs_eager']:.1e} / {e['pair_neg_vs_eager']:.1e} |")
+        L.append("")
+    profs = [r for r in (fw or []) if "profile_single" in r]
+    if profs:
+        L += ["## Where the time goes (kernel time of one forward without a graph, by kind)", "",
+              "| network | N | call | total ms | GEMM ms | attention ms | other ms | kernels |", "|---|---|---|---|---|---|---|---|"]
+        for r in profs:
+            for call in ("single", "pair"):
+                pr = r[f"profile_{call}"]
+                k = pr["by_kind_ms"]
+                L.append(f"| {r['network']} | {r['tokens']:,} | {call} | {pr['kernel_ms_total']:.1f} | {k.get('gemm', 0):.1f} | "
+                         f"{k.get('attention', 0):.1f} | {k.get('other', 0):.1f} | {pr['kernel_launches']} |")
+        L.append("")
+    sm = d.get("sampling")
+    if sm:
+        L += ["## Sampling at the reference token counts (12 steps per stage, real sampler settings)", "",
+              "| stage | N | eager s | fast s (cold) | fast s (warm) | speed-up | rel err of the sample |", "|---|---|---|---|---|---|---|"]
+        for r in sm["stages"]:
+            L.append(f"| {r['stage']} | {r['tokens']:,} | {r['eager_s']:.3f} | {r['fast_s']:.3f} | {r['fast_warm_s']:.3f} | "
+                     f"{r['speedup']:.2f}× | {r['rel_err_sample']:.1e} |")
+        t = sm["total"]
+        L += [f"| **total** | | **{t['eager_s']:.2f}** | **{t['fast_s']:.2f}** | {t['fast_warm_s']:.2f} | **{t['speedup']:.2f}×** | |", ""]
+        L += ["'cold' = a fresh backend (condition constants, first forward without a graph, capture); "
+              "'warm' = the same backend again (graphs reused, as the SS stage is for every image).", ""]
+    chk = d.get("targets_check")
+    if chk:
+        L += ["## Targets", ""] + [f"- {k}: {v}" for k, v in chk.items()] + [""]
+    if d.get("errors"):
+        L += ["## Sections that failed", ""] + [f"- {k}" for k in d["errors"]] + [""]
+    return "\n".join(L)
+
+
+def check_targets(d: dict) -> dict:
+    out = {}
+    rate = d.get("matmul", {}).get("tflops")
+    for r in d.get("forward", []):
+        if "fast_pair_ms" not in r or not rate:
+            continue
+        want = TARGETS["large_n_fraction"] if r["tokens"] >= 17489 else TARGETS["small_n_fraction"]
+        got = r["fraction_of_matmul"]["fast_pair_tflops_per_sample"]
+        got1 = r["fraction_of_matmul"]["fast_single_tflops"]
+        err = max(r["errors"]["single_vs_eager"], r["errors"]["pair_pos_vs_eager"], r["errors"]["pair_neg_vs_eager"])
+        out[f"{r['network']}@{r['tokens']}"] = (f"pair {100 * got:.0f}% / B=1 {100 * got1:.0f}% of matmul (target {100 * want:.0f}%): "
+                                               f"{'PASS' if got >= want else 'MISS'}; max rel err {err:.1e} "
+                                               f"{'PASS' if err <= TARGETS['rel_err'] and r['errors']['finite'] else 'MISS'}")
+    sm = d.get("sampling")
+    if sm:
+        t = sm["total"]
+        out["sampling_time"] = f"{t['fast_s']:.2f} s cold / {t['fast_warm_s']:.2f} s warm (target ≤ {TARGETS['sampling_s']} s): " + \
+            ("PASS" if t["fast_s"] <= TARGETS["sampling_s"] else "MISS")
+        out["sampling_speedup"] = f"{t['speedup']:.2f}× vs eager in the same run (target ≥ {TARGETS['sampling_speedup']}×): " + \
+            ("PASS" if t["speedup"] >= TARGETS["sampling_speedup"] else "MISS")
+        worst = max(r["rel_err_sample"] for r in sm["stages"])
+        out["sampling_error"] = f"max rel err of a stage sample {worst:.1e}; finite: {all(r['finite'] for r in sm['stages'])}"
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schema-dir", type=Path, default=default_schema_dir())
+    p.add_argument("--name", default="flows_h200")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    p.add_argument("--attention", default=None, help="force the backend's attention instead of the measured choice")
+    p.add_argument("--sections", default="matmul,kernels,attention,forward,sampling")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_flows needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    want = set(args.sections.split(","))
+    run = Run(args.name, args)
+    d = run.data
+    torch.set_grad_enabled(False)
+
+    if "matmul" in want:
+        with run.section("matmul"):
+            d["matmul"] = matmul_rate(5 if args.quick else 10)
+            print(f"matmul {d['matmul']['tflops']:.0f} TFLOP/s", flush=True)
+    rate = d.get("matmul", {}).get("tflops", 754.0)
+    if "kernels" in want:
+        with run.section("kernels"):
+            d["kernel_checks"] = kernel_checks()
+            print(d["kernel_checks"], flush=True)
+    attention = args.attention or "cudnn"
+    if "attention" in want:
+        with run.section("attention"):
+            d["attention"] = attention_table(3 if args.quick else 5)
+            attention = args.attention or d["attention"]["chosen"]
+    d["backend_attention"] = attention
+
+    models = {}
+    with run.section("build"):
+        for i, name in enumerate(NETWORKS):
+            models[name] = build(name, args.schema_dir, args.seed + i)
+    def forward_cases(cases):
+        for name, n in cases:
+            if name not in models:
+                continue
+            with run.section(f"forward_{name}_{n}"):
+                r = bench_forward(name, *models[name], n, attention, rate, args.seed + 7, args.quick,
+                                  profile=(name, n) in PROFILE_CASES,
+                                  lifecycle=(name, n) == ("shape_flow_512", 4377))
+                d["forward"].append(r)
+                print(f"{name}@{n}: eager {r['eager_ms']:.1f} fast {r['fast_single_ms']:.1f} pair {r['fast_pair_ms']:.1f} ms "
+                      f"({100 * r['fraction_of_matmul']['fast_pair_tflops_per_sample']:.0f}% matmul) err {r['errors']}", flush=True)
+
+    # the reference token counts and the sampling first, the 1536-cascade counts last
+    d["forward"] = []
+    if "forward" in want:
+        forward_cases([c for c in FORWARD_CASES if c[1] <= 17489])
+    if "sampling" in want and len(models) == len(NETWORKS):
+        with run.section("sampling"):
+            d["sampling"] = bench_sampling(models, attention, args.seed)
+            d["targets_check"] = check_targets(d)
+    if "forward" in want:
+        forward_cases([c for c in FORWARD_CASES if c[1] > 17489])
+    d["targets_check"] = check_targets(d)
+    run.save()
+    md = render_markdown(d)
+    (REPO / "benchmarks" / "flows.md").write_text(md + "\n")
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "flows.md").write_text(md + "\n")
+    print(md, flush=True)
+
+
+if __name__ == "__main__":
+    main()
