@@ -572,7 +572,10 @@ class FlowBackend:
                    "math": "MATH"}[self.attention]
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel(getattr(SDPBackend, backend)):
+        backends = [getattr(SDPBackend, backend)]
+        if q.dtype == torch.float32 and backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
+            backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # those two take only fp16/bf16
+        with sdpa_kernel(backends):
             o = F.scaled_dot_product_attention(q, k, v)
         return o.transpose(1, 2).reshape(T, C)
 

@@ -68,7 +68,8 @@ def _sampler_progress(progress, name):
 
 
 class Pipeline:
-    def __init__(self, weights: Weights, device="cpu", geometry: C.Geometry = C.FULL, preset: str | None = None):
+    def __init__(self, weights: Weights, device="cpu", geometry: C.Geometry = C.FULL, preset: str | None = None,
+                 backend: str | None = None):
         from .conditioning import ImageConditioner
         from .sampler import FlowEulerGuidanceIntervalSampler
 
@@ -78,6 +79,18 @@ class Pipeline:
         self.geometry = geometry
         self.preset = preset
         self.models = weights.models
+        # flow networks as the sampler calls them: the eager definitions, or the `cuda` backend wrapping
+        # the same modules (bf16, batched CFG, stage constants, CUDA graphs); default cuda on a GPU
+        self.backend = backend or ("cuda" if self.device.type == "cuda" else "eager")
+        if self.backend not in ("eager", "cuda"):
+            raise ValueError(f"unknown backend {self.backend!r} (eager or cuda)")
+        if self.backend == "cuda" and self.device.type != "cuda":
+            raise BudgetError("the cuda backend needs a CUDA device")
+        self.flows = {k: m for k, m in self.models.items() if k.endswith("flow_model") or "_flow_model_" in k}
+        if self.backend == "cuda":
+            from .runtime.cuda_backend import wrap_flow
+
+            self.flows = {k: wrap_flow(m, k) for k, m in self.flows.items()}
         self.conditioner = ImageConditioner(weights.dinov3, weights.naf)
         args = weights.pipeline_args
         self.shape_norm = {k: torch.tensor(args["shape_slat_normalization"][k], dtype=torch.float32) for k in ("mean", "std")}
@@ -101,19 +114,19 @@ class Pipeline:
     # construction
 
     @classmethod
-    def from_pretrained(cls, weights_dir, device="cpu", progress=None, resolution: int = 1024) -> "Pipeline":
+    def from_pretrained(cls, weights_dir, device="cpu", progress=None, resolution: int = 1024, backend: str | None = None) -> "Pipeline":
         # CPU runs the fp32 oracle; on CUDA the networks keep upstream's bf16/fp16 torsos
         dtype = "float32" if str(device) == "cpu" else None
         need = None if resolution != 512 else set(k for k in _all_models() if k not in HIRES_ONLY)
         w = load_weights(weights_dir, device=device, dtype=dtype, need=need, progress=progress)
-        return cls(w, device=device)
+        return cls(w, device=device, backend=backend)
 
     @classmethod
-    def from_preset(cls, name: str, device="cpu", progress=None) -> "Pipeline":
+    def from_preset(cls, name: str, device="cpu", progress=None, backend: str | None = None) -> "Pipeline":
         from .presets import build_preset
 
         w, geometry = build_preset(name, device=device)
-        return cls(w, device=device, geometry=geometry, preset=name)
+        return cls(w, device=device, geometry=geometry, preset=name, backend=backend)
 
     # ----------------------------------------------------------------------------------------
 
@@ -148,7 +161,7 @@ class Pipeline:
         gen = torch.Generator().manual_seed(seed)  # upstream: torch.manual_seed(seed), noise drawn on the CPU
 
         # ---- stage 1: sparse structure --------------------------------------------------------
-        ss_flow = m["sparse_structure_flow_model"]
+        ss_flow = self.flows["sparse_structure_flow_model"]
         R = ss_flow.resolution
         with sw("ss_flow", f"{R ** 3} tokens"):
             proj = cond.project_dense(enc_lr, R, cam, image_size=g.lr_image)
@@ -158,6 +171,7 @@ class Pipeline:
             z = self.sampler.sample(ss_flow, noise, c, neg, **C.sampler_params("sparse_structure", args, steps),
                        progress=_sampler_progress(progress, "ss_flow"))
             del proj, c, neg
+            self._release(ss_flow)
         with sw("ss_decoder"):
             logits = m["sparse_structure_decoder"](z)  # decoders cast to their own torso dtype
             lr_grid = logits.shape[-1] // 2  # upstream pools the 64³ occupancy to 32³
@@ -171,7 +185,7 @@ class Pipeline:
         # ---- stage 2: shape at the LR grid ------------------------------------------------------
         with sw("shape_lr_flow", f"{coords.shape[0]} tokens @{lr_grid}³"):
             naf_lr = cond.naf_sampler(img_lr, enc_lr, g.naf_target("shape_lr"))
-            lr_slat = self._sample_shape(m["shape_slat_flow_model_512"], enc_lr, naf_lr, coords, lr_grid, cam,
+            lr_slat = self._sample_shape(self.flows["shape_slat_flow_model_512"], enc_lr, naf_lr, coords, lr_grid, cam,
                                          g.lr_image, gen, args, steps, progress, "shape_lr_flow")
             del naf_lr
 
@@ -198,13 +212,13 @@ class Pipeline:
             # ---- stage 3b: shape at the HR grid -----------------------------------------------
             with sw("shape_hr_flow", f"{hr_unique.shape[0]} tokens @{hr_grid}³"):
                 naf_hr = cond.naf_sampler(img_hr, enc_hr, g.naf_target("shape_hr"))
-                shape_slat = self._sample_shape(m["shape_slat_flow_model_1024"], enc_hr, naf_hr, hr_unique, hr_grid, cam,
+                shape_slat = self._sample_shape(self.flows["shape_slat_flow_model_1024"], enc_hr, naf_hr, hr_unique, hr_grid, cam,
                                                 g.hr_image, gen, args, steps, progress, "shape_hr_flow")
                 del naf_hr
             # ---- stage 4: texture -----------------------------------------------------------------
             with sw("tex_flow", f"{shape_slat.coords.shape[0]} tokens"):
                 naf_tex = cond.naf_sampler(img_hr, enc_hr, g.naf_target("tex"))
-                tex_slat = self._sample_tex(m["tex_slat_flow_model_1024"], enc_hr, naf_tex, shape_slat, hr_grid, cam,
+                tex_slat = self._sample_tex(self.flows["tex_slat_flow_model_1024"], enc_hr, naf_tex, shape_slat, hr_grid, cam,
                                             g.hr_image, gen, args, steps, progress)
                 del naf_tex
 
@@ -230,6 +244,12 @@ class Pipeline:
             latents["tex_slat"] = tex_slat
         return Result(vertices.cpu(), faces.cpu(), voxel_coords, voxel_attrs, res, sw.rows, result_tokens, latents)
 
+    @staticmethod
+    def _release(flow):
+        """Free a backend's per-stage caches (proj products, graphs) once its stage is done."""
+        if hasattr(flow, "reset"):
+            flow.reset()
+
     # ----------------------------------------------------------------------------------------
 
     def _proj_cond(self, enc, naf_map, coords, grid, cam, image_size, dtype):
@@ -242,6 +262,7 @@ class Pipeline:
         c, neg = self._proj_cond(enc, naf_map, coords, grid, cam, image_size, None)
         noise = SparseTensor(torch.randn(coords.shape[0], flow.in_channels, generator=gen).to(self.device), coords)
         slat = self.sampler.sample(flow, noise, c, neg, **C.sampler_params("shape_slat", args, steps), progress=_sampler_progress(progress, name))
+        self._release(flow)
         n = self.shape_norm
         return slat.replace(slat.feats * n["std"].to(slat.feats) + n["mean"].to(slat.feats))
 
@@ -253,6 +274,7 @@ class Pipeline:
         noise = shape_slat.replace(torch.randn(coords.shape[0], flow.in_channels - shape_slat.feats.shape[1], generator=gen).to(self.device))
         slat = self.sampler.sample(flow, noise, c, neg, concat_cond=shape_norm, **C.sampler_params("tex_slat", args, steps),
                       progress=_sampler_progress(progress, "tex_flow"))
+        self._release(flow)
         t = self.tex_norm
         return slat.replace(slat.feats * t["std"].to(slat.feats) + t["mean"].to(slat.feats))
 
