@@ -459,6 +459,9 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--child-out", default="")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the whole-decoder timing (prepared warm decode); skips per-level and NVRTC sections")
+    ap.add_argument("--result-name", default="", help="write the JSON under this name instead of the default")
     args = ap.parse_args()
     if args.decode_child:
         decode_child(args)
@@ -484,7 +487,7 @@ def main() -> None:
     }
 
     def save():
-        write_result(RESULT_NAME + ("_smoke" if args.smoke else ""), data)
+        write_result((args.result_name or RESULT_NAME) + ("_smoke" if args.smoke else ""), data)
 
     t_all = time.perf_counter()
     try:
@@ -497,7 +500,10 @@ def main() -> None:
     # decode first: its cold-cache child must be the first Triton user on this machine
     if not args.skip_decode:
         cache = os.environ["TRITON_CACHE_DIR"]
-        for tag, with_ref, prepare in (("cold_cache", True, False), ("warm_cache", False, False), ("warm_cache_prepared", False, True)):
+        runs = (("cold_cache", True, False), ("warm_cache", False, False), ("warm_cache_prepared", False, True))
+        if args.decode_only:  # with reference so the decode is still checked against the unfused path
+            runs = (("warm_cache_prepared", True, True),)
+        for tag, with_ref, prepare in runs:
             try:
                 data.setdefault("decode", {})[tag] = run_decode(tag, cache, with_ref, prepare, args.smoke, timeout=150 if with_ref else 100)
             except Exception as e:  # noqa: BLE001
@@ -505,6 +511,11 @@ def main() -> None:
             print("decode", tag, {k: v for k, v in data["decode"][tag].items() if k != "warm"}, flush=True)
             save()
 
+    if args.decode_only:
+        data["total_s"] = time.perf_counter() - t_all
+        save()
+        print_tables(data)
+        return
     levels = shell_levels(cfg["base_res"], cfg["counts"], device)
     data["levels"] = []
     for li, coords in enumerate(levels):
