@@ -108,7 +108,18 @@ class Pipeline:
                  for mod in self.models[key].modules() if isinstance(mod, SubMConv3d)]
         if not convs:
             return {}
-        return warm_up_gpu_kernels(self.device, {(c.in_channels, c.out_channels) for c in convs}, dtype=convs[0].weight.dtype)
+        spent = warm_up_gpu_kernels(self.device, {(c.in_channels, c.out_channels) for c in convs}, dtype=convs[0].weight.dtype)
+        # the fp32 LayerNorm kernel specialises per width and affine: compile those now too
+        from .models.sc_vae import LayerNorm32
+
+        t0 = time.perf_counter()
+        norms = {(n.normalized_shape[0], n.weight is not None): n for key in ("shape_slat_decoder", "tex_slat_decoder")
+                 if key in self.models for n in self.models[key].modules() if isinstance(n, LayerNorm32)}
+        for (width, _), norm in norms.items():
+            norm(torch.zeros(2, width, device=self.device, dtype=convs[0].weight.dtype).normal_())
+        torch.cuda.synchronize(self.device)
+        spent["layer_norm_s"] = time.perf_counter() - t0
+        return spent
 
     # ----------------------------------------------------------------------------------------
     # construction

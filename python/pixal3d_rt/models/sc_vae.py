@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pixal3d_rt.kernels.layernorm import layer_norm
 from pixal3d_rt.kernels.subm_conv import DEFAULT_CHUNK_BYTES, build_neighbor_map, conv_workspace_bytes_per_row, subm_conv3d
 from pixal3d_rt.mesh.fdg import flexible_dual_grid_to_mesh
 from pixal3d_rt.models.sparse import SparseTensor
@@ -46,8 +47,7 @@ class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in (at least) fp32 (weights stay fp32 under use_fp16), result in the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.to(torch.promote_types(x.dtype, torch.float32))
-        return F.layer_norm(y, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+        return layer_norm(x, self.weight, self.bias, self.eps)  # fp32 math; Triton on CUDA half inputs
 
 
 class SubMConv3d(nn.Module):
