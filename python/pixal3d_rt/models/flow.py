@@ -130,6 +130,13 @@ class _FlowTransformer(nn.Module):
         h = h.float()
         return self.out_layer(F.layer_norm(h, h.shape[-1:]))
 
+    def forward_tokens(self, feats: torch.Tensor, t: torch.Tensor, context, layout, phases) -> torch.Tensor:
+        """Token-level velocity: input features `[..., Cin]` -> `[..., Cout]` fp32, for any token
+        layout and RoPE phases (complex, or a `(cos, sin)` pair as exported engines take them)."""
+        h = self.input_layer(feats).to(self.dtype)
+        h = self.run_blocks(h, self.time_modulation(t), context, layout, phases)
+        return self.output(h)
+
 
 class SparseStructureFlowModel(_FlowTransformer):
     """Dense DiT over the R^3 grid: `forward(x [B,Cin,R,R,R], t [B], cond) -> [B,Cout,R,R,R]` fp32.
@@ -150,10 +157,7 @@ class SparseStructureFlowModel(_FlowTransformer):
         if tuple(x.shape[1:]) != (self.in_channels, R, R, R):
             raise ValueError(f"SparseStructureFlowModel: input {tuple(x.shape)}, expected [B, {self.in_channels}, {R}, {R}, {R}]")
         h = x.reshape(B, self.in_channels, -1).transpose(1, 2)  # [B, R^3, Cin]
-        h = self.input_layer(h).to(self.dtype)
-        mod = self.time_modulation(t)
-        h = self.run_blocks(h, mod, self._context(cond), DenseTokens(), self.rope_phases)
-        h = self.output(h)  # [B, R^3, Cout]
+        h = self.forward_tokens(h, t, self._context(cond), DenseTokens(), self.rope_phases)  # [B, R^3, Cout]
         return h.transpose(1, 2).reshape(B, self.out_channels, R, R, R)
 
 
@@ -177,11 +181,8 @@ class SLatFlowModel(_FlowTransformer):
         if concat_cond is not None:  # x first, the condition second (rows aligned with x)
             extra = concat_cond.feats if isinstance(concat_cond, SparseTensor) else concat_cond
             feats = torch.cat([feats, extra], dim=-1)
-        h = self.input_layer(feats).to(self.dtype)
-        mod = self.time_modulation(t)
         context = self._context(cond, proj_feats=lambda p: p.feats if isinstance(p, SparseTensor) else p)
-        h = self.run_blocks(h, mod, context, VarLenTokens.from_sparse(x), self.token_phases(x))
-        return x.replace(self.output(h))
+        return x.replace(self.forward_tokens(feats, t, context, VarLenTokens.from_sparse(x), self.token_phases(x)))
 
 
 class ElasticSLatFlowModel(SLatFlowModel):

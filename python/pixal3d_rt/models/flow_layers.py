@@ -171,8 +171,21 @@ def rope_phases(coords: torch.Tensor, head_dim: int, rope_freq: tuple[float, flo
     return phases
 
 
-def apply_rope(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2m, 2m+1) of `x [..., N, H, D]` by `phases [N, D/2]`, in fp32."""
+def rope_cos_sin(phases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real-valued form `(cos, sin)`, each fp32 `[N, D/2]`, of complex phases (for exporters and
+    kernels that have no complex numbers; `apply_rope` accepts either form)."""
+    return phases.real.float().contiguous(), phases.imag.float().contiguous()
+
+
+def apply_rope(x: torch.Tensor, phases) -> torch.Tensor:
+    """Rotate channel pairs (2m, 2m+1) of `x [..., N, H, D]` by `phases [N, D/2]`, in fp32.
+
+    `phases` is complex, or a `(cos, sin)` pair of real `[N, D/2]` tensors (same rotation written
+    out: (a, b) -> (a cos - b sin, a sin + b cos); ONNX/TensorRT have no complex dtype)."""
+    if isinstance(phases, (tuple, list)):
+        cos, sin = (p.unsqueeze(-2) for p in phases)  # [N, 1, D/2] broadcast over heads
+        a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
     return torch.view_as_real(xc * phases.unsqueeze(-2)).reshape(x.shape).to(x.dtype)
 

@@ -1,0 +1,472 @@
+"""`pixal3d-rt export`: ONNX -> TensorRT / TensorRT-RTX engines, one network at a time.
+
+For each spec: load that one network (streamed from the fp32 checkpoint straight into the target
+precision, so only one network is ever in host memory), export ONNX into a private temporary
+folder of the engine directory, build the engine, write it as `<spec>.engine` through a temporary
+file and a rename, then record it in `manifest.json` (also written through a rename) and free
+everything before the next network. An interrupt or a failure leaves the previous engine (or none)
+and no partial file. A network whose manifest entry matches the fingerprint of what would be
+built (spec, precision, target, TensorRT version, compute capabilities, source checkpoint hashes,
+exporter version) and whose engine file still has the recorded hash is skipped.
+
+Precision: TensorRT-RTX networks are strongly typed, so the engine computes in the dtypes of the
+exported graph: `bf16`/`fp16` export the flows with upstream's mixed precision (block Linears and
+activations in bf16/fp16, norms, RoPE, time embedding, input/output layers in fp32), the SS decoder
+with its fp16 torso (upstream's `use_fp16`), DINOv3 wholly in bf16/fp16; `fp32` exports fp32.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import gc
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from pixal3d_rt.runtime.tensorrt_engine import MANIFEST, MANIFEST_FORMAT  # one definition of the format
+
+from .onnx_export import OPSET, ExportError, export_onnx
+from .specs import ExportSpec, build_specs
+
+EXPORTER_VERSION = f"pixal3d-rt export 1 (torch.onnx dynamo, opset {OPSET})"
+TARGETS = ("tensorrt-rtx", "tensorrt", "aoti")
+PRECISIONS = ("bf16", "fp16", "fp32", "fp8")
+# TensorRT-RTX engines run on Ampere (consumer and A100), Ada and Blackwell; it refuses Hopper
+RTX_COMPUTE_CAPABILITIES = ("8.0", "8.6", "8.9", "12.0")
+
+FLOW_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def trt_module(target: str):
+    """The Python module of a target: `tensorrt_rtx` or `tensorrt`, with an install hint if absent."""
+    if target == "aoti":
+        raise ExportError("--target aoti is not available yet: AOTInductor packages come with the cuda backend "
+                          "(issue 4); use --target tensorrt-rtx or --target tensorrt")
+    name = {"tensorrt-rtx": "tensorrt_rtx", "tensorrt": "tensorrt"}.get(target)
+    if name is None:
+        raise ExportError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
+    try:
+        import importlib
+
+        return importlib.import_module(name)
+    except ImportError:
+        hint = ("pip install tensorrt-rtx" if target == "tensorrt-rtx"
+                else "pip install tensorrt (NVIDIA's wheels; the build needs an NVIDIA GPU)")
+        raise ExportError(f"--target {target} needs the '{name}' Python package: {hint}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def atomic_write_bytes(path: Path, data) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result should read like any file
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def read_manifest(engine_dir: Path) -> dict:
+    p = Path(engine_dir) / MANIFEST
+    if not p.is_file():
+        return {}
+    try:
+        m = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # a manifest we cannot read is rebuilt from scratch
+    return m if m.get("format") == MANIFEST_FORMAT else {}
+
+
+def write_manifest(engine_dir: Path, manifest: dict) -> None:
+    atomic_write_bytes(Path(engine_dir) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# sources: a weights directory (streamed network by network) or an in-memory preset
+
+
+@dataclass
+class Source:
+    """Where networks come from. `configs`/`dino_config`/`geometry` describe every network without
+    loading one; `load(key, precision)` returns one network in the export precision."""
+
+    label: str  # for messages and the rebuild command
+    cli_args: str  # "--weights DIR" / "--preset tiny"
+    configs: dict
+    dino_config: dict
+    geometry: object
+    weights_dir: Path | None = None
+    preset: object = None  # checkpoints.Weights of a preset
+    _hash_memo: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_preset(cls, name: str) -> "Source":
+        from pixal3d_rt.presets import build_preset
+
+        w, geometry = build_preset(name)
+        return cls(f"preset:{name}", f"--preset {name}", dict(w.configs), dict(w.dinov3_config), geometry, preset=w)
+
+    @classmethod
+    def from_weights(cls, weights_dir) -> "Source":
+        from pixal3d_rt import config as C
+        from pixal3d_rt.checkpoints import (DINOV3_DIRS, PIPELINE_MODELS, _find, _read_json,
+                                            resolve_model_ref)
+        from pixal3d_rt.errors import CheckpointError
+
+        d = Path(weights_dir)
+        if not d.is_dir():
+            raise CheckpointError(f"{d}: weights directory not found")
+        pj = _read_json(d / "pipeline.json")
+        refs = pj.get("args", pj).get("models", {})
+        configs, bases = {}, {}
+        for key in PIPELINE_MODELS:
+            if key in refs:
+                bases[key] = resolve_model_ref(d, refs[key])
+                configs[key] = _read_json(bases[key].parent / (bases[key].name + ".json"))
+        dino_dir = _find(d, DINOV3_DIRS, "DINOv3 directory", True)
+        dino_config = _read_json(dino_dir / "config.json")
+        src = cls(str(d), f"--weights {d}", configs, dino_config, C.FULL, weights_dir=d)
+        src._bases, src._dino_dir = bases, dino_dir
+        return src
+
+    # -- files and hashes --------------------------------------------------------------------
+
+    def files(self, model_key: str) -> list[Path]:
+        if self.weights_dir is None:
+            return []
+        if model_key == "dinov3":
+            return [self._dino_dir / "config.json", self._dino_dir / "model.safetensors"]
+        b = self._bases[model_key]
+        return [b.parent / (b.name + ".json"), b.parent / (b.name + ".safetensors")]
+
+    def hashes(self, model_key: str, memo: dict) -> dict:
+        """{file name: {"sha256", "bytes", "mtime_ns"}}; a file whose size and mtime match `memo`
+        (the last manifest) is not re-read (hashing 24 GB takes minutes)."""
+        if self.preset is not None:
+            net = self._preset_network(model_key)
+            h = hashlib.sha256()
+            for k, v in net.state_dict().items():
+                h.update(k.encode())
+                h.update(v.detach().float().contiguous().cpu().numpy().tobytes())
+            cfg = self.dino_config if model_key == "dinov3" else self.configs[model_key]
+            h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+            return {self.label + ":" + model_key: {"sha256": h.hexdigest()}}
+        out = {}
+        for f in self.files(model_key):
+            if not f.is_file():
+                from pixal3d_rt.errors import CheckpointError
+
+                raise CheckpointError(f"{f}: file not found")
+            st = f.stat()
+            rel = str(f.relative_to(self.weights_dir))
+            old = memo.get(rel, {})
+            if old.get("bytes") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and "sha256" in old:
+                out[rel] = old
+            else:
+                out[rel] = {"sha256": sha256_file(f), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return out
+
+    # -- networks ----------------------------------------------------------------------------
+
+    def _preset_network(self, model_key: str) -> nn.Module:
+        return self.preset.dinov3 if model_key == "dinov3" else self.preset.models[model_key]
+
+    def load(self, spec: ExportSpec, precision: str) -> nn.Module:
+        """One network, in eval mode, in the export precision (a copy for presets)."""
+        if self.preset is not None:
+            net = copy.deepcopy(self._preset_network(spec.model_key))
+            return set_precision(spec, net, precision)
+        from pixal3d_rt.checkpoints import PIPELINE_MODELS, load_dinov3, load_network
+
+        if spec.model_key == "dinov3":
+            net, _ = load_dinov3(self._dino_dir, device="cpu")
+            return set_precision(spec, net, precision)
+        dtype = FLOW_DTYPE[precision]
+        if spec.kind == "ss_decoder":
+            dtype = "float32" if precision == "fp32" else "float16"  # upstream's fp16 torso (use_fp16)
+        net, _ = load_network(self._bases[spec.model_key], PIPELINE_MODELS[spec.model_key], "cpu", dtype)
+        return net
+
+
+def set_precision(spec: ExportSpec, net: nn.Module, precision: str) -> nn.Module:
+    """Put a built network into the export precision (see the module docstring)."""
+    if spec.kind in ("dense_flow", "sparse_flow"):
+        net.convert_to(FLOW_DTYPE[precision])
+    elif spec.kind == "ss_decoder":
+        net.convert_to_fp32() if precision == "fp32" else net.convert_to_fp16()
+    elif spec.kind == "dinov3":
+        net.to(TORCH_DTYPE[precision])
+    return net.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# engine build
+
+
+def _parse_cc(cc: str, trt):
+    name = "SM" + cc.replace(".", "")
+    if not hasattr(trt, "ComputeCapability") or not hasattr(trt.ComputeCapability, name):
+        known = [m for m in getattr(trt, "ComputeCapability", type("x", (), {"__members__": {}})).__members__ if m.startswith("SM")]
+        raise ExportError(f"compute capability {cc} is not one this TensorRT-RTX builds for (known: {', '.join(known)})")
+    return getattr(trt.ComputeCapability, name)
+
+
+class _Logger:
+    """TensorRT logger that keeps the errors for the exception message."""
+
+    def __new__(cls, trt):
+        class L(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.errors = []
+
+            def log(self, severity, msg):
+                if int(severity) <= int(trt.ILogger.Severity.ERROR):
+                    self.errors.append(msg)
+
+        return L()
+
+
+def build_engine(trt, onnx_path: Path, spec: ExportSpec, target: str, compute_capabilities: tuple) -> bytes:
+    """Parse the ONNX file and build a serialized engine with the spec's profiles."""
+    logger = _Logger(trt)
+    try:
+        builder = trt.Builder(logger)
+    except Exception as e:  # full TensorRT without a GPU
+        raise ExportError(f"{spec.name}: cannot create a {target} builder here ({e})") from None
+    if builder is None:
+        raise ExportError(f"{spec.name}: cannot create a {target} builder here: " + "; ".join(logger.errors[-3:]))
+    flags = 0
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly is not None:  # full TensorRT: keep the graph's dtypes as TensorRT-RTX always does
+        flags |= 1 << int(strongly)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise ExportError(f"{spec.name}: TensorRT could not parse {onnx_path.name}: " + "; ".join(errs[:3]))
+    config = builder.create_builder_config()
+    if target == "tensorrt-rtx":
+        caps = [_parse_cc(c, trt) for c in compute_capabilities]
+        config.num_compute_capabilities = len(caps)
+        for i, c in enumerate(caps):
+            config.set_compute_capability(c, i)
+    for prof in spec.profiles:
+        p = builder.create_optimization_profile()
+        for t in spec.inputs:
+            if any(isinstance(d, str) for d in t.shape):
+                p.set_shape(t.name, *(t.concrete(prof.dims(w)) for w in ("min", "opt", "max")))
+        config.add_optimization_profile(p)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ExportError(f"{spec.name}: engine build failed: " + "; ".join(logger.errors[-3:] or ["(no message)"]))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# the export command
+
+
+def check_request(target: str, precision: str):
+    """Reject what cannot be built before any weights are read; returns the TensorRT module."""
+    if precision == "fp8":
+        raise ExportError("--precision fp8 is not available yet: it needs calibrated FP8 quantize/dequantize "
+                          "nodes (activation scales) in the ONNX graph; use bf16 or fp16")
+    if precision not in FLOW_DTYPE:
+        raise ExportError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    return trt_module(target)
+
+
+def _fingerprint(spec: ExportSpec, target: str, trt_version: str, precision: str, caps: tuple, sources: dict) -> str:
+    doc = {"spec": spec.to_json(), "target": target, "trt": trt_version, "precision": precision,
+           "caps": list(caps) if target == "tensorrt-rtx" else "build-gpu", "exporter": EXPORTER_VERSION,
+           "sources": {k: v["sha256"] for k, v in sorted(sources.items())}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def engine_file_name(spec_name: str) -> str:
+    return f"{spec_name}.engine"
+
+
+def _gpu_compute_capability() -> str | None:
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return None
+
+
+def export_engines(source: Source, target: str, out_dir, precision: str = "bf16", max_tokens: int | None = None,
+                   only: list[str] | None = None, compute_capabilities: tuple | None = None, force: bool = False,
+                   keep_onnx: bool = False, progress=print, _fail_after_build=None) -> dict:
+    """Build every engine of `source` into `out_dir`; returns the manifest.
+
+    `_fail_after_build(spec)` is a test hook called between building an engine and writing it."""
+    trt = check_request(target, precision)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    caps = tuple(compute_capabilities or RTX_COMPUTE_CAPABILITIES)
+    if target == "tensorrt":
+        cc = _gpu_compute_capability()
+        if cc is None:
+            raise ExportError("--target tensorrt builds for the GPU it runs on, and no CUDA GPU is visible; "
+                              "use --target tensorrt-rtx to build on a machine without a GPU")
+        caps = (cc,)
+    specs = build_specs(source.configs, source.dino_config, source.geometry, max_tokens=max_tokens, only=only)
+    manifest = read_manifest(out)
+    entries = dict(manifest.get("networks", {}))
+    rebuild = (f"pixal3d-rt export {source.cli_args} --target {target} --out {out} --precision {precision}"
+               + (f" --max-tokens {max_tokens}" if max_tokens else ""))
+    manifest.update({
+        "format": MANIFEST_FORMAT, "target": target, "tensorrt_module": trt.__name__,
+        "tensorrt_version": trt.__version__, "precision": precision, "compute_capabilities": list(caps),
+        "source": source.label, "rebuild_command": rebuild, "networks": entries,
+    })
+    total = len(specs)
+    for i, spec in enumerate(specs, 1):
+        tag = f"[{i}/{total}] {spec.name}"
+        old = entries.get(spec.name, {})
+        sources = source.hashes(spec.model_key, old.get("source_files", {}))
+        fp = _fingerprint(spec, target, trt.__version__, precision, caps, sources)
+        engine_path = out / engine_file_name(spec.name)
+        if (not force and old.get("fingerprint") == fp and engine_path.is_file()
+                and engine_path.stat().st_size == old.get("bytes") and sha256_file(engine_path) == old.get("sha256")):
+            progress(f"{tag}: up to date ({engine_path.name})")
+            continue
+        progress(f"{tag}: loading {spec.model_key} ({precision})")
+        t_load = time.perf_counter()
+        net = source.load(spec, precision)
+        load_s = time.perf_counter() - t_load
+        work = Path(tempfile.mkdtemp(prefix=f".build-{spec.name}-", dir=out))
+        try:
+            onnx_path = work / f"{spec.name}.onnx"
+            progress(f"{tag}: exporting ONNX")
+            info = export_onnx(spec, net, onnx_path)
+            del net
+            gc.collect()
+            progress(f"{tag}: ONNX {info['bytes'] / 1e6:.1f} MB in {info['seconds']:.1f} s; building {target} engine")
+            t0 = time.perf_counter()
+            plan = build_engine(trt, onnx_path, spec, target, caps)
+            build_s = time.perf_counter() - t0
+            if _fail_after_build is not None:
+                _fail_after_build(spec)
+            data = memoryview(plan)
+            digest = hashlib.sha256(data).hexdigest()
+            atomic_write_bytes(engine_path, data)
+            nbytes = len(data)
+            del plan, data
+            if keep_onnx:
+                keep = out / "onnx"
+                keep.mkdir(exist_ok=True)
+                for f in work.iterdir():
+                    os.replace(f, keep / f.name)
+            entries[spec.name] = {
+                "file": engine_path.name, "sha256": digest, "bytes": nbytes, "fingerprint": fp,
+                "spec": spec.to_json(), "target": target, "precision": precision,
+                "tensorrt_module": trt.__name__, "tensorrt_version": trt.__version__,
+                "compute_capabilities": list(caps), "source_files": sources,
+                "onnx_bytes": info["bytes"], "load_seconds": round(load_s, 2),
+                "export_seconds": info["seconds"], "build_seconds": round(build_s, 2),
+                "torch_version": torch.__version__, "exporter": EXPORTER_VERSION,
+                "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            write_manifest(out, manifest)
+            progress(f"{tag}: wrote {engine_path.name} ({nbytes / 1e6:.1f} MB), build {build_s:.1f} s")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            gc.collect()
+    write_manifest(out, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# --verify: each engine once against the eager path, on this machine's GPU
+
+VERIFY_TOLERANCE = {"bf16": 3e-2, "fp16": 3e-2, "fp32": 5e-3}  # relative L2 (DESIGN.md §7; fp32 allows TF32)
+
+
+def verify_engines(source: Source, out_dir, precision: str | None = None, only: list[str] | None = None,
+                   progress=print, reps: int = 3) -> list[dict]:
+    """Run every engine of `out_dir` at its profile's opt shape and the eager network (same weights,
+    same precision) on the same inputs; report relative errors and times. Needs a CUDA GPU."""
+    from pixal3d_rt.runtime.tensorrt_engine import TensorRTEngine, read_manifest as read_checked
+
+    from .modules import eager_outputs, example_inputs
+    from .onnx_export import relative_errors
+
+    if not torch.cuda.is_available():
+        raise ExportError("--verify runs each engine on this machine's NVIDIA GPU and none is visible; "
+                          "copy the engine directory to the GPU machine and run the same command there")
+    m = read_checked(out_dir)
+    records = []
+    for name, e in sorted(m.get("networks", {}).items()):
+        if only and name not in only:
+            continue
+        eng = TensorRTEngine.load(out_dir, name)
+        spec = eng.spec
+        prec = precision or e.get("precision", "bf16")
+        net = source.load(spec, prec).cuda()
+        dims = spec.profiles[0].dims("opt") if spec.profiles else {}
+        inputs, coords = example_inputs(spec, dims, torch.Generator().manual_seed(0))
+        inputs = {k: v.cuda() for k, v in inputs.items()}
+        coords = coords.cuda() if coords is not None else None
+
+        def timed(fn):
+            fn()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                out = fn()
+            end.record()
+            torch.cuda.synchronize()
+            return out, start.elapsed_time(end) / reps
+
+        with torch.no_grad():
+            ref, eager_ms = timed(lambda: eager_outputs(spec, net, inputs, coords))
+            got, engine_ms = timed(lambda: eng.run(inputs))
+        out = spec.outputs[0].name
+        err = relative_errors(got[out].float(), ref[out].float())
+        finite = bool(torch.isfinite(got[out]).all())
+        tol = VERIFY_TOLERANCE[prec]
+        ok = finite and err["rel_l2"] <= tol
+        rec = {"network": name, "dims": dims, **err, "finite": finite, "tolerance_rel_l2": tol,
+               "engine_ms": round(engine_ms, 3), "eager_ms": round(eager_ms, 3), "ok": ok}
+        progress(f"verify {name} {dims or ''}: rel_l2 {err['rel_l2']:.2e} max_rel {err['max_rel']:.2e} "
+                 f"engine {engine_ms:.2f} ms, eager {eager_ms:.2f} ms  {'PASS' if ok else 'FAIL'} (rel_l2 <= {tol:g})")
+        records.append(rec)
+        net = eng = inputs = ref = got = None  # free before the next network
+        gc.collect()
+        torch.cuda.empty_cache()
+    return records
