@@ -231,6 +231,8 @@ def use_engines(pipe, engine_dir, progress=None) -> list[str]:
                                   f"the loaded network {getattr(old, attr)} (engines of other weights?); "
                                   f"{_remedy(read_manifest(engine_dir), Path(engine_dir))}")
         pipe.models[key] = mod
+        if key in getattr(pipe, "flows", {}):  # the sampler calls the flows through pipe.flows
+            pipe.flows[key] = mod
         replaced.append(key)
         if progress:
             progress(f"[engines] {key}: {mod.engine.path.name}")

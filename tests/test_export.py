@@ -266,6 +266,7 @@ def test_use_engines_wires_the_pipeline(onnx_files, built, tmp_path, monkeypatch
     assert set(te.use_engines(pipe, tmp_path)) == {"sparse_structure_flow_model", "sparse_structure_decoder", "tex_slat_flow_model_1024"}
     flow = pipe.models["sparse_structure_flow_model"]
     assert hasattr(flow, "cfg_pair") and flow.resolution == eager.resolution
+    assert pipe.flows["sparse_structure_flow_model"] is flow  # what the pipeline's sampler calls
 
     g = torch.Generator().manual_seed(2)
     noise = torch.randn(1, 8, 8, 8, 8, generator=g)
