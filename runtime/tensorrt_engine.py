@@ -218,11 +218,21 @@ def use_engines(pipe, engine_dir, progress=None) -> list[str]:
     rest keep their backend). Each engine must have been exported from a network of the same
     shape as the one it replaces. Returns the replaced pipeline keys."""
     manifest = read_manifest(engine_dir)
+    dino_sizes = {}  # DINOv3 engines: one per image size the pipeline encodes at
     for name, e in sorted(manifest.get("networks", {}).items()):
-        if e.get("spec", {}).get("model_key") not in pipe.models and progress:
-            progress(f"[engines] {name}: not used by this pipeline (DINOv3 runs in PyTorch)")
-    modules = load_engine_dir(engine_dir, device=pipe.device, keys=set(pipe.models))
+        spec = e.get("spec", {})
+        if spec.get("kind") == "dinov3":
+            dino_sizes[name] = int(spec.get("meta", {}).get("image_size", -1))
+        elif spec.get("model_key") not in pipe.models and progress:
+            progress(f"[engines] {name}: not used by this pipeline")
+    wanted = {n for n, size in dino_sizes.items() if size in (pipe.geometry.lr_image, pipe.geometry.hr_image)}
+    modules = load_engine_dir(engine_dir, device=pipe.device, keys=set(pipe.models) | wanted)
     replaced = []
+    for name in wanted & set(modules):
+        pipe.conditioner.token_encoders[dino_sizes[name]] = modules.pop(name)
+        replaced.append(name)
+        if progress:
+            progress(f"[engines] DINOv3 @{dino_sizes[name]}px: {name}")
     for key, mod in modules.items():
         old = pipe.models[key]
         for attr in ("resolution", "in_channels", "out_channels"):

@@ -258,12 +258,22 @@ def test_use_engines_wires_the_pipeline(onnx_files, built, tmp_path, monkeypatch
     m = json.loads((d / "manifest.json").read_text())
     spec = onnx_files["ss_flow"][0]
     m["networks"]["ss_flow"] = dict(m["networks"]["ss_decoder"], spec=spec.to_json())
+    m["networks"]["dinov3_lr"] = dict(m["networks"]["ss_decoder"], spec=onnx_files["dinov3_lr"][0].to_json())
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     monkeypatch.setattr(te.TensorRTEngine, "load", classmethod(lambda cls, dd, name, device=None: OrtEngine(
         S.ExportSpec.from_json(m["networks"][name]["spec"]), onnx_files[name][2])))
     pipe = Pipeline.from_preset("tiny")
     eager = pipe.models["sparse_structure_flow_model"]
-    assert set(te.use_engines(pipe, tmp_path)) == {"sparse_structure_flow_model", "sparse_structure_decoder", "tex_slat_flow_model_1024"}
+    assert set(te.use_engines(pipe, tmp_path)) == {"sparse_structure_flow_model", "sparse_structure_decoder", "tex_slat_flow_model_1024", "dinov3_lr"}
+    # the DINOv3 engine now encodes at its image size, with the eager tokens
+    lr = pipe.geometry.lr_image
+    assert set(pipe.conditioner.token_encoders) == {lr}
+    img = torch.rand(1, 3, lr, lr, generator=torch.Generator().manual_seed(5))
+    from pixal3d_rt.models.dinov3 import extract_tokens
+
+    enc = pipe.conditioner.encode(img)
+    want = extract_tokens(pipe.conditioner.dino, img)
+    torch.testing.assert_close(enc.global_tokens, want[:, : enc.global_tokens.shape[1]], rtol=1e-4, atol=1e-4)
     flow = pipe.models["sparse_structure_flow_model"]
     assert hasattr(flow, "cfg_pair") and flow.resolution == eager.resolution
     assert pipe.flows["sparse_structure_flow_model"] is flow  # what the pipeline's sampler calls

@@ -245,6 +245,8 @@ class ImageConditioner(nn.Module):
         super().__init__()
         self.dino = dino
         self.naf = naf
+        # image size -> callable(image [1,3,S,S] in [0,1]) -> tokens, replacing `extract_tokens` at that size
+        self.token_encoders: dict = {}
 
     @property
     def num_register_tokens(self) -> int:
@@ -259,7 +261,8 @@ class ImageConditioner(nn.Module):
         """image [B, 3, S, S] in [0, 1] (already at the stage's size) -> Encoding."""
         from pixal3d_rt.models.dinov3 import extract_tokens, split_tokens  # transformers, needed here only
 
-        tokens = extract_tokens(self.dino, image)
+        encoder = self.token_encoders.get(image.shape[-1])  # e.g. a DINOv3 engine built for this size
+        tokens = encoder(image) if encoder is not None else extract_tokens(self.dino, image)
         ps = self.patch_size
         return Encoding(*split_tokens(tokens, self.num_register_tokens, (image.shape[-2] // ps, image.shape[-1] // ps)))
 
