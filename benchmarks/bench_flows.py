@@ -50,7 +50,7 @@ from pixal3d_rt.models.registry import build_model  # noqa: E402
 from pixal3d_rt.models.flow_layers import rope_phases  # noqa: E402
 from pixal3d_rt.models.sparse import SparseTensor  # noqa: E402
 from pixal3d_rt.runtime import cuda_backend  # noqa: E402
-from pixal3d_rt.runtime import flow_kernels as fk  # noqa: E402
+from pixal3d_rt.kernels import flow_kernels as fk  # noqa: E402
 from pixal3d_rt.sampler import FlowEulerGuidanceIntervalSampler  # noqa: E402
 
 DEV = "cuda"

@@ -5,7 +5,7 @@ FlashAttention-2 style forward: one program per (block of BLOCK_M queries, batch
 softmax in the log2 domain, bf16 (or fp32) tensor-core products with fp32 accumulation. The query
 tile is read raw from the fused qkv projection, RMS-normalised (x gamma x sqrt(D)), rounded, rotated
 by RoPE and rounded again, exactly as the eager blocks do before attention; keys are normalised once
-by `runtime.flow_kernels.qk_prologue` (normalising them per query block would repeat that work
+by `kernels.flow_kernels.qk_prologue` (normalising them per query block would repeat that work
 N / BLOCK_M times) and values are read in place from the qkv projection.
 
 The reference is `torch.nn.functional.scaled_dot_product_attention` on prologue-processed inputs;
@@ -18,12 +18,17 @@ import math
 
 import torch
 
+from .flow_kernels import norm_rope_ref
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
+
+if triton is not None:
+    from .flow_kernels import norm_rope_tile
 
 LOG2E = 1.4426950408889634
 DEFAULT_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
@@ -49,25 +54,18 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mmask = offs_m < N
         q_base = Q + b * sqb + h * sqh
-        if PROLOGUE:
+        if PROLOGUE:  # the same tile math as the keys' prologue kernel
             HALF: tl.constexpr = BLOCK_D // 2
+            d = tl.arange(0, BLOCK_D)
             j = tl.arange(0, HALF)
-            jmask = j < HEAD_D // 2
-            mask = mmask[:, None] & jmask[None, :]
-            src = q_base + offs_m[:, None] * sqn + 2 * j[None, :]
-            e = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-            o = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
-            ge = tl.load(GQ + h * HEAD_D + 2 * j, mask=jmask, other=0.0)
-            go = tl.load(GQ + h * HEAD_D + 2 * j + 1, mask=jmask, other=0.0)
-            den = tl.maximum(tl.sqrt(tl.sum(e * e, axis=1) + tl.sum(o * o, axis=1)), eps)[:, None]
-            e = ((e / den) * ge[None, :] * g_scale).to(dt).to(tl.float32)
-            o = ((o / den) * go[None, :] * g_scale).to(dt).to(tl.float32)
+            x = tl.load(q_base + offs_m[:, None] * sqn + d[None, :], mask=mmask[:, None] & (d < HEAD_D)[None, :],
+                        other=0.0).to(tl.float32)
+            g = tl.load(GQ + h * HEAD_D + d, mask=d < HEAD_D, other=0.0)
             pos = offs_m % n_pos
-            c = tl.load(COS + pos[:, None] * (HEAD_D // 2) + j[None, :], mask=mask, other=1.0)
-            s = tl.load(SIN + pos[:, None] * (HEAD_D // 2) + j[None, :], mask=mask, other=0.0)
-            re = (e * c - o * s).to(dt)
-            ro = (e * s + o * c).to(dt)
-            q = tl.reshape(tl.join(re, ro), (BLOCK_M, BLOCK_D))  # interleave pairs back: (2j, 2j+1)
+            tmask = mmask[:, None] & (j < HEAD_D // 2)[None, :]
+            c = tl.load(COS + pos[:, None] * (HEAD_D // 2) + j[None, :], mask=tmask, other=1.0)
+            s = tl.load(SIN + pos[:, None] * (HEAD_D // 2) + j[None, :], mask=tmask, other=0.0)
+            q = norm_rope_tile(x, g, c, s, g_scale, eps, K, BLOCK_M, HALF)
         else:
             d = tl.arange(0, BLOCK_D)
             q = tl.load(q_base + offs_m[:, None] * sqn + d[None, :], mask=mmask[:, None] & (d < HEAD_D)[None, :],
@@ -142,15 +140,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, prologue=Non
 
 
 def attention_ref(q, k, v, *, prologue=None):
-    """Pure-torch oracle of `attention` (prologue through runtime.flow_kernels' reference)."""
+    """Pure-torch oracle of `attention` (prologue through kernels.flow_kernels' reference)."""
     B, N, H, D = q.shape
     if prologue is not None:
         cos, sin, gq, n_pos = prologue
-        qf = q.reshape(B * N, H, D).float()
-        qf = (torch.nn.functional.normalize(qf, dim=-1) * gq * D ** 0.5).to(k.dtype).float()
-        pos = torch.arange(B * N, device=q.device) % n_pos
-        c, s = cos[pos][:, None], sin[pos][:, None]
-        e, o = qf[..., 0::2], qf[..., 1::2]
-        q = torch.stack([e * c - o * s, e * s + o * c], dim=-1).reshape(B, N, H, D).to(k.dtype)
+        q = norm_rope_ref(q.reshape(B * N, H, D), gq, cos, sin, n_pos, k.dtype).reshape(B, N, H, D)
     out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)

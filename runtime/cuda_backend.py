@@ -20,7 +20,7 @@ rounding placement; tests/test_cuda_backend.py checks each against the eager pat
   proj product of the identical proj rows): one vector per block, added, no cross-attention;
 * timestep embedding and adaLN modulation of each timestep computed once (`prepare_timesteps` or on
   first sight) and kept as a [blocks, 6, C] table;
-* fused row kernels (runtime/flow_kernels.py): residual + gate + LayerNorm/modulation in one pass,
+* fused row kernels (kernels/flow_kernels.py): residual + gate + LayerNorm/modulation in one pass,
   QK-RMSNorm + RoPE in one pass, cross-attention softmax with its query norm in one pass; the MLP's
   GELU in the cuBLASLt epilogue of fc1 (checked against the tanh GELU first);
 * attention: an SDPA backend (cuDNN / flash / efficient) or the Triton kernel with the query
@@ -52,7 +52,7 @@ from pixal3d_rt.models.flow import SLatFlowModel, SparseStructureFlowModel
 from pixal3d_rt.models.flow_layers import ProjectAttention, to_dtype
 from pixal3d_rt.models.sparse import SparseTensor
 
-from . import flow_kernels as fk
+from pixal3d_rt.kernels import flow_kernels as fk
 from .graphs import GraphRunner
 
 # measured on the H200 (benchmarks/flows.md): the attention used when `attention="auto"`

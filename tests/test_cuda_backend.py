@@ -20,7 +20,8 @@ if not torch.cuda.is_available():
 
 from pixal3d_rt.models.flow import SLatFlowModel, SparseStructureFlowModel  # noqa: E402
 from pixal3d_rt.models.sparse import SparseTensor  # noqa: E402
-from pixal3d_rt.runtime import cuda_backend, flow_kernels  # noqa: E402
+from pixal3d_rt.kernels import flow_kernels  # noqa: E402
+from pixal3d_rt.runtime import cuda_backend  # noqa: E402
 from pixal3d_rt.sampler import FlowEulerGuidanceIntervalSampler  # noqa: E402
 
 CUDA = torch.cuda.is_available()

@@ -73,21 +73,25 @@ def residual_norm_ref(x, *, y=None, vec=None, gate=None, norm=NORM_NONE, na=None
     return x, h
 
 
+def norm_rope_ref(z, g, cos, sin, n_pos, dtype):
+    """z [R, H, D] raw q or k -> RMSNorm (fp32, x gamma x sqrt(D), rounded to dtype), then RoPE (fp32,
+    rounded) of the channel pairs (2j, 2j+1); row r sits at position r % n_pos of cos/sin [n_pos, D/2]."""
+    R, H, D = z.shape
+    pos = torch.arange(R, device=z.device) % n_pos
+    c, s = cos[pos][:, None], sin[pos][:, None]  # [R, 1, D/2]
+    z = (torch.nn.functional.normalize(z.float(), dim=-1) * g * D ** 0.5).to(dtype).float()
+    e, o = z[..., 0::2], z[..., 1::2]
+    return torch.stack([e * c - o * s, e * s + o * c], dim=-1).reshape(R, H, D).to(dtype)
+
+
 def qk_prologue_ref(qkv, cos, sin, gq, gk, heads, n_pos, *, do_q=True, do_v=True):
-    """qkv [R, 3C] -> (q, k, v) [R, C] each: RMSNorm (fp32, x gamma x sqrt(D), rounded), then RoPE
-    (fp32, rounded); row r sits at position r % n_pos of the tables cos/sin [n_pos, D/2]."""
+    """qkv [R, 3C] -> (q, k, v) [R, C] each: `norm_rope_ref` of the q and k columns, v copied."""
     R, C3 = qkv.shape
     C = C3 // 3
     D = C // heads
-    dt = qkv.dtype
-    pos = torch.arange(R, device=qkv.device) % n_pos
-    c, s = cos[pos][:, None], sin[pos][:, None]  # [R, 1, D/2]
 
     def norm_rope(z, g):
-        z = z.reshape(R, heads, D).float()
-        z = (torch.nn.functional.normalize(z, dim=-1) * g * D ** 0.5).to(dt).float()
-        e, o = z[..., 0::2], z[..., 1::2]
-        return torch.stack([e * c - o * s, e * s + o * c], dim=-1).reshape(R, C).to(dt)
+        return norm_rope_ref(z.reshape(R, heads, D), g, cos, sin, n_pos, qkv.dtype).reshape(R, C)
 
     q = norm_rope(qkv[:, :C], gq) if do_q else None
     k = norm_rope(qkv[:, C:2 * C], gk)
@@ -156,43 +160,47 @@ if triton is not None:
             tl.store(H + rows[:, None] * stride_h + cols[None, :], hv, mask=mask)
 
     @triton.jit
-    def _norm_rope_store(src, dst, gp, h, c, s, mask, jmask, j, g_scale, eps, HEAD_D: tl.constexpr):
-        """RMSNorm (x gamma x sqrt(D)) then RoPE of one head's channel pairs (even e, odd o)."""
-        dt = dst.dtype.element_ty
-        e = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
-        ge = tl.load(gp + h * HEAD_D + 2 * j, mask=jmask, other=0.0)
-        go = tl.load(gp + h * HEAD_D + 2 * j + 1, mask=jmask, other=0.0)
-        den = tl.maximum(tl.sqrt(tl.sum(e * e, axis=1) + tl.sum(o * o, axis=1)), eps)[:, None]
-        e = ((e / den) * ge[None, :] * g_scale).to(dt).to(tl.float32)
-        o = ((o / den) * go[None, :] * g_scale).to(dt).to(tl.float32)
-        tl.store(dst, (e * c - o * s).to(dt), mask=mask)
-        tl.store(dst + 1, (e * s + o * c).to(dt), mask=mask)
+    def norm_rope_tile(x, g, c, s, g_scale, eps, DST, ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """QK-RMSNorm (x gamma x sqrt(D), rounded to DST's dtype) then RoPE (rounded) of one head's
+        tile x [ROWS, 2*BLOCK_HALF] (fp32, raw, zero past D); g [2*BLOCK_HALF] its gamma; c, s
+        [ROWS, BLOCK_HALF] the rotation of each channel pair (2j, 2j+1). The tile is loaded and
+        stored contiguously; the pairs are taken apart in registers (reshape + split), not by
+        stride-2 memory accesses."""
+        dt = DST.dtype.element_ty
+        den = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)
+        z = ((x / den[:, None]) * g[None, :] * g_scale).to(dt).to(tl.float32)
+        e, o = tl.split(tl.reshape(z, (ROWS, BLOCK_HALF, 2)))
+        re = (e * c - o * s).to(dt)
+        ro = (e * s + o * c).to(dt)
+        return tl.reshape(tl.join(re, ro), (ROWS, 2 * BLOCK_HALF))
 
     @triton.jit
-    def _qk_prologue_kernel(QKV, Q, K, V, COS, SIN, GQ, GK, n_rows, n_pos, C, stride_in, stride_out, g_scale, eps,
-                            DO_Q: tl.constexpr, DO_V: tl.constexpr, HEAD_D: tl.constexpr, HALF: tl.constexpr,
+    def _qk_prologue_kernel(QKV, Q, K, V, COS, SIN, GQ, GK, n_rows, n_pos, C, stride_in, stride_out, stride_tab,
+                            g_scale, eps, DO_Q: tl.constexpr, DO_V: tl.constexpr, HEAD_D: tl.constexpr,
                             BLOCK_HALF: tl.constexpr, ROWS: tl.constexpr):
         pid = tl.program_id(0)
         h = tl.program_id(1)
         rows = pid * ROWS + tl.arange(0, ROWS)
+        d = tl.arange(0, 2 * BLOCK_HALF)
         j = tl.arange(0, BLOCK_HALF)
         rmask = rows < n_rows
-        jmask = j < HALF
-        mask = rmask[:, None] & jmask[None, :]
+        dmask = d < HEAD_D
+        mask = rmask[:, None] & dmask[None, :]
+        tmask = rmask[:, None] & (j < HEAD_D // 2)[None, :]
         pos = rows % n_pos
-        c = tl.load(COS + pos[:, None] * HALF + j[None, :], mask=mask, other=1.0)
-        s = tl.load(SIN + pos[:, None] * HALF + j[None, :], mask=mask, other=0.0)
-        src = QKV + rows[:, None] * stride_in + h * HEAD_D + 2 * j[None, :]
-        dst = rows[:, None] * stride_out + h * HEAD_D + 2 * j[None, :]
+        c = tl.load(COS + pos[:, None] * stride_tab + j[None, :], mask=tmask, other=1.0)
+        s = tl.load(SIN + pos[:, None] * stride_tab + j[None, :], mask=tmask, other=0.0)
+        src = QKV + rows[:, None] * stride_in + h * HEAD_D + d[None, :]
+        dst = rows[:, None] * stride_out + h * HEAD_D + d[None, :]
         if DO_Q:
-            _norm_rope_store(src, Q + dst, GQ, h, c, s, mask, jmask, j, g_scale, eps, HEAD_D)
-        _norm_rope_store(src + C, K + dst, GK, h, c, s, mask, jmask, j, g_scale, eps, HEAD_D)
+            x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(GQ + h * HEAD_D + d, mask=dmask, other=0.0)
+            tl.store(Q + dst, norm_rope_tile(x, g, c, s, g_scale, eps, Q, ROWS, BLOCK_HALF), mask=mask)
+        x = tl.load(src + C, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GK + h * HEAD_D + d, mask=dmask, other=0.0)
+        tl.store(K + dst, norm_rope_tile(x, g, c, s, g_scale, eps, K, ROWS, BLOCK_HALF), mask=mask)
         if DO_V:
-            d = tl.arange(0, 2 * BLOCK_HALF)
-            vmask = rmask[:, None] & (d < HEAD_D)[None, :]
-            v = tl.load(QKV + rows[:, None] * stride_in + 2 * C + h * HEAD_D + d[None, :], mask=vmask, other=0.0)
-            tl.store(V + rows[:, None] * stride_out + h * HEAD_D + d[None, :], v, mask=vmask)
+            tl.store(V + dst, tl.load(src + 2 * C, mask=mask, other=0.0), mask=mask)
 
     @triton.jit
     def _cross_probs_kernel(QC, KC, G, P, n_rows, stride_q, stride_p, g_scale, sm_scale, eps,
@@ -211,9 +219,11 @@ if triton is not None:
         g = tl.load(G + h * HEAD_D + d, mask=dmask, other=0.0)
         den = tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), eps)
         q = ((q / den[:, None]) * g[None, :] * g_scale).to(dt).to(tl.float32)
-        k = tl.load(KC + h * M * HEAD_D + jj[:, None] * HEAD_D + d[None, :],
-                    mask=(jj < M)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        sc = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * sm_scale  # [ROWS, BLOCK_M]
+        kt = tl.load(KC + h * M * HEAD_D + jj[None, :] * HEAD_D + d[:, None],
+                     mask=dmask[:, None] & (jj < M)[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_M]
+        # an fp32 product (as the reference's) through tl.dot rather than a [ROWS, M, D] broadcast,
+        # which fits in registers only with a few rows per program; its few FLOPs are no cost
+        sc = tl.dot(q, kt, input_precision="ieee") * sm_scale  # [ROWS, BLOCK_M]
         sc = tl.where((jj < M)[None, :], sc, float("-inf"))
         mx = tl.max(sc, axis=1)
         e = tl.exp(sc - mx[:, None])
@@ -285,10 +295,11 @@ def qk_prologue(qkv, cos, sin, gq, gk, heads, n_pos, *, do_q=True, do_v=True, ou
     k = k if k is not None else qkv.new_empty(R, C)
     v = (v if v is not None else qkv.new_empty(R, C)) if do_v else None
     if R:
-        rows = 16
+        assert cos.stride(1) == 1 and sin.stride() == cos.stride()
+        rows = 32
         _qk_prologue_kernel[(triton.cdiv(R, rows), heads)](
             qkv, q if do_q else k, k, v if do_v else k, cos, sin, gq, gk, R, n_pos, C, qkv.stride(0), k.stride(0),
-            float(D ** 0.5), RMS_EPS, DO_Q=do_q, DO_V=do_v, HEAD_D=D, HALF=D // 2, BLOCK_HALF=_pow2(D // 2),
+            cos.stride(0), float(D ** 0.5), RMS_EPS, DO_Q=do_q, DO_V=do_v, HEAD_D=D, BLOCK_HALF=_pow2(D // 2),
             ROWS=rows, num_warps=4)
     return q, k, v
 
@@ -309,8 +320,8 @@ def cross_probs(qc, kc, gq, heads, m_ctx, width, *, out=None, use_triton=None):
     if out is None:
         out = torch.zeros(R, width, dtype=qc.dtype, device=qc.device)
     if R:
-        rows = 8
+        rows = 64
         _cross_probs_kernel[(triton.cdiv(R, rows), heads)](
             qc, kc, gq, out, R, qc.stride(0), out.stride(0), float(D ** 0.5), float(D ** -0.5), RMS_EPS,
-            M=m_ctx, BLOCK_M=max(2, _pow2(m_ctx)), HEAD_D=D, BLOCK_D=_pow2(D), ROWS=rows, num_warps=4)
+            M=m_ctx, BLOCK_M=max(16, _pow2(m_ctx)), HEAD_D=D, BLOCK_D=max(16, _pow2(D)), ROWS=rows, num_warps=4)
     return out
