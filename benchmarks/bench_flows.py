@@ -178,6 +178,46 @@ def kernel_checks() -> dict:
     return out
 
 
+def row_kernel_times(reps: int) -> dict:
+    """Each fused row kernel of one block at the 17,489-token count (batch 1 and the CFG pair) against
+    its memory floor: the bytes it must move (inputs read once, outputs written once) over the
+    device-to-device copy bandwidth measured here."""
+    g = torch.Generator(device=DEV).manual_seed(5)
+    rnd = lambda *s, dt=torch.bfloat16: torch.randn(*s, device=DEV, generator=g).to(dt)  # noqa: E731
+    big = rnd(1 << 28, dt=torch.float32).view(torch.uint8)  # 1 GiB
+    dst = torch.empty_like(big)
+    t = cuda_time(lambda: dst.copy_(big), warmup=3, reps=reps)
+    copy_bw = 2 * big.numel() / (t["median_ms"] * 1e-3)  # bytes read + written per second
+    del big, dst
+    out = {"copy_bandwidth_gbs": copy_bw / 1e9, "kernels": []}
+    Cc, H, D, M = 1536, 12, 128, GLOBAL_TOKENS
+    n = 17489
+    ph = rope_phases(shell_coords(64, n, DEV)[:, 1:], D)
+    cos, sin = ph.real.contiguous(), ph.imag.contiguous()
+    gq, gk = 1 + 0.1 * rnd(H, D, dt=torch.float32), 1 + 0.1 * rnd(H, D, dt=torch.float32)
+    kc = rnd(H, M, D)
+    sp, sh, gate = (1 + 0.3 * rnd(Cc, dt=torch.float32)).bfloat16(), rnd(Cc), rnd(Cc)
+    for rows in (n, 2 * n):
+        qkv, x, y = rnd(rows, 3 * Cc), rnd(rows, Cc), rnd(rows, Cc)
+        q_o, k_o, h_o = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+        p = torch.zeros(rows, 64, device=DEV, dtype=torch.bfloat16)
+        cases = {
+            "qk_prologue": (lambda: fk.qk_prologue(qkv, cos, sin, gq, gk, H, n, do_v=False, out=(q_o, k_o, None)),
+                            rows * 2 * Cc * 2 * 2 + n * D * 4),
+            "cross_probs": (lambda: fk.cross_probs(x, kc, gq, H, M, 64, out=p), rows * Cc * 2 + rows * H * M * 2),
+            "residual_norm_mod_gate": (lambda: fk.residual_norm(x, y=y, gate=gate, norm=fk.NORM_MOD, na=sp, nb=sh,
+                                                                out_x=x, h_out=h_o), rows * Cc * 2 * 4),
+        }
+        for name, (fn, nbytes) in cases.items():
+            t = cuda_time(fn, warmup=3, reps=reps)
+            floor_ms = nbytes / copy_bw * 1e3
+            out["kernels"].append({"kernel": name, "rows": rows, "median_ms": t["median_ms"], "bytes": nbytes,
+                                   "floor_ms": floor_ms, "times_floor": t["median_ms"] / floor_ms})
+            print(f"{name} rows {rows}: {t['median_ms']:.3f} ms, floor {floor_ms:.3f} ms "
+                  f"({t['median_ms'] / floor_ms:.1f}x)", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. attention table
 
@@ -441,6 +481,15 @@ def render_markdown(d: dict) -> str:
          "All numbers come from one run; ratios compare variants measured in that run.", ""]
     if rate:
         L += [f"Measured bf16 matmul rate (8192³, random data): **{rate:.0f} TFLOP/s**.", ""]
+    rk = d.get("row_kernels")
+    if rk:
+        L += ["## Fused row kernels at 17,489 tokens (one block call) against their memory floor", "",
+              f"Floor = bytes moved (inputs once, outputs once) / measured copy bandwidth "
+              f"({rk['copy_bandwidth_gbs']:.0f} GB/s, read + write).", "",
+              "| kernel | rows | ms | floor ms | × floor |", "|---|---|---|---|---|"]
+        for r in rk["kernels"]:
+            L.append(f"| {r['kernel']} | {r['rows']:,} | {r['median_ms']:.3f} | {r['floor_ms']:.3f} | {r['times_floor']:.1f} |")
+        L.append("")
     at = d.get("attention")
     if at:
         L += ["## Attention (QK-RMSNorm + RoPE prologue + attention, one block call)", "",
@@ -536,7 +585,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     p.add_argument("--attention", default=None, help="force the backend's attention instead of the measured choice")
-    p.add_argument("--sections", default="matmul,kernels,attention,forward,sampling")
+    p.add_argument("--sections", default="matmul,kernels,rowkernels,attention,forward,sampling")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_flows needs a CUDA GPU")
@@ -555,6 +604,9 @@ def main() -> None:
         with run.section("kernels"):
             d["kernel_checks"] = kernel_checks()
             print(d["kernel_checks"], flush=True)
+    if "rowkernels" in want:
+        with run.section("rowkernels"):
+            d["row_kernels"] = row_kernel_times(20)
     attention = args.attention or "cudnn"
     if "attention" in want:
         with run.section("attention"):
