@@ -62,12 +62,15 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def git_commit() -> dict:
-    """Commit of the checkout; `PIXAL3D_COMMIT` stands in where the copy has no .git (the GPU machine)."""
+    """Commit of the checkout. `PIXAL3D_COMMIT`, when set, wins: the GPU machine's copy carries the
+    working tree of the current commit but a .git of the session's first commit."""
+    if os.environ.get("PIXAL3D_COMMIT"):
+        return {"commit": os.environ["PIXAL3D_COMMIT"], "source": "PIXAL3D_COMMIT"}
     sha = _run(["git", "rev-parse", "HEAD"])
     if sha:
         status = _run(["git", "status", "--porcelain", "--untracked-files=no"]) or ""
         return {"commit": sha, "tracked_files_modified": len(status.splitlines()), "source": "git"}
-    return {"commit": os.environ.get("PIXAL3D_COMMIT"), "source": "PIXAL3D_COMMIT"}
+    return {"commit": None, "source": "unknown"}
 
 
 def environment() -> dict:

@@ -219,12 +219,12 @@ if triton is not None:
         g = tl.load(G + h * HEAD_D + d, mask=dmask, other=0.0)
         den = tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), eps)
         q = ((q / den[:, None]) * g[None, :] * g_scale).to(dt).to(tl.float32)
-        kt = tl.load(KC + h * M * HEAD_D + jj[None, :] * HEAD_D + d[:, None],
-                     mask=dmask[:, None] & (jj < M)[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_M]
-        # an fp32 product (as the reference's) through tl.dot rather than a [ROWS, M, D] broadcast,
-        # which fits in registers only with a few rows per program; its few FLOPs are no cost
-        sc = tl.dot(q, kt, input_precision="ieee") * sm_scale  # [ROWS, BLOCK_M]
-        sc = tl.where((jj < M)[None, :], sc, float("-inf"))
+        # one row reduction per context token (M is a handful): no [ROWS, M, D] broadcast in registers
+        sc = tl.full((ROWS, BLOCK_M), float("-inf"), tl.float32)
+        for m in tl.static_range(M):
+            km = tl.load(KC + (h * M + m) * HEAD_D + d, mask=dmask, other=0.0).to(tl.float32)
+            sm = tl.sum(q * km[None, :], axis=1) * sm_scale
+            sc = tl.where((jj == m)[None, :], sm[:, None], sc)
         mx = tl.max(sc, axis=1)
         e = tl.exp(sc - mx[:, None])
         p = e / tl.sum(e, axis=1)[:, None]
@@ -323,5 +323,5 @@ def cross_probs(qc, kc, gq, heads, m_ctx, width, *, out=None, use_triton=None):
         rows = 64
         _cross_probs_kernel[(triton.cdiv(R, rows), heads)](
             qc, kc, gq, out, R, qc.stride(0), out.stride(0), float(D ** 0.5), float(D ** -0.5), RMS_EPS,
-            M=m_ctx, BLOCK_M=max(16, _pow2(m_ctx)), HEAD_D=D, BLOCK_D=max(16, _pow2(D)), ROWS=rows, num_warps=4)
+            M=m_ctx, BLOCK_M=max(2, _pow2(m_ctx)), HEAD_D=D, BLOCK_D=_pow2(D), ROWS=rows, num_warps=4)
     return out
