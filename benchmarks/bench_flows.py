@@ -218,6 +218,62 @@ def row_kernel_times(reps: int) -> dict:
     return out
 
 
+def layout_experiments(model_cfg: dict, model, attention: str, reps: int) -> dict:
+    """Same-run A/B of layouts at 17,489 tokens: each GEMM of a block through F.linear (weight
+    [out, in]) against addmm on a pre-transposed [in, out] weight; cuDNN attention with V read in
+    place (row stride 3C) against a contiguous V; and the whole forward with each V layout
+    (alternated, so drift between the two shows as spread)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device=DEV).manual_seed(6)
+    rnd = lambda *s: torch.randn(*s, device=DEV, generator=g).bfloat16()  # noqa: E731
+    M = 17489
+    out = {"gemm": [], "attention": [], "forward": []}
+    for K, N, gelu in [(1536, 4608, False), (1536, 1536, False), (1536, 8192, True), (8192, 1536, False)]:
+        h, w, b = rnd(M, K), rnd(N, K), rnd(N)
+        wt = w.t().contiguous()
+        fns = {"linear_tn": (lambda: torch._addmm_activation(b, h, w.t(), use_gelu=True)) if gelu else (lambda: F.linear(h, w, b)),
+               "addmm_nn": (lambda: torch._addmm_activation(b, h, wt, use_gelu=True)) if gelu else (lambda: torch.addmm(b, h, wt))}
+        err = rel_err(fns["addmm_nn"](), fns["linear_tn"]())
+        for name, fn in fns.items():
+            t = cuda_time(fn, warmup=3, reps=reps)
+            out["gemm"].append({"m": M, "k": K, "n": N, "gelu": gelu, "variant": name, "median_ms": t["median_ms"],
+                                "tflops": 2 * M * K * N / (t["median_ms"] * 1e-3) / 1e12, "rel_vs_linear": err})
+            print(f"gemm {M}x{K}x{N}{' gelu' if gelu else ''} {name}: {t['median_ms']:.3f} ms "
+                  f"{out['gemm'][-1]['tflops']:.0f} TF/s", flush=True)
+    H, D = 12, 128
+    for B in (1, 2):
+        qkv = rnd(B * M, 3 * H * D)
+        q, k = (qkv[:, i * H * D:(i + 1) * H * D].contiguous().view(B, M, H, D).transpose(1, 2) for i in range(2))
+        v_in = qkv[:, 2 * H * D:].view(B, M, H, D).transpose(1, 2)
+        v_c = v_in.transpose(1, 2).contiguous().transpose(1, 2)
+        for name, v in (("v_in_place", v_in), ("v_contiguous", v_c)):
+            def fn(v=v):
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    return F.scaled_dot_product_attention(q, k, v)
+            t = cuda_time(fn, warmup=2, reps=reps)
+            out["attention"].append({"n": M, "batch": B, "variant": name, "median_ms": t["median_ms"],
+                                     "tflops": B * 4 * M * M * H * D / (t["median_ms"] * 1e-3) / 1e12})
+            print(f"cudnn n={M} B={B} {name}: {t['median_ms']:.3f} ms", flush=True)
+    cfg = make_case(model_cfg, M, 11)
+    x, t_in, cond, neg, kw = cfg["x"], cfg["t"], cfg["cond"], cfg["neg"], cfg["kwargs"]
+    backs = {v: cuda_backend.wrap_flow(model, {"name": "shape_flow_1024", "attention": attention, "v_copy": v})
+             for v in (False, True)}
+    ref = feats(backs[False](x, t_in, cond, **kw))
+    times = {(v, call): [] for v in backs for call in ("single", "pair")}
+    for v, be in backs.items():
+        out["forward"].append({"v_copy": v, "rel_vs_v_in_place": rel_err(feats(be(x, t_in, cond, **kw)), ref)})
+        be.cfg_pair(x, t_in, cond, neg, **kw)
+    for _ in range(2):
+        for v, be in backs.items():
+            times[(v, "single")].append(cuda_time(lambda: be(x, t_in, cond, **kw), warmup=1, reps=reps)["median_ms"])
+            times[(v, "pair")].append(cuda_time(lambda: be.cfg_pair(x, t_in, cond, neg, **kw), warmup=1, reps=reps)["median_ms"])
+    for (v, call), ts in times.items():
+        out["forward"].append({"v_copy": v, "call": call, "median_ms_runs": ts})
+        print(f"forward v_copy={v} {call}: {ts}", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. attention table
 
@@ -640,6 +696,9 @@ def main() -> None:
             d["targets_check"] = check_targets(d)
     if "forward" in want:
         forward_cases([c for c in FORWARD_CASES if c[1] > 17489])
+    if "layouts" in want and "shape_flow_1024" in models:
+        with run.section("layouts"):
+            d["layout_experiments"] = layout_experiments(*models["shape_flow_1024"], attention, 10)
     d["targets_check"] = check_targets(d)
     run.save()
     md = render_markdown(d)

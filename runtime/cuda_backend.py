@@ -72,6 +72,7 @@ class BackendOptions:
     device: str | None = None  # compute device (None: the model's)
     dtype: str | None = None  # torso dtype (None: the model's)
     attention_config: dict = field(default_factory=dict)  # Triton attention tile config
+    v_copy: bool = False  # SDPA: the prologue writes a contiguous V instead of SDPA reading it in place
 
     @classmethod
     def from_mapping(cls, m: dict | None) -> "BackendOptions":
@@ -565,8 +566,10 @@ class FlowBackend:
                                            qkv[:, 2 * C:].view(items, n, H, D), prologue=(st.cos, st.sin, bp.gq, n),
                                            config=self.opts.attention_config)
             return o.view(T, C)
-        q, k, _ = fk.qk_prologue(qkv, st.cos, st.sin, bp.gq, bp.gk, H, n, do_v=False, use_triton=self.use_triton)
-        v = qkv[:, 2 * C:]  # read in place (row stride 3C), as the eager path hands v to SDPA
+        q, k, v = fk.qk_prologue(qkv, st.cos, st.sin, bp.gq, bp.gk, H, n, do_v=self.opts.v_copy,
+                                 use_triton=self.use_triton)
+        if v is None:
+            v = qkv[:, 2 * C:]  # read in place (row stride 3C), as the eager path hands v to SDPA
         q, k, v = (z.view(items, n, H, D).transpose(1, 2) for z in (q, k, v))
         backend = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                    "math": "MATH"}[self.attention]

@@ -380,6 +380,23 @@ def test_fused_kernels_inside_the_backend():
         torch.testing.assert_close(pn.feats, m(x, T, neg).feats, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("v_copy", [False, True])
+def test_sdpa_path_with_triton_prologue_and_either_v_layout(v_copy):
+    """The SDPA attention path behind the Triton QK prologue, with V read in place from the qkv
+    projection or copied contiguous by the prologue: the eager function (fp32) either way."""
+    if CUDA:
+        pytest.skip("interpreter check of the CPU host")
+    _triton()
+    m = _slat()
+    x, cond, neg, _ = _sparse_case(n=41)
+    be = cuda_backend.wrap_flow(m, fused=True, attention="math", v_copy=v_copy)
+    assert be.use_triton and be.opts.v_copy is v_copy
+    with torch.no_grad():
+        pp, pn = be.cfg_pair(x, T, cond, neg)
+        torch.testing.assert_close(pp.feats, m(x, T, cond).feats, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pn.feats, m(x, T, neg).feats, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # the sampler's batched CFG path
 
