@@ -5,7 +5,9 @@ addresses (inputs are copied into them before each call) and returns a tensor. T
 the function eagerly: that warms every library path at this shape (cuBLAS heuristics, cuDNN plans,
 Triton compilation) and its result is the real result of that step, so no forward is wasted on
 warm-up. The graph is then captured (capture records launches, it executes nothing) and later calls
-replay it. The output of a replay lives in the graph's pool and is overwritten by the next replay:
+replay it. The capture does not wait for the eager call to finish on the GPU: its host-side work
+(recording every launch) overlaps that call's execution, which `torch.cuda.graph` would serialise
+with a device synchronisation first. The output of a replay lives in the graph's pool and is overwritten by the next replay:
 callers copy out what they keep.
 """
 from __future__ import annotations
@@ -13,6 +15,15 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+_capture_stream = None  # one side stream for every capture (capture cannot use the legacy default stream)
+
+
+def capture_stream() -> "torch.cuda.Stream":
+    global _capture_stream
+    if _capture_stream is None:
+        _capture_stream = torch.cuda.Stream()
+    return _capture_stream
 
 
 class GraphRunner:
@@ -40,10 +51,15 @@ class GraphRunner:
     def _capture(self) -> None:
         g = torch.cuda.CUDAGraph()
         try:
-            torch.cuda.synchronize()
             pool = self.pool() if callable(self.pool) else self.pool
-            with torch.cuda.graph(g, pool=pool):
-                self.static_out = self.fn()
+            # no synchronize first: the graph reads only the caller's static buffers and allocates
+            # from its own pool, so nothing it records depends on the eager call still running
+            with torch.cuda.stream(capture_stream()):
+                g.capture_begin(pool=pool)
+                try:
+                    self.static_out = self.fn()
+                finally:
+                    g.capture_end()
             self.graph = g
         except Exception as e:  # a path that cannot be captured keeps running eagerly (recorded)
             self.capture_error = f"{type(e).__name__}: {e}"
