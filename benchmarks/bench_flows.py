@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import os
 import sys
 import time
@@ -66,6 +67,7 @@ FORWARD_CASES = [("ss_flow", 4096), ("shape_flow_512", 4377), ("shape_flow_1024"
 SAMPLING_STAGES = [("ss", "ss_flow", 4096, "sparse_structure"), ("shape_lr", "shape_flow_512", 4377, "shape_slat"),
                    ("shape_hr", "shape_flow_1024", 17489, "shape_slat"), ("tex", "tex_flow_1024", 17489, "tex_slat")]
 ATTN_NS = [4096, 4377, 17489, 39000, 49152]
+SAMPLING_REPS = 3  # eager and warm runs per stage (medians reported; every run kept in the JSON)
 PROFILE_CASES = [("ss_flow", 4096), ("shape_flow_1024", 17489)]
 TRITON_CONFIGS = {"triton_m128n64": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
                   "triton_m128n128": {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2}}
@@ -500,13 +502,28 @@ def bench_sampling(models: dict, attention: str, seed: int) -> dict:
         case = make_case(cfg, n, seed + 100)
         params = C.sampler_params(key)
         noise, cond, neg, kw = case["x"], case["cond"], case["neg"], case["kwargs"]
-        ref, t_e = timed_call(lambda: sampler.sample(model, noise, cond, neg, **params, **kw))
-        backend = cuda_backend.wrap_flow(model, {"name": stage, "attention": attention})
-        fast, t_f = timed_call(lambda: sampler.sample(backend, noise, cond, neg, **params, **kw))
+        # repeated (METHOD: medians): eager 3x; cold = 2 fresh backends; warm = the last one 3x more
+        eager_ms = []
+        for _ in range(SAMPLING_REPS):
+            ref, t = timed_call(lambda: sampler.sample(model, noise, cond, neg, **params, **kw))
+            eager_ms.append(t)
+        cold_ms = []
+        for _ in range(2):
+            backend = None
+            gc.collect()
+            backend = cuda_backend.wrap_flow(model, {"name": stage, "attention": attention})
+            fast, t = timed_call(lambda: sampler.sample(backend, noise, cond, neg, **params, **kw))
+            cold_ms.append(t)
         stats_cold = dict(backend.stats)
-        fast2, t_w = timed_call(lambda: sampler.sample(backend, noise, cond, neg, **params, **kw))
+        warm_ms = []
+        for _ in range(SAMPLING_REPS):
+            fast2, t = timed_call(lambda: sampler.sample(backend, noise, cond, neg, **params, **kw))
+            warm_ms.append(t)
+        t_e, t_f, t_w = (statistics.median(v) for v in (eager_ms, cold_ms, warm_ms))
         row = {"stage": stage, "network": name, "tokens": n, "params": params,
                "eager_s": t_e / 1e3, "fast_s": t_f / 1e3, "fast_warm_s": t_w / 1e3,
+               "eager_runs_s": [v / 1e3 for v in eager_ms], "fast_cold_runs_s": [v / 1e3 for v in cold_ms],
+               "fast_warm_runs_s": [v / 1e3 for v in warm_ms],
                "speedup": t_e / t_f, "rel_err_sample": rel_err(feats(fast), feats(ref)),
                "rel_err_warm_vs_cold": rel_err(feats(fast2), feats(fast)),
                "finite": finite(feats(fast)) and finite(feats(fast2)), "backend_stats_cold": stats_cold}
@@ -600,7 +617,9 @@ def render_markdown(d: dict) -> str:
         t = sm["total"]
         L += [f"| **total** | | **{t['eager_s']:.2f}** | **{t['fast_s']:.2f}** | {t['fast_warm_s']:.2f} | **{t['speedup']:.2f}×** | |", ""]
         L += ["'cold' = a fresh backend (condition constants, first forward without a graph, capture); "
-              "'warm' = the same backend again (graphs reused, as the SS stage is for every image).", ""]
+              "'warm' = the same backend again (graphs reused, as the SS stage is for every image). "
+              f"Medians: eager of {SAMPLING_REPS} runs, cold of 2 fresh backends, warm of {SAMPLING_REPS} runs "
+              "(every run is in the JSON).", ""]
     chk = d.get("targets_check")
     if chk:
         L += ["## Targets", ""] + [f"- {k}: {v}" for k, v in chk.items()] + [""]
