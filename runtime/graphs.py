@@ -7,11 +7,12 @@ Triton compilation) and its result is the real result of that step, so no forwar
 warm-up. The graph is then captured (capture records launches, it executes nothing) and later calls
 replay it. The capture does not wait for the eager call to finish on the GPU: its host-side work
 (recording every launch) overlaps that call's execution, which `torch.cuda.graph` would serialise
-with a device synchronisation first. The output of a replay lives in the graph's pool and is overwritten by the next replay:
+with a device synchronisation first (`PIXAL3D_SYNC_CAPTURE=1` restores that). The output of a replay lives in the graph's pool and is overwritten by the next replay:
 callers copy out what they keep.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -52,6 +53,8 @@ class GraphRunner:
         g = torch.cuda.CUDAGraph()
         try:
             pool = self.pool() if callable(self.pool) else self.pool
+            if os.environ.get("PIXAL3D_SYNC_CAPTURE", "0") == "1":  # off-switch: wait for the eager call
+                torch.cuda.synchronize()
             # no synchronize first: the graph reads only the caller's static buffers and allocates
             # from its own pool, so nothing it records depends on the eager call still running
             with torch.cuda.stream(capture_stream()):
