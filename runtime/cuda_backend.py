@@ -577,8 +577,11 @@ class FlowBackend:
 
         backends = [getattr(SDPBackend, backend)]
         if q.dtype == torch.float32 and backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
-            backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # those two take only fp16/bf16
-        with sdpa_kernel(backends):
+            backends = []  # those two take only fp16/bf16
+        # the chosen backend first; the others where it cannot take these inputs (a head dim cuDNN
+        # refuses, say) instead of "No available kernel"
+        backends += [b for b in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b not in backends]
+        with sdpa_kernel(backends, set_priority=True):
             o = F.scaled_dot_product_attention(q, k, v)
         return o.transpose(1, 2).reshape(T, C)
 
