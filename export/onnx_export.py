@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -54,7 +55,8 @@ def trace_dims(spec: ExportSpec) -> dict:
     return dims
 
 
-def _dynamic_shapes(spec: ExportSpec) -> dict | None:
+def dynamic_shapes(spec: ExportSpec) -> dict | None:
+    """{input name: {axis index: torch.export.Dim}} spanning every profile of the spec (None if static)."""
     if not spec.profiles:
         return None
     from torch.export import Dim
@@ -63,6 +65,29 @@ def _dynamic_shapes(spec: ExportSpec) -> dict | None:
     hi = {a: max(p.axes[a][2] for p in spec.profiles) for a in spec.profiles[0].axes}
     dims = {a: Dim(a, min=lo[a], max=hi[a]) for a in lo}
     return {t.name: ({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None) for t in spec.inputs}
+
+
+def trace_inputs(spec: ExportSpec, network: nn.Module) -> tuple:
+    """The example inputs to trace with (at `trace_dims`), in spec order, on the network's device."""
+    inputs, _ = example_inputs(spec, trace_dims(spec), torch.Generator().manual_seed(0))
+    device = next(iter(network.parameters())).device
+    return tuple(inputs[t.name].to(device) for t in spec.inputs)
+
+
+@contextmanager
+def quiet_exporters():
+    """Silence the exporters' warnings and INFO logs (they print pages per network); errors still raise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch._inductor", "onnxscript")]
+        levels = [lg.level for lg in quiet]
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, lv in zip(quiet, levels):
+                lg.setLevel(lv)
 
 
 def param_bytes(module: nn.Module) -> int:
@@ -77,29 +102,17 @@ def export_onnx(spec: ExportSpec, network: nn.Module, path: Path, external_data:
     onnx = _require("onnx", "ONNX export")
     path = Path(path)
     module = export_module(spec, network)
-    gen = torch.Generator().manual_seed(0)
-    inputs, _ = example_inputs(spec, trace_dims(spec), gen)
-    device = next(iter(network.parameters())).device
-    args = tuple(inputs[t.name].to(device) for t in spec.inputs)
+    args = trace_inputs(spec, network)
     if external_data is None:
         external_data = param_bytes(network) > EXTERNAL_DATA_BYTES
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-        levels = [lg.level for lg in quiet]
-        for lg in quiet:
-            lg.setLevel(logging.ERROR)
-        try:
-            program = torch.onnx.export(
-                module, args, dynamo=True, input_names=[t.name for t in spec.inputs],
-                output_names=[t.name for t in spec.outputs], dynamic_shapes=_dynamic_shapes(spec),
-                opset_version=OPSET, optimize=True, verbose=False, report=False,
-            )
-            program.save(str(path), external_data=external_data)
-        finally:
-            for lg, lv in zip(quiet, levels):
-                lg.setLevel(lv)
+    with quiet_exporters():
+        program = torch.onnx.export(
+            module, args, dynamo=True, input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs], dynamic_shapes=dynamic_shapes(spec),
+            opset_version=OPSET, optimize=True, verbose=False, report=False,
+        )
+        program.save(str(path), external_data=external_data)
         del program
     seconds = time.perf_counter() - t0
     onnx.checker.check_model(str(path), full_check=False)  # by path: works past the 2 GiB protobuf limit

@@ -1,4 +1,5 @@
-"""`pixal3d-rt export`: ONNX -> TensorRT / TensorRT-RTX engines, one network at a time.
+"""`pixal3d-rt export`: ONNX -> TensorRT / TensorRT-RTX engines, one network at a time
+(`--target aoti`: AOTInductor packages through the same loop, see aoti_build.py).
 
 For each spec: load that one network (streamed from the fp32 checkpoint straight into the target
 precision, so only one network is ever in host memory), export ONNX into a private temporary
@@ -27,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -49,8 +51,7 @@ TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 def trt_module(target: str):
     """The Python module of a target: `tensorrt_rtx` or `tensorrt`, with an install hint if absent."""
     if target == "aoti":
-        raise ExportError("--target aoti is not available yet: AOTInductor packages come with the cuda backend "
-                          "(issue 4); use --target tensorrt-rtx or --target tensorrt")
+        raise ExportError("--target aoti builds AOTInductor packages (export/aoti_build.py), not TensorRT engines")
     name = {"tensorrt-rtx": "tensorrt_rtx", "tensorrt": "tensorrt"}.get(target)
     if name is None:
         raise ExportError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
@@ -301,6 +302,10 @@ def build_engine(trt, onnx_path: Path, spec: ExportSpec, target: str, compute_ca
 
 def check_request(target: str, precision: str):
     """Reject what cannot be built before any weights are read; returns the TensorRT module."""
+    if target == "aoti":  # AOTInductor: its own precision rules, no TensorRT module
+        from .aoti_build import check_aoti_request
+
+        return check_aoti_request(precision)
     if precision == "fp8":
         raise ExportError("--precision fp8 is not available yet: it needs calibrated FP8 quantize/dequantize "
                           "nodes (activation scales) in the ONNX graph; use bf16 or fp16")
@@ -309,10 +314,26 @@ def check_request(target: str, precision: str):
     return trt_module(target)
 
 
-def _fingerprint(spec: ExportSpec, target: str, trt_version: str, precision: str, caps: tuple, sources: dict) -> str:
-    doc = {"spec": spec.to_json(), "target": target, "trt": trt_version, "precision": precision,
-           "caps": list(caps) if target == "tensorrt-rtx" else "build-gpu", "exporter": EXPORTER_VERSION,
-           "sources": {k: v["sha256"] for k, v in sorted(sources.items())}}
+@dataclass
+class Target:
+    """An export target as `export_engines` drives it: the artifact's file suffix; what an artifact is
+    tied to besides its spec, precision and sources (versions, GPUs: a change makes it stale); the
+    manifest fields of the directory and of every network; and `build(spec, load, work, say)`, which
+    gets the network from `load()`, writes one artifact into the private folder `work` and returns
+    (its path, {manifest fields: export_seconds, build_seconds, ...})."""
+
+    name: str
+    suffix: str
+    tied_to: dict
+    header: dict
+    entry: dict
+    build: Callable
+    rebuild_args: str = ""  # options the rebuild command needs beyond the common ones
+
+
+def _fingerprint(spec: ExportSpec, target: str, precision: str, sources: dict, tied_to: dict) -> str:
+    doc = {"spec": spec.to_json(), "target": target, "precision": precision,
+           "sources": {k: v["sha256"] for k, v in sorted(sources.items())}} | tied_to
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -327,82 +348,105 @@ def _gpu_compute_capability() -> str | None:
     return None
 
 
+def _tensorrt_target(trt, target: str, caps: tuple) -> Target:
+    """ONNX export, then a TensorRT / TensorRT-RTX engine build."""
+
+    def build(spec: ExportSpec, load, work: Path, say):
+        net = load()
+        onnx_path = work / f"{spec.name}.onnx"
+        say("exporting ONNX")
+        info = export_onnx(spec, net, onnx_path)
+        del net  # free the network before TensorRT's builder takes its share of host memory
+        gc.collect()
+        say(f"ONNX {info['bytes'] / 1e6:.1f} MB in {info['seconds']:.1f} s; building {target} engine")
+        t0 = time.perf_counter()
+        plan = build_engine(trt, onnx_path, spec, target, caps)
+        build_s = time.perf_counter() - t0
+        path = work / engine_file_name(spec.name)
+        path.write_bytes(memoryview(plan))
+        return path, {"onnx_bytes": info["bytes"], "export_seconds": info["seconds"], "build_seconds": round(build_s, 2)}
+
+    versions = {"tensorrt_module": trt.__name__, "tensorrt_version": trt.__version__, "compute_capabilities": list(caps)}
+    tied_to = {"trt": trt.__version__, "caps": list(caps) if target == "tensorrt-rtx" else "build-gpu", "exporter": EXPORTER_VERSION}
+    return Target(target, ".engine", tied_to, header=versions, entry=versions | {"exporter": EXPORTER_VERSION}, build=build)
+
+
+def _sync_and_hash(path: Path) -> tuple[str, int]:
+    """sha256 and size of a finished artifact, flushed to disk before it is renamed into place."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return sha256_file(path), path.stat().st_size
+
+
 def export_engines(source: Source, target: str, out_dir, precision: str = "bf16", max_tokens: int | None = None,
                    only: list[str] | None = None, compute_capabilities: tuple | None = None, force: bool = False,
-                   keep_onnx: bool = False, progress=print, _fail_after_build=None) -> dict:
-    """Build every engine of `source` into `out_dir`; returns the manifest.
+                   keep_onnx: bool = False, device: str | None = None, progress=print, _fail_after_build=None) -> dict:
+    """Build every engine (TensorRT targets) or package (aoti) of `source` into `out_dir`; returns the manifest.
 
-    `_fail_after_build(spec)` is a test hook called between building an engine and writing it."""
+    `device` (aoti only): what the packages are compiled for, cuda when available, else cpu.
+    `_fail_after_build(spec)` is a test hook called between building an artifact and moving it into place."""
     trt = check_request(target, precision)
     out = Path(out_dir)
+    if target == "aoti":
+        from .aoti_build import aoti_target
+
+        tgt = aoti_target(device)
+    else:
+        caps = tuple(compute_capabilities or RTX_COMPUTE_CAPABILITIES)
+        if target == "tensorrt":
+            cc = _gpu_compute_capability()
+            if cc is None:
+                raise ExportError("--target tensorrt builds for the GPU it runs on, and no CUDA GPU is visible; "
+                                  "use --target tensorrt-rtx to build on a machine without a GPU")
+            caps = (cc,)
+        tgt = _tensorrt_target(trt, target, caps)
     out.mkdir(parents=True, exist_ok=True)
-    caps = tuple(compute_capabilities or RTX_COMPUTE_CAPABILITIES)
-    if target == "tensorrt":
-        cc = _gpu_compute_capability()
-        if cc is None:
-            raise ExportError("--target tensorrt builds for the GPU it runs on, and no CUDA GPU is visible; "
-                              "use --target tensorrt-rtx to build on a machine without a GPU")
-        caps = (cc,)
     specs = build_specs(source.configs, source.dino_config, source.geometry, max_tokens=max_tokens, only=only)
-    manifest = read_manifest(out)
-    entries = dict(manifest.get("networks", {}))
+    entries = dict(read_manifest(out).get("networks", {}))
     rebuild = (f"pixal3d-rt export {source.cli_args} --target {target} --out {out} --precision {precision}"
-               + (f" --max-tokens {max_tokens}" if max_tokens else ""))
-    manifest.update({
-        "format": MANIFEST_FORMAT, "target": target, "tensorrt_module": trt.__name__,
-        "tensorrt_version": trt.__version__, "precision": precision, "compute_capabilities": list(caps),
-        "source": source.label, "rebuild_command": rebuild, "networks": entries,
-    })
+               + (f" --max-tokens {max_tokens}" if max_tokens else "") + tgt.rebuild_args)
+    manifest = {"format": MANIFEST_FORMAT, "target": target, **tgt.header, "precision": precision,
+                "source": source.label, "rebuild_command": rebuild, "networks": entries}
     total = len(specs)
     for i, spec in enumerate(specs, 1):
         tag = f"[{i}/{total}] {spec.name}"
         old = entries.get(spec.name, {})
         sources = source.hashes(spec.model_key, old.get("source_files", {}))
-        fp = _fingerprint(spec, target, trt.__version__, precision, caps, sources)
-        engine_path = out / engine_file_name(spec.name)
-        if (not force and old.get("fingerprint") == fp and engine_path.is_file()
-                and engine_path.stat().st_size == old.get("bytes") and sha256_file(engine_path) == old.get("sha256")):
-            progress(f"{tag}: up to date ({engine_path.name})")
+        fp = _fingerprint(spec, target, precision, sources, tgt.tied_to)
+        path = out / f"{spec.name}{tgt.suffix}"
+        if (not force and old.get("fingerprint") == fp and path.is_file()
+                and path.stat().st_size == old.get("bytes") and sha256_file(path) == old.get("sha256")):
+            progress(f"{tag}: up to date ({path.name})")
             continue
-        progress(f"{tag}: loading {spec.model_key} ({precision})")
-        t_load = time.perf_counter()
-        net = source.load(spec, precision)
-        load_s = time.perf_counter() - t_load
+        timing = {}
+
+        def load(spec=spec, tag=tag):
+            progress(f"{tag}: loading {spec.model_key} ({precision})")
+            t0 = time.perf_counter()
+            net = source.load(spec, precision)
+            timing["load_seconds"] = round(time.perf_counter() - t0, 2)
+            return net
+
         work = Path(tempfile.mkdtemp(prefix=f".build-{spec.name}-", dir=out))
         try:
-            onnx_path = work / f"{spec.name}.onnx"
-            progress(f"{tag}: exporting ONNX")
-            info = export_onnx(spec, net, onnx_path)
-            del net
-            gc.collect()
-            progress(f"{tag}: ONNX {info['bytes'] / 1e6:.1f} MB in {info['seconds']:.1f} s; building {target} engine")
-            t0 = time.perf_counter()
-            plan = build_engine(trt, onnx_path, spec, target, caps)
-            build_s = time.perf_counter() - t0
+            built, fields = tgt.build(spec, load, work, lambda msg, tag=tag: progress(f"{tag}: {msg}"))
             if _fail_after_build is not None:
                 _fail_after_build(spec)
-            data = memoryview(plan)
-            digest = hashlib.sha256(data).hexdigest()
-            atomic_write_bytes(engine_path, data)
-            nbytes = len(data)
-            del plan, data
+            digest, nbytes = _sync_and_hash(built)
+            os.replace(built, path)  # same file system: the artifact appears whole or not at all
             if keep_onnx:
                 keep = out / "onnx"
                 keep.mkdir(exist_ok=True)
-                for f in work.iterdir():
+                for f in work.glob("*.onnx*"):
                     os.replace(f, keep / f.name)
             entries[spec.name] = {
-                "file": engine_path.name, "sha256": digest, "bytes": nbytes, "fingerprint": fp,
-                "spec": spec.to_json(), "target": target, "precision": precision,
-                "tensorrt_module": trt.__name__, "tensorrt_version": trt.__version__,
-                "compute_capabilities": list(caps), "source_files": sources,
-                "onnx_bytes": info["bytes"], "load_seconds": round(load_s, 2),
-                "export_seconds": info["seconds"], "build_seconds": round(build_s, 2),
-                "torch_version": torch.__version__, "exporter": EXPORTER_VERSION,
+                "file": path.name, "sha256": digest, "bytes": nbytes, "fingerprint": fp,
+                "spec": spec.to_json(), "target": target, "precision": precision, **tgt.entry,
+                "source_files": sources, **timing, **fields, "torch_version": torch.__version__,
                 "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
             write_manifest(out, manifest)
-            progress(f"{tag}: wrote {engine_path.name} ({nbytes / 1e6:.1f} MB), build {build_s:.1f} s")
+            progress(f"{tag}: wrote {path.name} ({nbytes / 1e6:.1f} MB), build {fields['build_seconds']:.1f} s")
         finally:
             shutil.rmtree(work, ignore_errors=True)
             gc.collect()
@@ -419,39 +463,39 @@ VERIFY_TOLERANCE = {"bf16": 3e-2, "fp16": 3e-2, "fp32": 5e-3}  # relative L2 (DE
 def verify_engines(source: Source, out_dir, precision: str | None = None, only: list[str] | None = None,
                    progress=print, reps: int = 3) -> list[dict]:
     """Run every engine of `out_dir` at its profile's opt shape and the eager network (same weights,
-    same precision) on the same inputs; report relative errors and times. Needs a CUDA GPU."""
-    from pixal3d_rt.runtime.tensorrt_engine import TensorRTEngine, read_manifest as read_checked
+    same precision) on the same inputs; report relative errors and times. Needs a CUDA GPU, except
+    for AOTInductor CPU packages (run on the CPU)."""
+    from pixal3d_rt.runtime.tensorrt_engine import engine_class, read_manifest as read_checked
 
     from .modules import eager_outputs, example_inputs
     from .onnx_export import relative_errors
 
-    if not torch.cuda.is_available():
+    m = read_checked(out_dir)
+    nets = {n: e for n, e in sorted(m.get("networks", {}).items()) if not only or n in only}
+    if any(e.get("device") != "cpu" for e in nets.values()) and not torch.cuda.is_available():
         raise ExportError("--verify runs each engine on this machine's NVIDIA GPU and none is visible; "
                           "copy the engine directory to the GPU machine and run the same command there")
-    m = read_checked(out_dir)
     records = []
-    for name, e in sorted(m.get("networks", {}).items()):
-        if only and name not in only:
-            continue
-        eng = TensorRTEngine.load(out_dir, name)
+    for name, e in nets.items():
+        dev = "cpu" if e.get("device") == "cpu" else "cuda"
+        eng = engine_class(e, m).load(out_dir, name, device=dev)
         spec = eng.spec
         prec = precision or e.get("precision", "bf16")
-        net = source.load(spec, prec).cuda()
+        net = source.load(spec, prec).to(dev)
         dims = spec.profiles[0].dims("opt") if spec.profiles else {}
         inputs, coords = example_inputs(spec, dims, torch.Generator().manual_seed(0))
-        inputs = {k: v.cuda() for k, v in inputs.items()}
-        coords = coords.cuda() if coords is not None else None
+        inputs = {k: v.to(dev) for k, v in inputs.items()}
+        coords = coords.to(dev) if coords is not None else None
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
         def timed(fn):
             fn()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            sync()
+            t0 = time.perf_counter()
             for _ in range(reps):
                 out = fn()
-            end.record()
-            torch.cuda.synchronize()
-            return out, start.elapsed_time(end) / reps
+            sync()
+            return out, (time.perf_counter() - t0) * 1000 / reps
 
         with torch.no_grad():
             ref, eager_ms = timed(lambda: eager_outputs(spec, net, inputs, coords))
@@ -468,5 +512,6 @@ def verify_engines(source: Source, out_dir, precision: str | None = None, only: 
         records.append(rec)
         net = eng = inputs = ref = got = None  # free before the next network
         gc.collect()
-        torch.cuda.empty_cache()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     return records

@@ -32,6 +32,23 @@ class Engine(ABC):
     def run(self, inputs: dict) -> dict:
         """Named inputs (torch tensors on the engine's device) -> named outputs (torch tensors)."""
 
+    def _dims(self, inputs: dict) -> dict:
+        """{axis name: size} of the inputs, checked against the spec's names, ranks and static sizes."""
+        dims = {}
+        for t in self.spec.inputs:
+            if t.name not in inputs:
+                raise ValueError(f"{self.spec.name}: missing input '{t.name}'")
+            shape = tuple(inputs[t.name].shape)
+            if len(shape) != len(t.shape):
+                raise ValueError(f"{self.spec.name}: input '{t.name}' has shape {shape}, expected {t.shape}")
+            for want, got in zip(t.shape, shape):
+                if isinstance(want, str):
+                    if dims.setdefault(want, got) != got:
+                        raise ValueError(f"{self.spec.name}: axis {want} is {dims[want]} and {got} in '{t.name}'")
+                elif want != got:
+                    raise ValueError(f"{self.spec.name}: input '{t.name}' has shape {shape}, expected {t.shape}")
+        return dims
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec.name if self.spec else '?'}, {self.path})"
 

@@ -63,6 +63,32 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_entry(engine_dir, name: str, suffix: str = ".engine") -> tuple[dict, dict, Path]:
+    """The manifest, the network's entry and its file, checked present and intact (size and sha256
+    as recorded: not truncated, corrupt or replaced). Shared by every engine class."""
+    engine_dir = Path(engine_dir)
+    m = read_manifest(engine_dir)
+    nets = m.get("networks", {})
+    if name not in nets:
+        raise EngineError(f"{engine_dir / MANIFEST}: no engine '{name}' (has: {', '.join(sorted(nets)) or 'none'}); {_remedy(m, engine_dir)}")
+    e = nets[name]
+    path = engine_dir / e.get("file", f"{name}{suffix}")
+    if not path.is_file():
+        raise EngineError(f"{path}: engine file not found; {_remedy(m, engine_dir)}")
+    if path.stat().st_size != e.get("bytes") or _sha256(path) != e.get("sha256"):
+        raise EngineError(f"{path}: engine file is corrupt or was modified (size/sha256 differ from {MANIFEST}); {_remedy(m, engine_dir)}")
+    return m, e, path
+
+
+def engine_class(entry: dict, manifest: dict):
+    """The Engine class that runs a manifest entry: AOTIEngine for `--target aoti`, else TensorRTEngine."""
+    if entry.get("target", manifest.get("target")) == "aoti":
+        from .aoti_engine import AOTIEngine
+
+        return AOTIEngine
+    return TensorRTEngine
+
+
 def _trt_torch_dtype(trt, dt) -> torch.dtype:
     table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
              "INT64": torch.int64, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8}
@@ -91,16 +117,7 @@ class TensorRTEngine(Engine):
     def check(cls, engine_dir, name: str) -> tuple[dict, dict, Path]:
         """Every check that needs no GPU. Returns (manifest, network entry, engine path)."""
         engine_dir = Path(engine_dir)
-        m = read_manifest(engine_dir)
-        nets = m.get("networks", {})
-        if name not in nets:
-            raise EngineError(f"{engine_dir / MANIFEST}: no engine '{name}' (has: {', '.join(sorted(nets)) or 'none'}); {_remedy(m, engine_dir)}")
-        e = nets[name]
-        path = engine_dir / e.get("file", f"{name}.engine")
-        if not path.is_file():
-            raise EngineError(f"{path}: engine file not found; {_remedy(m, engine_dir)}")
-        if path.stat().st_size != e.get("bytes") or _sha256(path) != e.get("sha256"):
-            raise EngineError(f"{path}: engine file is corrupt or was modified (size/sha256 differ from {MANIFEST}); {_remedy(m, engine_dir)}")
+        m, e, path = check_entry(engine_dir, name)
         mod = e.get("tensorrt_module", m.get("tensorrt_module"))
         ver = e.get("tensorrt_version", m.get("tensorrt_version"))
         try:
@@ -157,22 +174,6 @@ class TensorRTEngine(Engine):
 
     # -- running -----------------------------------------------------------------------------
 
-    def _dims(self, inputs: dict) -> dict:
-        dims = {}
-        for t in self.spec.inputs:
-            if t.name not in inputs:
-                raise ValueError(f"{self.spec.name}: missing input '{t.name}'")
-            shape = tuple(inputs[t.name].shape)
-            if len(shape) != len(t.shape):
-                raise ValueError(f"{self.spec.name}: input '{t.name}' has shape {shape}, expected {t.shape}")
-            for want, got in zip(t.shape, shape):
-                if isinstance(want, str):
-                    if dims.setdefault(want, got) != got:
-                        raise ValueError(f"{self.spec.name}: axis {want} is {dims[want]} and {got} in '{t.name}'")
-                elif want != got:
-                    raise ValueError(f"{self.spec.name}: input '{t.name}' has shape {shape}, expected {t.shape}")
-        return dims
-
     def run(self, inputs: dict) -> dict:
         dims = self._dims(inputs)
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
@@ -200,14 +201,15 @@ class TensorRTEngine(Engine):
 
 def load_engine_dir(engine_dir, device=None, keys=None) -> dict:
     """{pipeline key: drop-in module} for the engines of the directory (see runtime.engine), only
-    those of networks in `keys` when given (DINOv3 engines are keyed by their spec name)."""
+    those of networks in `keys` when given (DINOv3 engines are keyed by their spec name). Each is
+    loaded by the runner of its target (`engine_class`: TensorRT engine or AOTInductor package)."""
     m = read_manifest(engine_dir)
     modules = {}
     for name, e in sorted(m.get("networks", {}).items()):
         key = e.get("spec", {}).get("model_key", name)
         if keys is not None and key not in keys and name not in keys:
             continue
-        eng = TensorRTEngine.load(engine_dir, name, device=device)
+        eng = engine_class(e, m).load(engine_dir, name, device=device)
         key = eng.spec.model_key if eng.spec.kind != "dinov3" else name
         modules[key] = stage_module(eng)
     return modules

@@ -602,8 +602,8 @@ def test_cli_export_errors(tmp_path):
 
     from pixal3d_rt.cli import main
 
-    r = CliRunner().invoke(main, ["export", "--preset", "tiny", "--out", str(tmp_path / "e"), "--target", "aoti"])
-    assert r.exit_code == 2 and "--target aoti is not available yet" in r.output
+    r = CliRunner().invoke(main, ["export", "--preset", "tiny", "--out", str(tmp_path / "e"), "--target", "aoti", "--precision", "fp8"])
+    assert r.exit_code == 2 and "--target aoti --precision fp8 is not available" in r.output
     r = CliRunner().invoke(main, ["export", "--preset", "tiny", "--out", str(tmp_path / "e"), "--precision", "fp8"])
     assert r.exit_code == 2 and "fp8 is not available yet" in r.output
     r = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "e")])

@@ -34,7 +34,7 @@ def main():
 @click.option("--texture-size", type=click.IntRange(64, 8192), default=None, help="Baked texture size (default 2048; tiny preset 256).")
 @click.option("--decimation-target", type=click.IntRange(100, 10_000_000), default=None, help="Face count the mesh is simplified to (default 200000).")
 @click.option("--engines", "engines_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Engine directory from `pixal3d-rt export`: its networks run as TensorRT engines (CUDA only).")
+              help="Engine directory from `pixal3d-rt export`: its networks run as TensorRT engines (CUDA) or AOTInductor packages (the device they were built for).")
 @click.option("--backend", type=click.Choice(["eager", "cuda"]), default=None, help="Flow networks: eager reference, or the fast cuda backend (default on a GPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No per-stage progress.")
 def infer(image_path, output_path, weights, preset, resolution, seed, steps, fov_deg, device, texture_size, decimation_target, engines_dir, backend, quiet):
@@ -56,7 +56,16 @@ def infer(image_path, output_path, weights, preset, resolution, seed, steps, fov
     if device == "cuda" and not torch.cuda.is_available():
         _fail("--device cuda: no CUDA GPU is visible to PyTorch")
     if engines_dir is not None and device != "cuda":
-        _fail(f"--engines {engines_dir}: TensorRT engines run on an NVIDIA GPU (--device cuda), none is in use")
+        from pixal3d_rt.runtime.tensorrt_engine import EngineError, read_manifest
+
+        try:
+            nets = read_manifest(engines_dir).get("networks", {})
+        except EngineError as e:
+            _fail(str(e))
+        gpu_only = sorted(n for n, e in nets.items() if e.get("device") != "cpu")  # only AOTInductor CPU packages run here
+        if gpu_only:
+            _fail(f"--engines {engines_dir}: {', '.join(gpu_only)} run on an NVIDIA GPU (--device cuda), none is in use "
+                  "(TensorRT engines and cuda AOTInductor packages)")
 
     def say(msg):
         if not quiet:
@@ -94,7 +103,8 @@ def infer(image_path, output_path, weights, preset, resolution, seed, steps, fov
 @click.option("--preset", type=click.Choice(["tiny"]), help="Export the embedded tiny preset (random weights; for tests).")
 @click.option("--target", type=click.Choice(["tensorrt-rtx", "tensorrt", "aoti"]), default="tensorrt-rtx", show_default=True,
               help="tensorrt-rtx: portable engines for RTX GPUs (8.0/8.6/8.9/12.0), built without a GPU; tensorrt: full "
-                   "TensorRT, built on and for the GPU of this machine; aoti: AOTInductor (not available yet).")
+                   "TensorRT, built on and for the GPU of this machine; aoti: AOTInductor packages (.pt2) compiled for this "
+                   "machine's GPU (or CPU) and tied to the installed torch version.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Engine directory (created).")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32", "fp8"]), default="bf16", show_default=True,
               help="Compute precision of the engines (bf16 = upstream's mixed precision).")
@@ -104,16 +114,19 @@ def infer(image_path, output_path, weights, preset, resolution, seed, steps, fov
 @click.option("--compute-capability", "ccs", default=None, help="TensorRT-RTX: comma-separated compute capabilities (default 8.0,8.6,8.9,12.0).")
 @click.option("--force", is_flag=True, help="Rebuild engines even when they are up to date.")
 @click.option("--keep-onnx", is_flag=True, help="Keep the ONNX files under OUT/onnx/.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="--target aoti: compile the packages for this device (default: cuda when available).")
 @click.option("--verify", is_flag=True, help="Afterwards run each engine once against the eager network on this GPU; print error and time.")
 @click.option("-q", "--quiet", is_flag=True, help="No per-network progress.")
-def export_cmd(weights, preset, target, out_dir, precision, max_tokens, only, ccs, force, keep_onnx, verify, quiet):
-    """Export the stage networks to ONNX and build TensorRT engines, one network at a time."""
+def export_cmd(weights, preset, target, out_dir, precision, max_tokens, only, ccs, force, keep_onnx, device, verify, quiet):
+    """Export the stage networks to TensorRT engines (through ONNX) or AOTInductor packages, one network at a time."""
     from .checkpoints import HOW_TO_GET_WEIGHTS
 
     if weights is None and preset is None:
         _fail("no weights given.\n" + HOW_TO_GET_WEIGHTS)
     if weights is not None and preset is not None:
         _fail("give either --weights or --preset, not both")
+    if device is not None and target != "aoti":
+        _fail(f"--device is for --target aoti; {target} engines are built for {'the GPUs of --compute-capability' if target == 'tensorrt-rtx' else 'this GPU'}")
 
     def say(msg):
         if not quiet:
@@ -128,14 +141,20 @@ def export_cmd(weights, preset, target, out_dir, precision, max_tokens, only, cc
         check_request(target, precision)  # before any weights are read
         source = Source.from_preset(preset) if preset else Source.from_weights(weights)
         manifest = export_engines(source, target, out_dir, precision=precision, max_tokens=max_tokens, only=names,
-                                  compute_capabilities=caps, force=force, keep_onnx=keep_onnx, progress=say)
+                                  compute_capabilities=caps, force=force, keep_onnx=keep_onnx, device=device, progress=say)
         lines = ["", "network          engine MB   export s   build s   built at"]
         for name, e in sorted(manifest["networks"].items()):
             if names and name not in names:
                 continue
             lines.append(f"  {name:<15} {e['bytes'] / 1e6:9.1f}  {e['export_seconds']:9.1f}  {e['build_seconds']:8.1f}   {e['built_at']}")
-        lines.append(f"{manifest['target']} {manifest['tensorrt_version']}, {precision}, compute capabilities "
-                     f"{', '.join(manifest['compute_capabilities'])}; {time.perf_counter() - t0:.1f} s; manifest {out_dir / 'manifest.json'}")
+        if target == "aoti":  # packages are tied to torch and to the device they were compiled on
+            where = (f"{manifest['gpu']} (compute capability {manifest['compute_capabilities'][0]})" if manifest["device"] == "cuda"
+                     else f"cpu ({manifest['cpu_capability']})")
+            built_for = f"torch {manifest['torch_version']}, {precision}, {where}"
+        else:
+            built_for = (f"{manifest['tensorrt_version']}, {precision}, compute capabilities "
+                         f"{', '.join(manifest['compute_capabilities'])}")
+        lines.append(f"{manifest['target']} {built_for}; {time.perf_counter() - t0:.1f} s; manifest {out_dir / 'manifest.json'}")
         click.echo("\n".join(lines))
         if verify:
             records = verify_engines(source, out_dir, only=names, progress=click.echo)
