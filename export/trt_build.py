@@ -14,6 +14,8 @@ Precision: TensorRT-RTX networks are strongly typed, so the engine computes in t
 exported graph: `bf16`/`fp16` export the flows with upstream's mixed precision (block Linears and
 activations in bf16/fp16, norms, RoPE, time embedding, input/output layers in fp32), the SS decoder
 with its fp16 torso (upstream's `use_fp16`), DINOv3 wholly in bf16/fp16; `fp32` exports fp32.
+`fp8` exports the bf16 graph with the flows' block Linears in FP8 E4M3 (calibrated quantize/dequantize
+nodes, see fp8.py; engines for compute capability 8.9+); the SS decoder and DINOv3 stay bf16.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch.nn as nn
 
 from pixal3d_rt.runtime.tensorrt_engine import MANIFEST, MANIFEST_FORMAT  # one definition of the format
 
+from . import fp8
 from .onnx_export import OPSET, ExportError, export_onnx
 from .specs import ExportSpec, build_specs
 
@@ -206,6 +209,8 @@ class Source:
 
     def load(self, spec: ExportSpec, precision: str) -> nn.Module:
         """One network, in eval mode, in the export precision (a copy for presets)."""
+        if precision == "fp8":  # the bf16 network: fp8 quantizes the flows' block Linears in the graph
+            precision = fp8.FP8_BASE_PRECISION
         if self.preset is not None:
             net = copy.deepcopy(self._preset_network(spec.model_key))
             return set_precision(spec, net, precision)
@@ -306,10 +311,7 @@ def check_request(target: str, precision: str):
         from .aoti_build import check_aoti_request
 
         return check_aoti_request(precision)
-    if precision == "fp8":
-        raise ExportError("--precision fp8 is not available yet: it needs calibrated FP8 quantize/dequantize "
-                          "nodes (activation scales) in the ONNX graph; use bf16 or fp16")
-    if precision not in FLOW_DTYPE:
+    if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
     return trt_module(target)
 
@@ -348,14 +350,23 @@ def _gpu_compute_capability() -> str | None:
     return None
 
 
-def _tensorrt_target(trt, target: str, caps: tuple) -> Target:
-    """ONNX export, then a TensorRT / TensorRT-RTX engine build."""
+def _tensorrt_target(trt, target: str, caps: tuple, precision: str = "bf16") -> Target:
+    """ONNX export (fp8: then calibrated FP8 Q/DQ on the flows' block Linears), then a TensorRT /
+    TensorRT-RTX engine build."""
 
     def build(spec: ExportSpec, load, work: Path, say):
+        fields = {}
+        if precision == "fp8" and spec.kind not in fp8.FP8_KINDS:
+            say(f"fp8 applies to the flow transformers; {spec.name} stays bf16")
+            fields = {"precision": fp8.FP8_BASE_PRECISION,
+                      "precision_note": "--precision fp8 quantizes the flow transformers only; this network is the bf16 export"}
         net = load()
         onnx_path = work / f"{spec.name}.onnx"
         say("exporting ONNX")
         info = export_onnx(spec, net, onnx_path)
+        if precision == "fp8" and spec.kind in fp8.FP8_KINDS:
+            fields["fp8"] = fp8.export_fp8(spec, net, onnx_path, say)
+            info["bytes"] = fields["fp8"]["onnx_bytes"]
         del net  # free the network before TensorRT's builder takes its share of host memory
         gc.collect()
         say(f"ONNX {info['bytes'] / 1e6:.1f} MB in {info['seconds']:.1f} s; building {target} engine")
@@ -364,11 +375,16 @@ def _tensorrt_target(trt, target: str, caps: tuple) -> Target:
         build_s = time.perf_counter() - t0
         path = work / engine_file_name(spec.name)
         path.write_bytes(memoryview(plan))
-        return path, {"onnx_bytes": info["bytes"], "export_seconds": info["seconds"], "build_seconds": round(build_s, 2)}
+        return path, {"onnx_bytes": info["bytes"], "export_seconds": info["seconds"], "build_seconds": round(build_s, 2), **fields}
 
     versions = {"tensorrt_module": trt.__name__, "tensorrt_version": trt.__version__, "compute_capabilities": list(caps)}
     tied_to = {"trt": trt.__version__, "caps": list(caps) if target == "tensorrt-rtx" else "build-gpu", "exporter": EXPORTER_VERSION}
-    return Target(target, ".engine", tied_to, header=versions, entry=versions | {"exporter": EXPORTER_VERSION}, build=build)
+    header = dict(versions)
+    if precision == "fp8":
+        tied_to["fp8"] = fp8.settings_key()  # calibration settings decide the engine too
+        header["precision_note"] = ("fp8: the flow transformers' block Linears in FP8 E4M3 with calibrated scales "
+                                    "(per network under 'fp8'); the SS decoder and DINOv3 in bf16")
+    return Target(target, ".engine", tied_to, header=header, entry=versions | {"exporter": EXPORTER_VERSION}, build=build)
 
 
 def _sync_and_hash(path: Path) -> tuple[str, int]:
@@ -392,14 +408,17 @@ def export_engines(source: Source, target: str, out_dir, precision: str = "bf16"
 
         tgt = aoti_target(device)
     else:
-        caps = tuple(compute_capabilities or RTX_COMPUTE_CAPABILITIES)
+        default = fp8.FP8_RTX_COMPUTE_CAPABILITIES if precision == "fp8" else RTX_COMPUTE_CAPABILITIES
+        caps = tuple(compute_capabilities or default)
         if target == "tensorrt":
             cc = _gpu_compute_capability()
             if cc is None:
                 raise ExportError("--target tensorrt builds for the GPU it runs on, and no CUDA GPU is visible; "
                                   "use --target tensorrt-rtx to build on a machine without a GPU")
             caps = (cc,)
-        tgt = _tensorrt_target(trt, target, caps)
+        if precision == "fp8":
+            fp8.check_compute_capabilities(caps, target)
+        tgt = _tensorrt_target(trt, target, caps, precision)
     out.mkdir(parents=True, exist_ok=True)
     specs = build_specs(source.configs, source.dino_config, source.geometry, max_tokens=max_tokens, only=only)
     entries = dict(read_manifest(out).get("networks", {}))
@@ -457,7 +476,10 @@ def export_engines(source: Source, target: str, out_dir, precision: str = "bf16"
 # ---------------------------------------------------------------------------------------------
 # --verify: each engine once against the eager path, on this machine's GPU
 
-VERIFY_TOLERANCE = {"bf16": 3e-2, "fp16": 3e-2, "fp32": 5e-3}  # relative L2 (DESIGN.md §7; fp32 allows TF32)
+VERIFY_TOLERANCE = {"bf16": 3e-2, "fp16": 3e-2, "fp32": 5e-3,  # relative L2 (DESIGN.md §7; fp32 allows TF32)
+                    # fp8 vs the bf16 eager network: 0.038-0.061 measured (fake-quantized full-size flows,
+                    # random weights, opt shapes, H200; tiny preset through onnxruntime 0.031-0.040)
+                    "fp8": 1e-1}
 
 
 def verify_engines(source: Source, out_dir, precision: str | None = None, only: list[str] | None = None,

@@ -604,8 +604,9 @@ def test_cli_export_errors(tmp_path):
 
     r = CliRunner().invoke(main, ["export", "--preset", "tiny", "--out", str(tmp_path / "e"), "--target", "aoti", "--precision", "fp8"])
     assert r.exit_code == 2 and "--target aoti --precision fp8 is not available" in r.output
-    r = CliRunner().invoke(main, ["export", "--preset", "tiny", "--out", str(tmp_path / "e"), "--precision", "fp8"])
-    assert r.exit_code == 2 and "fp8 is not available yet" in r.output
+    r = CliRunner().invoke(main, ["export", "--preset", "tiny", "--out", str(tmp_path / "e"), "--precision", "fp8",
+                                  "--compute-capability", "8.6"])
+    assert r.exit_code == 2 and "8.6, which has no FP8 tensor cores" in r.output
     r = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "e")])
     assert r.exit_code == 2 and "no weights given" in r.output
     r = CliRunner().invoke(main, ["export", "--weights", str(tmp_path / "missing"), "--out", str(tmp_path / "e")])

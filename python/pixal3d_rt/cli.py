@@ -107,11 +107,13 @@ def infer(image_path, output_path, weights, preset, resolution, seed, steps, fov
                    "machine's GPU (or CPU) and tied to the installed torch version.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Engine directory (created).")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32", "fp8"]), default="bf16", show_default=True,
-              help="Compute precision of the engines (bf16 = upstream's mixed precision).")
+              help="Compute precision of the engines (bf16 = upstream's mixed precision; fp8 = the flows' block Linears "
+                   "in FP8 E4M3 with calibrated scales, TensorRT targets, compute capability 8.9+; the SS decoder and "
+                   "DINOv3 stay bf16).")
 @click.option("--max-tokens", type=click.IntRange(1, 1 << 22), default=None,
               help="Upper bound of the token count N of the sparse flows' profiles (default: the grid, 65,536 for the HR stages).")
 @click.option("--only", default=None, help="Comma-separated networks: ss_flow, shape_flow_lr, shape_flow_hr, tex_flow, ss_decoder, dinov3_lr, dinov3_hr.")
-@click.option("--compute-capability", "ccs", default=None, help="TensorRT-RTX: comma-separated compute capabilities (default 8.0,8.6,8.9,12.0).")
+@click.option("--compute-capability", "ccs", default=None, help="TensorRT-RTX: comma-separated compute capabilities (default 8.0,8.6,8.9,12.0; 8.9,12.0 with --precision fp8).")
 @click.option("--force", is_flag=True, help="Rebuild engines even when they are up to date.")
 @click.option("--keep-onnx", is_flag=True, help="Keep the ONNX files under OUT/onnx/.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="--target aoti: compile the packages for this device (default: cuda when available).")
