@@ -26,13 +26,6 @@ CHECK_DIMS = [{"B": 1, "N": 53}, {"B": 2, "N": 61}]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from pixal3d_rt.export.trt_build import Source
-
-    return Source.from_preset("tiny")
-
-
-@pytest.fixture(scope="module")
 def built(tiny, tmp_path_factory):
     from pixal3d_rt.export.trt_build import export_engines
 

@@ -129,13 +129,6 @@ def test_profile_selection():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from pixal3d_rt.export.trt_build import Source
-
-    return Source.from_preset("tiny")
-
-
-@pytest.fixture(scope="module")
 def onnx_files(tiny, tmp_path_factory):
     from pixal3d_rt.export.onnx_export import export_onnx
 

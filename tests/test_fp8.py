@@ -34,13 +34,6 @@ BLOCK_LINEARS = ["self_attn.to_qkv", "self_attn.to_out", "cross_attn.cross_attn_
                  "mlp.mlp.0", "mlp.mlp.2"]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from pixal3d_rt.export.trt_build import Source
-
-    return Source.from_preset("tiny")
-
-
 def _spec(tiny, name):
     (spec,) = S.build_specs(tiny.configs, tiny.dino_config, tiny.geometry, only=[name])
     return spec
