@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
+from engine_dirs import edit_manifest, one_network_copy
 import torch
 
 from pixal3d_rt.export import specs as S
@@ -42,20 +42,7 @@ def built(tiny, tmp_path_factory):
 @pytest.fixture
 def pkg_dir(built, tmp_path):
     """A private copy of the package directory with the SS decoder only (tests damage it)."""
-    d, _, _ = built
-    dst = tmp_path / "engines"
-    dst.mkdir()
-    shutil.copy(d / "ss_decoder.pt2", dst / "ss_decoder.pt2")
-    m = json.loads((d / "manifest.json").read_text())
-    m["networks"] = {"ss_decoder": m["networks"]["ss_decoder"]}
-    (dst / "manifest.json").write_text(json.dumps(m))
-    return dst
-
-
-def _edit_manifest(d: Path, fn):
-    m = json.loads((d / "manifest.json").read_text())
-    fn(m)
-    (d / "manifest.json").write_text(json.dumps(m))
+    return one_network_copy(built[0], tmp_path / "engines", "ss_decoder", "ss_decoder.pt2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +234,7 @@ def test_runner_unloadable_package(pkg_dir):
 
     f = pkg_dir / "ss_decoder.pt2"
     f.write_bytes(f.read_bytes()[:5000])
-    _edit_manifest(pkg_dir, lambda m: m["networks"]["ss_decoder"].update(bytes=f.stat().st_size, sha256=sha256_file(f)))
+    edit_manifest(pkg_dir, lambda m: m["networks"]["ss_decoder"].update(bytes=f.stat().st_size, sha256=sha256_file(f)))
     with pytest.raises(EngineError, match=r"ss_decoder.pt2: torch could not load the AOTInductor package \(RuntimeError: .*rebuild with"):
         AOTIEngine.load(pkg_dir, "ss_decoder")
 
@@ -256,7 +243,7 @@ def test_runner_torch_version_mismatch(pkg_dir):
     from pixal3d_rt.runtime.aoti_engine import AOTIEngine
     from pixal3d_rt.runtime.tensorrt_engine import EngineError
 
-    _edit_manifest(pkg_dir, lambda m: m["networks"]["ss_decoder"].update(torch_version="2.0.1"))
+    edit_manifest(pkg_dir, lambda m: m["networks"]["ss_decoder"].update(torch_version="2.0.1"))
     with pytest.raises(EngineError, match=rf"ss_decoder.pt2: built with torch 2.0.1, installed is {re.escape(torch.__version__)} "
                                           r"\(AOTInductor packages are tied to the torch version\); rebuild with: "
                                           r"pixal3d-rt export --preset tiny --target aoti .*\(or pip install torch==2.0.1\)"):
@@ -270,12 +257,12 @@ def test_runner_device_mismatches(pkg_dir):
     with pytest.raises(EngineError, match=r"ss_decoder.pt2: compiled for cpu, asked to run on cuda .*--device cuda"):
         AOTIEngine.load(pkg_dir, "ss_decoder", device="cuda")
     good = json.loads((pkg_dir / "manifest.json").read_text())
-    _edit_manifest(pkg_dir, lambda m: m["networks"]["ss_decoder"].update(cpu_features=["avx_from_the_future", "sse2"]))
+    edit_manifest(pkg_dir, lambda m: m["networks"]["ss_decoder"].update(cpu_features=["avx_from_the_future", "sse2"]))
     with pytest.raises(EngineError, match=r"ss_decoder.pt2: compiled on a CPU with instructions this one lacks "
                                           r"\(avx_from_the_future\); rebuild with: .*on this machine"):
         AOTIEngine.load(pkg_dir, "ss_decoder")
     (pkg_dir / "manifest.json").write_text(json.dumps(good))
-    _edit_manifest(pkg_dir, lambda m: m["networks"]["ss_decoder"].update(device="cuda", compute_capabilities=["1.0"], gpu="GPU-from-the-past"))
+    edit_manifest(pkg_dir, lambda m: m["networks"]["ss_decoder"].update(device="cuda", compute_capabilities=["1.0"], gpu="GPU-from-the-past"))
     if torch.cuda.is_available():
         with pytest.raises(EngineError, match=r"ss_decoder.pt2: compiled for compute capability 1.0 \(GPU-from-the-past\), this GPU"):
             AOTIEngine.load(pkg_dir, "ss_decoder")
@@ -283,7 +270,7 @@ def test_runner_device_mismatches(pkg_dir):
         with pytest.raises(EngineError, match=r"ss_decoder.pt2: compiled for an NVIDIA GPU and no CUDA device is visible; "
                                               r"rebuild with: .*--device cpu for CPU packages"):
             AOTIEngine.load(pkg_dir, "ss_decoder")
-    _edit_manifest(pkg_dir, lambda m: m["networks"]["ss_decoder"].update(target="tensorrt-rtx", device="cpu"))
+    edit_manifest(pkg_dir, lambda m: m["networks"]["ss_decoder"].update(target="tensorrt-rtx", device="cpu"))
     with pytest.raises(EngineError, match=r"ss_decoder.pt2: not an AOTInductor package \(target tensorrt-rtx\)"):
         AOTIEngine.check(pkg_dir, "ss_decoder")
 
@@ -352,7 +339,7 @@ def test_cli_infer_refuses_gpu_engines_on_cpu(pkg_dir, tmp_path):
 
     from pixal3d_rt.cli import main
 
-    _edit_manifest(pkg_dir, lambda m: m["networks"].update(tex_flow={"target": "tensorrt-rtx", "file": "tex_flow.engine"}))
+    edit_manifest(pkg_dir, lambda m: m["networks"].update(tex_flow={"target": "tensorrt-rtx", "file": "tex_flow.engine"}))
     out = tmp_path / "mug.glb"
     r = CliRunner().invoke(main, ["infer", "--preset", "tiny", "--image", str(EXAMPLE), "--output", str(out),
                                   "--device", "cpu", "--engines", str(pkg_dir)])

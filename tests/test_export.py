@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from engine_dirs import edit_manifest, one_network_copy
 import torch
 
 from pixal3d_rt import config as C
@@ -439,24 +440,8 @@ def test_cli_export_from_a_weights_directory(tiny, tmp_path, monkeypatch):
 
 @pytest.fixture
 def engine_dir(built, tmp_path):
-    """A private copy of the built engine directory (tests damage it)."""
-    import shutil
-
-    d, _, _ = built
-    dst = tmp_path / "engines"
-    dst.mkdir()
-    for name in ("manifest.json", "ss_decoder.engine"):
-        shutil.copy(d / name, dst / name)
-    m = json.loads((dst / "manifest.json").read_text())
-    m["networks"] = {"ss_decoder": m["networks"]["ss_decoder"]}
-    (dst / "manifest.json").write_text(json.dumps(m))
-    return dst
-
-
-def _edit_manifest(d: Path, fn):
-    m = json.loads((d / "manifest.json").read_text())
-    fn(m)
-    (d / "manifest.json").write_text(json.dumps(m))
+    """A private copy of the built engine directory with the SS decoder only (tests damage it)."""
+    return one_network_copy(built[0], tmp_path / "engines", "ss_decoder", "ss_decoder.engine")
 
 
 def test_runner_checks_pass_on_a_good_engine(engine_dir):
@@ -502,13 +487,13 @@ def test_runner_corrupt_engine(engine_dir, damage):
 def test_runner_manifest_version_mismatches(engine_dir):
     from pixal3d_rt.runtime.tensorrt_engine import EngineError, TensorRTEngine
 
-    _edit_manifest(engine_dir, lambda m: m["networks"]["ss_decoder"].update(tensorrt_version="0.0.1"))
+    edit_manifest(engine_dir, lambda m: m["networks"]["ss_decoder"].update(tensorrt_version="0.0.1"))
     with pytest.raises(EngineError, match=r"ss_decoder.engine: built with tensorrt_rtx 0.0.1, installed is .*rebuild with"):
         TensorRTEngine.check(engine_dir, "ss_decoder")
-    _edit_manifest(engine_dir, lambda m: m["networks"]["ss_decoder"].update(tensorrt_module="tensorrt_not_here", tensorrt_version="10.1"))
+    edit_manifest(engine_dir, lambda m: m["networks"]["ss_decoder"].update(tensorrt_module="tensorrt_not_here", tensorrt_version="10.1"))
     with pytest.raises(EngineError, match=r"built with tensorrt_not_here 10.1, which is not installed"):
         TensorRTEngine.check(engine_dir, "ss_decoder")
-    _edit_manifest(engine_dir, lambda m: m.update(format=99))
+    edit_manifest(engine_dir, lambda m: m.update(format=99))
     with pytest.raises(EngineError, match=r"manifest format 99, this pixal3d-rt reads format 1; rebuild with"):
         TensorRTEngine.check(engine_dir, "ss_decoder")
     (engine_dir / "manifest.json").write_text("{not json")
