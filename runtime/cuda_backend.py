@@ -211,7 +211,8 @@ class FlowBackend:
         self._mod_cache: dict[float, torch.Tensor] = {}
         self._state: _TokenState | None = None
         self.stats = {"eager_forwards": 0, "graph_replays": 0, "graph_captures": 0, "capture_errors": [],
-                      "slot_fills": 0, "fallback_calls": 0, "token_states": 0}
+                      "slot_fills": 0, "fallback_calls": 0, "token_states": 0,
+                      "eager_host_ms": [], "capture_host_ms": []}
         self._load_weights()
         self.gelu_epilogue = opts.gelu_epilogue if opts.gelu_epilogue is not None else self._check_gelu_epilogue()
 
@@ -524,8 +525,10 @@ class FlowBackend:
                 self.stats["graph_replays"] += 1
             else:
                 self.stats["eager_forwards"] += 1
+                self.stats["eager_host_ms"].append(round(runner.eager_host_s * 1e3, 2))
                 if runner.graph is not None:
                     self.stats["graph_captures"] += 1
+                    self.stats["capture_host_ms"].append(round(runner.capture_host_s * 1e3, 2))
                 elif runner.capture_error and runner.capture_error not in self.stats["capture_errors"]:
                     self.stats["capture_errors"].append(runner.capture_error)
         else:

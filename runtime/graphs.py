@@ -13,6 +13,7 @@ callers copy out what they keep.
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable
 
 import torch
@@ -38,15 +39,23 @@ class GraphRunner:
         self.static_out: torch.Tensor | None = None
         self.calls = 0
         self.capture_error: str | None = None
+        # host seconds of the last eager call (its enqueue) and of the capture: where a cold stage's
+        # time goes when the GPU waits for the host (small token counts)
+        self.eager_host_s = 0.0
+        self.capture_host_s = 0.0
 
     def __call__(self) -> torch.Tensor:
         self.calls += 1
         if self.graph is not None:
             self.graph.replay()
             return self.static_out
+        t0 = time.perf_counter()
         out = self.fn()
+        t1 = time.perf_counter()
+        self.eager_host_s = t1 - t0
         if self.enabled and self.capture_error is None:
             self._capture()
+            self.capture_host_s = time.perf_counter() - t1
         return out
 
     def _capture(self) -> None:

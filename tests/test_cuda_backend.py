@@ -380,6 +380,25 @@ def test_fused_kernels_inside_the_backend():
         torch.testing.assert_close(pn.feats, m(x, T, neg).feats, rtol=1e-4, atol=1e-5)
 
 
+def test_graph_bookkeeping_path_on_a_host_without_graphs():
+    """The backend's graph branch with a runner that cannot capture (no CUDA here): every call runs
+    eagerly through it, results equal the plain path, and the host timings are recorded."""
+    m = _slat("bfloat16")
+    x, cond, neg, _ = _sparse_case(n=33)
+    be = _wrap(m)
+    be.use_graphs = True  # GraphRunner itself stays disabled without CUDA
+    with torch.no_grad():
+        got = [be.cfg_pair(x, T, cond, neg) for _ in range(2)]
+        ref = _wrap(m).cfg_pair(x, T, cond, neg)
+    for pair in got:
+        for a, b in zip(pair, ref):
+            assert torch.equal(a.feats, b.feats)
+    st = be.stats
+    assert st["eager_forwards"] == 2 and st["graph_replays"] == 0 and st["graph_captures"] == 0, st
+    assert len(st["eager_host_ms"]) == 2 and all(v > 0 for v in st["eager_host_ms"])
+    assert st["capture_host_ms"] == [] and st["capture_errors"] == []
+
+
 @pytest.mark.parametrize("v_copy", [False, True])
 def test_sdpa_path_with_triton_prologue_and_either_v_layout(v_copy):
     """The SDPA attention path behind the Triton QK prologue, with V read in place from the qkv
@@ -465,6 +484,7 @@ def test_cuda_graph_replays_equal_first_forward_and_eager():
         again = be.cfg_pair(x, t, cond, neg)
         eager = (m(x, t, cond), m(x, t, neg))
     assert be.stats["graph_captures"] == 1 and be.stats["graph_replays"] == 1, be.stats
+    assert len(be.stats["capture_host_ms"]) == 1 and be.stats["capture_host_ms"][0] > 0
     for a, b, e in zip(first, again, eager):
         assert _rel(b.feats, a.feats) < 1e-6 and _rel(a.feats, e.feats) < 3e-2
 
