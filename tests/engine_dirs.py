@@ -18,3 +18,13 @@ def edit_manifest(d: Path, fn) -> None:
     m = json.loads((d / "manifest.json").read_text())
     fn(m)
     (d / "manifest.json").write_text(json.dumps(m))
+
+
+def export_tiny(tiny, tmp_path_factory, folder: str, target: str, precision: str, only: list[str], **kw):
+    """Export `only` of the tiny preset into a fresh folder: (folder, manifest, progress lines)."""
+    from pixal3d_rt.export.trt_build import export_engines
+
+    d = tmp_path_factory.mktemp(folder)
+    log = []
+    manifest = export_engines(tiny, target, d, precision=precision, only=only, progress=log.append, **kw)
+    return d, manifest, log

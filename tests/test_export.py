@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from engine_dirs import edit_manifest, one_network_copy
+from engine_dirs import edit_manifest, export_tiny, one_network_copy
 import torch
 
 from pixal3d_rt import config as C
@@ -307,13 +307,8 @@ def built(tiny, tmp_path_factory):
     """bf16 engines of the SS decoder and the texture flow (the spec with every kind of input)."""
     if not HAVE_RTX:
         pytest.skip("tensorrt-rtx is not installed (pip install tensorrt-rtx)")
-    from pixal3d_rt.export.trt_build import export_engines
-
-    d = tmp_path_factory.mktemp("engines")
-    log = []
-    manifest = export_engines(tiny, "tensorrt-rtx", d, precision="bf16", only=["ss_decoder", "tex_flow"],
-                              keep_onnx=True, progress=log.append)
-    return d, manifest, log
+    return export_tiny(tiny, tmp_path_factory, "engines", "tensorrt-rtx", "bf16", ["ss_decoder", "tex_flow"],
+                       keep_onnx=True)
 
 
 def test_manifest(built, tiny):

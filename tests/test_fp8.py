@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+from engine_dirs import export_tiny
 import torch
 
 pytest.importorskip("onnx")
@@ -290,13 +291,8 @@ def _fp8_constants(plan: bytes) -> list[tuple[int, ...]]:
 def fp8_built(tiny, tmp_path_factory):
     if not HAVE_RTX:
         pytest.skip("tensorrt-rtx is not installed (pip install tensorrt-rtx)")
-    from pixal3d_rt.export.trt_build import export_engines
-
-    d = tmp_path_factory.mktemp("fp8_engines")
-    log = []
-    manifest = export_engines(tiny, "tensorrt-rtx", d, precision="fp8", only=["ss_flow", "shape_flow_lr", "ss_decoder"],
-                              keep_onnx=True, progress=log.append)
-    return d, manifest, log
+    return export_tiny(tiny, tmp_path_factory, "fp8_engines", "tensorrt-rtx", "fp8",
+                       ["ss_flow", "shape_flow_lr", "ss_decoder"], keep_onnx=True)
 
 
 @needs_rtx
