@@ -262,18 +262,17 @@ class SparseUnetVaeDecoder(nn.Module):
 
     def convert_to_fp16(self) -> None:
         """Block Linear/conv weights in fp16 as upstream; norms, from_latent and output_layer stay fp32."""
-        self.use_fp16, self.dtype = True, torch.float16
-        for m in self.blocks.modules():
-            if isinstance(m, _HALF_PRECISION_LAYERS):
-                for p in m.parameters(recurse=False):
-                    p.data = p.data.half()
+        self._convert_blocks(torch.float16)
 
     def convert_to_fp32(self) -> None:
-        self.use_fp16, self.dtype = False, torch.float32
+        self._convert_blocks(torch.float32)
+
+    def _convert_blocks(self, dtype: torch.dtype) -> None:
+        self.use_fp16, self.dtype = dtype == torch.float16, dtype
         for m in self.blocks.modules():
             if isinstance(m, _HALF_PRECISION_LAYERS):
                 for p in m.parameters(recurse=False):
-                    p.data = p.data.float()
+                    p.data = p.data.to(dtype)
 
     @staticmethod
     def _level_cache(cache: dict | None, level: int, coords: torch.Tensor, default: dict) -> dict:
