@@ -29,6 +29,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -413,6 +414,22 @@ def feats(v):
     return v.feats if isinstance(v, SparseTensor) else v
 
 
+def host_syncs(fn) -> dict:
+    """Run fn once with torch's sync debug mode on: how often (and from which lines) the host waited
+    for the GPU. Untimed (warnings cost host time)."""
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+    where = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    return {"count": len(where), "where": sorted(set(where))}
+
+
 def timed_call(fn):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -519,6 +536,10 @@ def bench_sampling(models: dict, attention: str, seed: int) -> dict:
         for _ in range(SAMPLING_REPS):
             fast2, t = timed_call(lambda: sampler.sample(backend, noise, cond, neg, **params, **kw))
             warm_ms.append(t)
+        syncs_warm = host_syncs(lambda: sampler.sample(backend, noise, cond, neg, **params, **kw))
+        fresh = cuda_backend.wrap_flow(model, {"name": stage, "attention": attention})
+        syncs_cold = host_syncs(lambda: sampler.sample(fresh, noise, cond, neg, **params, **kw))
+        fresh = None
         t_e, t_f, t_w = (statistics.median(v) for v in (eager_ms, cold_ms, warm_ms))
         row = {"stage": stage, "network": name, "tokens": n, "params": params,
                "eager_s": t_e / 1e3, "fast_s": t_f / 1e3, "fast_warm_s": t_w / 1e3,
@@ -526,7 +547,8 @@ def bench_sampling(models: dict, attention: str, seed: int) -> dict:
                "fast_warm_runs_s": [v / 1e3 for v in warm_ms],
                "speedup": t_e / t_f, "rel_err_sample": rel_err(feats(fast), feats(ref)),
                "rel_err_warm_vs_cold": rel_err(feats(fast2), feats(fast)),
-               "finite": finite(feats(fast)) and finite(feats(fast2)), "backend_stats_cold": stats_cold}
+               "finite": finite(feats(fast)) and finite(feats(fast2)), "backend_stats_cold": stats_cold,
+               "host_syncs": {"cold": syncs_cold, "warm": syncs_warm}}
         print(f"sampling {stage}: eager {row['eager_s']:.3f} s fast {row['fast_s']:.3f} s (warm {row['fast_warm_s']:.3f}) "
               f"err {row['rel_err_sample']:.2e}", flush=True)
         stages.append(row)

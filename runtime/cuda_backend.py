@@ -180,6 +180,9 @@ class _TokenState:
 class FlowBackend:
     """Fast path of one flow model (see the module docstring)."""
 
+    # the sampler passes the timestep as a CPU tensor: reading it never waits for the GPU
+    host_timestep = True
+
     def __init__(self, model, options: BackendOptions | None = None, name: str | None = None):
         opts = options or BackendOptions()
         if opts.attention not in ATTENTION_CHOICES:
@@ -329,6 +332,7 @@ class FlowBackend:
         return tuple(self._wrap_out(x, o) for o in self._execute(*plan))
 
     def _eager(self, x, t, cond, concat_cond, **kwargs):
+        t = t.to((x if self.dense else x.feats).device)  # a host timestep (host_timestep) for the model's embedder
         if self.dense:
             return self.model(x, t, cond)
         return self.model(x, t, cond, concat_cond=concat_cond, **kwargs)

@@ -513,3 +513,40 @@ def test_graph_capture_overlapping_the_first_call_then_replays_follow_the_inputs
         buf.copy_(torch.randn(buf.shape, device="cuda", generator=g))
         want = fn()
         torch.testing.assert_close(runner(), want)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dense", [False, True])
+def test_warm_sampling_never_waits_for_the_gpu(dense):
+    """Once a stage's graphs and constants exist, a whole sampling run (CFG pairs, single steps,
+    CFG-rescale) queues its work without one host-device synchronisation, so the host runs ahead of
+    the GPU; the eager model, given its timestep on the device as upstream does, synchronises."""
+    sampler = FlowEulerGuidanceIntervalSampler()
+    if dense:
+        m = _ss("bfloat16").cuda()
+        g = torch.Generator().manual_seed(5)
+        noise = torch.randn(1, 8, 5, 5, 5, generator=g).cuda()
+        cond = {"global": torch.randn(1, 5, 24, generator=g).cuda(), "proj": torch.randn(1, 125, 24, generator=g).cuda()}
+        neg = {k: torch.zeros_like(v) for k, v in cond.items()}
+        params = dict(steps=6, guidance_strength=7.5, guidance_rescale=0.7, rescale_t=5.0, guidance_interval=(0.6, 1.0))
+    else:
+        m = _slat("bfloat16").cuda()
+        noise, cond, neg, _ = _sparse_case(n=300)
+        noise = SparseTensor(noise.feats.cuda(), noise.coords.cuda())
+        cond = {"global": cond["global"].cuda(), "proj": noise.replace(cond["proj"].feats.cuda())}
+        neg = {"global": neg["global"].cuda(), "proj": noise.replace(neg["proj"].feats.cuda())}
+        params = dict(steps=6, guidance_strength=7.5, guidance_rescale=0.5, rescale_t=3.0, guidance_interval=(0.6, 1.0))
+    be = cuda_backend.wrap_flow(m)
+    cold = sampler.sample(be, noise, cond, neg, **params)
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        warm = sampler.sample(be, noise, cond, neg, **params)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            sampler.sample(m, noise, cond, neg, **params)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    f = (lambda z: z) if dense else (lambda z: z.feats)
+    assert be.stats["graph_captures"] == 2 and be.stats["capture_errors"] == []
+    assert _rel(f(warm), f(cold)) < 1e-5

@@ -152,3 +152,29 @@ def test_strength_one_zero_progress_and_concat_cond():
     seen.clear()
     FlowEulerGuidanceIntervalSampler().sample(model, noise, "pos", "neg", steps=3, guidance_strength=0.0)
     assert [c for c, _ in seen] == ["neg"] * 3
+
+
+def test_host_timestep_models_get_the_timestep_on_the_host():
+    """Upstream's t_in lives on the model's device (a blocking copy every step); a model that declares
+    `host_timestep` (the cuda backend) gets it on the CPU, same values; others are unchanged."""
+    class Model:
+        def __init__(self, host):
+            self.host_timestep = host
+            self.seen = []
+
+        def __call__(self, x, t_in, c):
+            self.seen.append((t_in.device.type, t_in.dtype, tuple(t_in.shape), c))
+            return x * 0.5
+
+        def cfg_pair(self, x, t_in, c, n):
+            self.seen.append((t_in.device.type, t_in.dtype, tuple(t_in.shape), "pair"))
+            return x * 0.5, x * 0.25
+
+    x = torch.randn(1, 2, 3, 3, 3, device="meta")  # a device that is neither the CPU nor the default
+    params = dict(steps=4, guidance_strength=3.0, guidance_interval=(0.5, 1.0))
+    host, dev = Model(True), Model(False)
+    FlowEulerGuidanceIntervalSampler().sample(host, x, "pos", "neg", **params)
+    FlowEulerGuidanceIntervalSampler().sample(dev, x, "pos", "neg", **params)
+    assert {s[0] for s in host.seen} == {"cpu"} and {s[0] for s in dev.seen} == {"meta"}
+    assert [s[1:] for s in host.seen] == [s[1:] for s in dev.seen]
+    assert {s[3] for s in host.seen} == {"pair", "pos"}

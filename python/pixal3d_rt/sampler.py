@@ -139,8 +139,16 @@ class FlowEulerGuidanceIntervalSampler:
         ts = t_schedule(steps, rescale_t)
         trace = SamplerTrace(torch.tensor(ts, dtype=torch.float64)) if return_trace else None
 
+        # upstream builds t_in on the model's device, which waits for the GPU every step (a blocking
+        # host-to-device copy); a model that reads the timestep on the host (the `cuda` backend looks up
+        # its precomputed modulation) gets a CPU tensor, so the host can queue steps ahead of the GPU
+        t_device = "cpu" if getattr(model, "host_timestep", False) else None
+
+        def t_tensor(x_feats, t: float) -> torch.Tensor:
+            return torch.tensor([1000 * t] * batch_size, device=t_device or x_feats.device, dtype=torch.float32)
+
         def call(x_feats, t: float, c, is_pos: bool) -> torch.Tensor:
-            t_in = torch.tensor([1000 * t] * batch_size, device=x_feats.device, dtype=torch.float32)
+            t_in = t_tensor(x_feats, t)
             if trace is not None:
                 trace.model_t_in.append(float(t_in[0]))
                 trace.model_is_pos.append(is_pos)
@@ -152,7 +160,7 @@ class FlowEulerGuidanceIntervalSampler:
             raise TypeError("batched_cfg=True needs a model with a cfg_pair method")
 
         def call_pair(x_feats, t: float):
-            t_in = torch.tensor([1000 * t] * batch_size, device=x_feats.device, dtype=torch.float32)
+            t_in = t_tensor(x_feats, t)
             if trace is not None:  # recorded as the sequential path would call: positive, then negative
                 trace.model_t_in += [float(t_in[0])] * 2
                 trace.model_is_pos += [True, False]
