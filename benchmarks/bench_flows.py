@@ -532,6 +532,22 @@ def bench_sampling(models: dict, attention: str, seed: int) -> dict:
             fast, t = timed_call(lambda: sampler.sample(backend, noise, cond, neg, **params, **kw))
             cold_ms.append(t)
         stats_cold = dict(backend.stats)
+        # a token count this process has never run (what each new image brings to the sparse stages:
+        # attention plans and the like are built again); the SS grid is always 16^3, so it has none
+        new_ms = []
+        for delta in ((7, 19) if name != "ss_flow" else ()):
+            other = make_case(cfg, n + delta, seed + 200 + delta)
+            backend = None
+            gc.collect()
+            backend = cuda_backend.wrap_flow(model, {"name": stage, "attention": attention})
+            _, t = timed_call(lambda: sampler.sample(backend, other["x"], other["cond"], other["neg"], **params,
+                                                     **other["kwargs"]))
+            new_ms.append(t)
+            other = None
+        backend = None
+        gc.collect()
+        backend = cuda_backend.wrap_flow(model, {"name": stage, "attention": attention})
+        fast, _ = timed_call(lambda: sampler.sample(backend, noise, cond, neg, **params, **kw))  # the warm backend
         warm_ms = []
         for _ in range(SAMPLING_REPS):
             fast2, t = timed_call(lambda: sampler.sample(backend, noise, cond, neg, **params, **kw))
@@ -541,8 +557,10 @@ def bench_sampling(models: dict, attention: str, seed: int) -> dict:
         syncs_cold = host_syncs(lambda: sampler.sample(fresh, noise, cond, neg, **params, **kw))
         fresh = None
         t_e, t_f, t_w = (statistics.median(v) for v in (eager_ms, cold_ms, warm_ms))
+        t_new = statistics.median(new_ms) if new_ms else t_f
         row = {"stage": stage, "network": name, "tokens": n, "params": params,
-               "eager_s": t_e / 1e3, "fast_s": t_f / 1e3, "fast_warm_s": t_w / 1e3,
+               "eager_s": t_e / 1e3, "fast_s": t_f / 1e3, "fast_warm_s": t_w / 1e3, "fast_new_count_s": t_new / 1e3,
+               "fast_new_count_runs_s": [v / 1e3 for v in new_ms],
                "eager_runs_s": [v / 1e3 for v in eager_ms], "fast_cold_runs_s": [v / 1e3 for v in cold_ms],
                "fast_warm_runs_s": [v / 1e3 for v in warm_ms],
                "speedup": t_e / t_f, "rel_err_sample": rel_err(feats(fast), feats(ref)),
@@ -555,7 +573,7 @@ def bench_sampling(models: dict, attention: str, seed: int) -> dict:
         backend = ref = fast = fast2 = None
         gc.collect()
         torch.cuda.empty_cache()
-    tot = {k: sum(r[k] for r in stages) for k in ("eager_s", "fast_s", "fast_warm_s")}
+    tot = {k: sum(r[k] for r in stages) for k in ("eager_s", "fast_s", "fast_warm_s", "fast_new_count_s")}
     tot["speedup"] = tot["eager_s"] / tot["fast_s"]
     return {"stages": stages, "total": tot}
 
@@ -632,16 +650,23 @@ def render_markdown(d: dict) -> str:
     sm = d.get("sampling")
     if sm:
         L += ["## Sampling at the reference token counts (12 steps per stage, real sampler settings)", "",
-              "| stage | N | eager s | fast s (cold) | fast s (warm) | speed-up | rel err of the sample |", "|---|---|---|---|---|---|---|"]
+              "| stage | N | eager s | fast s (cold) | fast s (warm) | fast s (cold, new N) | speed-up | rel err of the sample "
+              "| host syncs cold / warm |", "|---|---|---|---|---|---|---|---|---|"]
         for r in sm["stages"]:
+            sy = r.get("host_syncs", {})
+            syncs = f"{sy['cold']['count']} / {sy['warm']['count']}" if sy else "-"
             L.append(f"| {r['stage']} | {r['tokens']:,} | {r['eager_s']:.3f} | {r['fast_s']:.3f} | {r['fast_warm_s']:.3f} | "
-                     f"{r['speedup']:.2f}× | {r['rel_err_sample']:.1e} |")
+                     f"{r.get('fast_new_count_s', float('nan')):.3f} | {r['speedup']:.2f}× | {r['rel_err_sample']:.1e} | {syncs} |")
         t = sm["total"]
-        L += [f"| **total** | | **{t['eager_s']:.2f}** | **{t['fast_s']:.2f}** | {t['fast_warm_s']:.2f} | **{t['speedup']:.2f}×** | |", ""]
+        L += [f"| **total** | | **{t['eager_s']:.2f}** | **{t['fast_s']:.2f}** | {t['fast_warm_s']:.2f} | "
+              f"{t.get('fast_new_count_s', float('nan')):.2f} | **{t['speedup']:.2f}×** | | |", ""]
         L += ["'cold' = a fresh backend (condition constants, first forward without a graph, capture); "
-              "'warm' = the same backend again (graphs reused, as the SS stage is for every image). "
+              "'warm' = the same backend again (graphs reused, as the SS stage is for every image); "
+              "'cold, new N' = a fresh backend at a token count (N+7, N+19) this process never ran, what each new "
+              "image costs (the SS grid is always 16³). "
               f"Medians: eager of {SAMPLING_REPS} runs, cold of 2 fresh backends, warm of {SAMPLING_REPS} runs "
-              "(every run is in the JSON).", ""]
+              "(every run is in the JSON). Host syncs: how often one sampling run made the host wait for the GPU "
+              "(torch's sync debug mode, an extra untimed run).", ""]
     chk = d.get("targets_check")
     if chk:
         L += ["## Targets", ""] + [f"- {k}: {v}" for k, v in chk.items()] + [""]
@@ -666,10 +691,15 @@ def check_targets(d: dict) -> dict:
     sm = d.get("sampling")
     if sm:
         t = sm["total"]
-        out["sampling_time"] = f"{t['fast_s']:.2f} s cold / {t['fast_warm_s']:.2f} s warm (target ≤ {TARGETS['sampling_s']} s): " + \
-            ("PASS" if t["fast_s"] <= TARGETS["sampling_s"] else "MISS")
-        out["sampling_speedup"] = f"{t['speedup']:.2f}× vs eager in the same run (target ≥ {TARGETS['sampling_speedup']}×): " + \
-            ("PASS" if t["speedup"] >= TARGETS["sampling_speedup"] else "MISS")
+        new_n = t.get("fast_new_count_s")
+        out["sampling_time"] = (f"{t['fast_s']:.2f} s cold / {t['fast_warm_s']:.2f} s warm"
+                                + (f" / {new_n:.2f} s cold at new token counts" if new_n else "")
+                                + f" (target ≤ {TARGETS['sampling_s']} s): "
+                                + ("PASS" if max(t["fast_s"], new_n or 0) <= TARGETS["sampling_s"] else "MISS"))
+        out["sampling_speedup"] = (f"{t['speedup']:.3f}× cold"
+                                   + (f", {t['eager_s'] / new_n:.3f}× cold at new token counts" if new_n else "")
+                                   + f" vs eager in the same run (target ≥ {TARGETS['sampling_speedup']}×): "
+                                   + ("PASS" if t["speedup"] >= TARGETS["sampling_speedup"] else "MISS"))
         worst = max(r["rel_err_sample"] for r in sm["stages"])
         out["sampling_error"] = f"max rel err of a stage sample {worst:.1e}; finite: {all(r['finite'] for r in sm['stages'])}"
     return out

@@ -501,7 +501,7 @@ class FlowBackend:
         """[blocks, 6, C]: shift1, 1 + scale1, gate1, shift2, 1 + scale2, gate2 (torso dtype, as eager)."""
         tab = self._mod_cache.get(tval)
         if tab is None:
-            t = torch.tensor([tval], dtype=torch.float32, device=self.device)
+            t = torch.full((1,), tval, dtype=torch.float32, device=self.device)  # a fill, not a blocking copy
             mod = self.t_embedder(t)
             if self.adaLN is not None:
                 mod = self.adaLN(mod)
