@@ -127,7 +127,9 @@ class FlowEulerGuidanceIntervalSampler:
         if sparse:
             counts_list = noise.batch_counts()
             batch_size = len(counts_list)
-            batch_index = torch.repeat_interleave(torch.arange(batch_size), torch.tensor(counts_list)).to(noise.device)
+            # filled on the device (a host-to-device copy would wait for the GPU)
+            batch_index = torch.cat([torch.full((c,), i, dtype=torch.long, device=noise.device)
+                                     for i, c in enumerate(counts_list)] or [torch.zeros(0, dtype=torch.long, device=noise.device)])
             std = lambda z: varlen_std(z, counts_list, batch_index)  # noqa: E731
             x = noise.feats
         else:
