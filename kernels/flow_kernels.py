@@ -119,7 +119,9 @@ def cross_probs_ref(qc, kc, gq, heads, m_ctx, width):
 
 if triton is not None:
 
-    @triton.jit
+    # row counts change with every image: not specialised (Triton would compile a second variant for
+    # counts divisible by 16, a compile in the middle of an image)
+    @triton.jit(do_not_specialize=["n_rows", "dup_offset"])
     def _residual_norm_kernel(X, XO, Y, VEC, G, NA, NB, H, n_rows, C, stride_x, stride_xo, stride_y, stride_h,
                               dup_offset, eps,
                               HAS_Y: tl.constexpr, HAS_VEC: tl.constexpr, HAS_GATE: tl.constexpr,
@@ -174,7 +176,7 @@ if triton is not None:
         ro = (e * s + o * c).to(dt)
         return tl.reshape(tl.join(re, ro), (ROWS, 2 * BLOCK_HALF))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows", "n_pos"])
     def _qk_prologue_kernel(QKV, Q, K, V, COS, SIN, GQ, GK, n_rows, n_pos, C, stride_in, stride_out, stride_tab,
                             g_scale, eps, DO_Q: tl.constexpr, DO_V: tl.constexpr, HEAD_D: tl.constexpr,
                             BLOCK_HALF: tl.constexpr, ROWS: tl.constexpr):
@@ -202,7 +204,7 @@ if triton is not None:
         if DO_V:
             tl.store(V + dst, tl.load(src + 2 * C, mask=mask, other=0.0), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows"])
     def _cross_probs_kernel(QC, KC, G, P, n_rows, stride_q, stride_p, g_scale, sm_scale, eps,
                             M: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
                             ROWS: tl.constexpr):
