@@ -51,6 +51,12 @@ def varlen_std(feats: torch.Tensor, counts: list[int], batch_index: torch.Tensor
     return (seg[:, 1:] - seg[:, :1] ** 2).sqrt()[batch_index]
 
 
+def _batch_index(counts: list[int], device) -> torch.Tensor:
+    """[N] batch item of each row, filled on the device (a host-to-device copy waits for the GPU)."""
+    parts = [torch.full((c,), i, dtype=torch.long, device=device) for i, c in enumerate(counts)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
 def velocity_to_x0(x: torch.Tensor, t: float, v: torch.Tensor, sigma_min: float) -> torch.Tensor:
     return (1 - sigma_min) * x - (sigma_min + (1 - sigma_min) * t) * v
 
@@ -127,9 +133,7 @@ class FlowEulerGuidanceIntervalSampler:
         if sparse:
             counts_list = noise.batch_counts()
             batch_size = len(counts_list)
-            # filled on the device (a host-to-device copy would wait for the GPU)
-            batch_index = torch.cat([torch.full((c,), i, dtype=torch.long, device=noise.device)
-                                     for i, c in enumerate(counts_list)] or [torch.zeros(0, dtype=torch.long, device=noise.device)])
+            batch_index = _batch_index(counts_list, noise.device)
             std = lambda z: varlen_std(z, counts_list, batch_index)  # noqa: E731
             x = noise.feats
         else:
