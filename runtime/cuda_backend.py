@@ -41,6 +41,7 @@ Unsupported inputs (several batch items, no QK-RMSNorm) run the wrapped eager mo
 from __future__ import annotations
 
 import copy
+import os
 import weakref
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
@@ -72,7 +73,10 @@ class BackendOptions:
     device: str | None = None  # compute device (None: the model's)
     dtype: str | None = None  # torso dtype (None: the model's)
     attention_config: dict = field(default_factory=dict)  # Triton attention tile config
-    v_copy: bool = False  # SDPA: the prologue writes a contiguous V instead of SDPA reading it in place
+    # SDPA: the prologue writes a contiguous V instead of SDPA reading it in place (None: only when
+    # torch's TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 is set, whose ragged cuDNN path needs contiguous
+    # q, k, v to reuse one attention plan across token counts: benchmarks/results/first_call_h200.json)
+    v_copy: bool | None = None
 
     @classmethod
     def from_mapping(cls, m: dict | None) -> "BackendOptions":
@@ -209,6 +213,7 @@ class FlowBackend:
             self.attention = DEFAULT_ATTENTION["cuda" if self.cuda else "cpu"]
         if self.attention == "triton" and not self.use_triton:
             self.attention = "math" if not self.cuda else "cudnn"
+        self.v_copy = opts.v_copy if opts.v_copy is not None else os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE") == "1"
         self.use_graphs = opts.graphs and self.cuda and opts.residency == "resident"
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._mod_cache: dict[float, torch.Tensor] = {}
@@ -573,7 +578,7 @@ class FlowBackend:
                                            qkv[:, 2 * C:].view(items, n, H, D), prologue=(st.cos, st.sin, bp.gq, n),
                                            config=self.opts.attention_config)
             return o.view(T, C)
-        q, k, v = fk.qk_prologue(qkv, st.cos, st.sin, bp.gq, bp.gk, H, n, do_v=self.opts.v_copy,
+        q, k, v = fk.qk_prologue(qkv, st.cos, st.sin, bp.gq, bp.gk, H, n, do_v=self.v_copy,
                                  use_triton=self.use_triton)
         if v is None:
             v = qkv[:, 2 * C:]  # read in place (row stride 3C), as the eager path hands v to SDPA

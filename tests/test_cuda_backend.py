@@ -410,11 +410,37 @@ def test_sdpa_path_with_triton_prologue_and_either_v_layout(v_copy):
     m = _slat()
     x, cond, neg, _ = _sparse_case(n=41)
     be = cuda_backend.wrap_flow(m, fused=True, attention="math", v_copy=v_copy)
-    assert be.use_triton and be.opts.v_copy is v_copy
+    assert be.use_triton and be.v_copy is v_copy
     with torch.no_grad():
         pp, pn = be.cfg_pair(x, T, cond, neg)
         torch.testing.assert_close(pp.feats, m(x, T, cond).feats, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(pn.feats, m(x, T, neg).feats, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("env,option,want", [(None, None, False), ("1", None, True), ("1", False, False),
+                                              (None, True, True)])
+def test_v_copy_follows_torchs_ragged_cudnn_opt_in(monkeypatch, env, option, want):
+    """torch's TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 reuses cuDNN plans across token counts only for
+    contiguous q, k, v: with it set (and v_copy not given) the prologue writes a contiguous V."""
+    if env is None:
+        monkeypatch.delenv("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", env)
+    seen = []
+    real = flow_kernels.qk_prologue
+
+    def spy(*a, **k):
+        seen.append(k.get("do_v"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(flow_kernels, "qk_prologue", spy)
+    m = _slat()
+    x, cond, _, _ = _sparse_case(n=29)
+    be = _wrap(m, attention="math", **({} if option is None else {"v_copy": option}))
+    with torch.no_grad():
+        got = be(x, T, cond)
+    assert be.v_copy is want and seen and set(seen) == {want}
+    torch.testing.assert_close(got.feats, m(x, T, cond).feats, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
