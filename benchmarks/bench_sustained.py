@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_result  # noqa: E402
+from common import cuda_call_times, environment, write_result  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -35,22 +35,8 @@ def per_call(fn, seconds: float) -> list[float]:
     """ms of each call over about `seconds` of back-to-back calls."""
     fn()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    start = torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end = torch.cuda.Event(enable_timing=True)
-    end.record()
-    torch.cuda.synchronize()
-    one = start.elapsed_time(end)
-    reps = max(5, int(seconds * 1e3 / max(one, 1e-3)))
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for s, e in ev:
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in ev]
+    one = cuda_call_times(fn, 1)[0]
+    return cuda_call_times(fn, max(5, int(seconds * 1e3 / max(one, 1e-3))))
 
 
 def summary(ms: list[float]) -> dict:

@@ -114,6 +114,19 @@ def environment() -> dict:
     return env
 
 
+def cuda_call_times(fn: Callable[[], object], reps: int) -> list[float]:
+    """Milliseconds of each of `reps` back-to-back calls of `fn`, from CUDA events around each call."""
+    import torch
+
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in events]
+
+
 def cuda_time(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> dict:
     """Milliseconds per call of `fn`, from CUDA events around each call after `warmup` calls."""
     import torch
@@ -121,13 +134,7 @@ def cuda_time(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> dict
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return summarize_ms([s.elapsed_time(e) for s, e in events])
+    return summarize_ms(cuda_call_times(fn, reps))
 
 
 def summarize_ms(times: list[float]) -> dict:

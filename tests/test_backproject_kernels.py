@@ -2,8 +2,6 @@
 torch reference (`ImageConditioner.project`, i.e. upstream's dense-grid-then-gather values):
 awkward grids, maps and channel counts, batches, points off the image (border clamp), bf16 maps,
 a lazy NAF map evaluated at the sampled texels only, N = 0 and N = 1."""
-import importlib
-import os
 
 import pytest
 import torch
@@ -11,27 +9,13 @@ import torch
 from pixal3d_rt.conditioning import Camera, ImageConditioner, NAFSampler, bilinear_taps, project_voxels
 from pixal3d_rt.models.naf import NAF
 
-
-# These tests check the kernels as Triton's CPU interpreter runs them; tests/conftest.py selects the
-# interpreter before triton is first imported on machines without CUDA.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="Triton interpreter not selected (tests/conftest.py selects it without CUDA)")
+from kernel_inputs import interpreted, interpreted_module, random_coords
 
 
 @pytest.fixture(scope="module")
 def bp():
     """kernels.backproject_triton with its kernels built by Triton's CPU interpreter."""
-    mod = importlib.import_module("pixal3d_rt.kernels.backproject_triton")
-    assert type(mod._gather_taps_kernel).__name__ == "InterpretedFunction"
-    return mod
-
-
-def random_coords(R, n, batches, seed):
-    g = torch.Generator().manual_seed(seed)
-    flat = torch.randperm(batches * R**3, generator=g)[:n].sort().values
-    b, k = flat // R**3, flat % R**3
-    xyz = torch.stack([k // (R * R), (k // R) % R, k % R], dim=-1)
-    return torch.cat([b[:, None], xyz], dim=1).int()
+    return interpreted_module("pixal3d_rt.kernels.backproject_triton", "_gather_taps_kernel")
 
 
 def reference(coords, R, cam, S, maps):

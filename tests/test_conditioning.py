@@ -20,6 +20,8 @@ from pixal3d_rt.conditioning import (
 from pixal3d_rt.models.dinov3 import build_dinov3, extract_tokens
 from pixal3d_rt.models.naf import NAF
 
+from kernel_inputs import random_coords
+
 GOLDEN = Path(os.environ.get("PIXAL3D_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 
 TINY_DINO = dict(
@@ -127,14 +129,6 @@ def test_project_voxels_closed_form(R, S, fov, mesh_scale):
     v = -f * y / (d - z) + S / 2
     want = (torch.stack([u, v], -1) + 0.5) / S * 2 - 1
     torch.testing.assert_close(g.double(), want, atol=2e-6, rtol=0)
-
-
-def random_coords(R, n, batches, seed):
-    g = torch.Generator().manual_seed(seed)
-    flat = torch.randperm(batches * R**3, generator=g)[:n].sort().values
-    b, k = flat // R**3, flat % R**3
-    xyz = torch.stack([k // (R * R), (k // R) % R, k % R], dim=-1)
-    return torch.cat([b[:, None], xyz], dim=1).int()
 
 
 @pytest.mark.parametrize("R,S,n", [(11, 160, 300), (5, 48, 40), (17, 96, 900)])

@@ -1,8 +1,6 @@
 """Triton na2d kernel (kernels/na2d_triton.py) under TRITON_INTERPRET=1 against the torch reference:
 full map and selected pixels, index-mapped K/V, unequal dilation groups, strided queries, partial
 tiles, empty and single-pixel inputs, and NAF wired through the kernel."""
-import importlib
-import os
 
 import pytest
 import torch
@@ -10,19 +8,13 @@ import torch
 from pixal3d_rt.kernels.na2d import na2d_at_reference, na2d_reference
 from pixal3d_rt.models.naf import NAF, nearest_exact_index
 
-
-# These tests check the kernels as Triton's CPU interpreter runs them; tests/conftest.py selects the
-# interpreter before triton is first imported on machines without CUDA.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="Triton interpreter not selected (tests/conftest.py selects it without CUDA)")
+from kernel_inputs import interpreted, interpreted_module
 
 
 @pytest.fixture(scope="module")
 def nt():
     """kernels.na2d_triton with its kernels built by Triton's CPU interpreter."""
-    mod = importlib.import_module("pixal3d_rt.kernels.na2d_triton")
-    assert type(mod._na2d_kernel).__name__ == "InterpretedFunction"
-    return mod
+    return interpreted_module("pixal3d_rt.kernels.na2d_triton", "_na2d_kernel")
 
 
 def rand(g, *shape, dtype=torch.float32):
