@@ -16,7 +16,10 @@ One GPU run, everything measured in the same process:
    each; SS 10 guided + 2, shape 9 + 3, texture 12 unguided): eager (sequential CFG) against the
    backend (batched CFG), wall time and the relative error of each stage's sample.
 
-    python benchmarks/bench_flows.py [--schema-dir DIR] [--quick]
+With `--upstream DIR` (a folder holding upstream's `pixal3d` package, never part of this repository)
+the sampling section also runs upstream's own modules, with the same weights, inputs and sampler.
+
+    python benchmarks/bench_flows.py [--schema-dir DIR] [--quick] [--upstream DIR]
 
 Writes benchmarks/results/<name>.json and benchmarks/flows.md (copies under $OUT).
 """
@@ -38,6 +41,7 @@ from common import REPO, cuda_time, environment, peak_memory, write_result  # no
 from eager_baseline import (  # noqa: E402  (ensure_package() runs on import)
     ATTN_FLOP_PER_N2,
     default_schema_dir,
+    Upstream,
     kernel_profile,
     load_config,
     randomize_,
@@ -511,7 +515,35 @@ def bench_forward(name: str, cfg, model, n: int, attention: str, rate: float, se
 # 5. sampling
 
 
-def bench_sampling(models: dict, attention: str, seed: int) -> dict:
+class UpstreamFlow:
+    """Upstream's own module of a stage network, with our model's weights, behind the sampler's model
+    interface: what upstream's pipeline runs, for a same-run comparison (sequential CFG, as eager).
+    Upstream's sampler keeps one SparseTensor per stage and `replace`s its features each step (its
+    caches carry over); so does this adapter, and the conditions are converted once."""
+
+    def __init__(self, upstream: Upstream, cfg: dict, model):
+        self.module = upstream.build(cfg, model.state_dict())
+        self.sp = upstream.sp
+        self.dense = cfg["name"] == "SparseStructureFlowModel"
+        self._x = None
+        self._conds = {}
+
+    def _sparse(self, s):
+        return self.sp.SparseTensor(s.feats, s.coords)
+
+    def __call__(self, x, t, cond, concat_cond=None):
+        if self.dense:
+            return self.module(x, t, cond)
+        key = id(cond)
+        if key not in self._conds:
+            self._conds[key] = (cond, {"global": cond["global"], "proj": self._sparse(cond["proj"])},
+                                None if concat_cond is None else self._sparse(concat_cond))
+        _, c, cc = self._conds[key]
+        self._x = self._sparse(x) if self._x is None else self._x.replace(x.feats)
+        return x.replace(self.module(self._x, t, c, concat_cond=cc).feats)
+
+
+def bench_sampling(models: dict, attention: str, seed: int, upstream: Upstream | None = None) -> dict:
     sampler = FlowEulerGuidanceIntervalSampler(sigma_min=C.SIGMA_MIN)
     stages = []
     for stage, name, n, key in SAMPLING_STAGES:
@@ -524,6 +556,16 @@ def bench_sampling(models: dict, attention: str, seed: int) -> dict:
         for _ in range(SAMPLING_REPS):
             ref, t = timed_call(lambda: sampler.sample(model, noise, cond, neg, **params, **kw))
             eager_ms.append(t)
+        up_ms, up_err = [], None
+        if upstream is not None:  # upstream's own modules, same weights, inputs and sampler
+            up_model = UpstreamFlow(upstream, cfg, model)
+            for _ in range(SAMPLING_REPS):
+                up_out, t = timed_call(lambda: sampler.sample(up_model, noise, cond, neg, **params, **kw))
+                up_ms.append(t)
+            up_err = rel_err(feats(up_out), feats(ref))
+            up_model = up_out = None
+            gc.collect()
+            torch.cuda.empty_cache()
         cold_ms = []
         for _ in range(2):
             backend = None
@@ -567,6 +609,9 @@ def bench_sampling(models: dict, attention: str, seed: int) -> dict:
                "rel_err_warm_vs_cold": rel_err(feats(fast2), feats(fast)),
                "finite": finite(feats(fast)) and finite(feats(fast2)), "backend_stats_cold": stats_cold,
                "host_syncs": {"cold": syncs_cold, "warm": syncs_warm}}
+        if up_ms:
+            row.update({"upstream_s": statistics.median(up_ms) / 1e3, "upstream_runs_s": [v / 1e3 for v in up_ms],
+                        "rel_err_upstream_vs_eager": up_err, "speedup_vs_upstream": statistics.median(up_ms) / t_f})
         print(f"sampling {stage}: eager {row['eager_s']:.3f} s fast {row['fast_s']:.3f} s (warm {row['fast_warm_s']:.3f}) "
               f"err {row['rel_err_sample']:.2e}", flush=True)
         stages.append(row)
@@ -575,7 +620,10 @@ def bench_sampling(models: dict, attention: str, seed: int) -> dict:
         torch.cuda.empty_cache()
     tot = {k: sum(r[k] for r in stages) for k in ("eager_s", "fast_s", "fast_warm_s", "fast_new_count_s")}
     tot["speedup"] = tot["eager_s"] / tot["fast_s"]
-    return {"stages": stages, "total": tot}
+    if all("upstream_s" in r for r in stages):
+        tot["upstream_s"] = sum(r["upstream_s"] for r in stages)
+        tot["speedup_vs_upstream"] = tot["upstream_s"] / tot["fast_s"]
+    return {"stages": stages, "total": tot, "upstream_in_same_run": upstream is not None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,6 +708,15 @@ def render_markdown(d: dict) -> str:
         t = sm["total"]
         L += [f"| **total** | | **{t['eager_s']:.2f}** | **{t['fast_s']:.2f}** | {t['fast_warm_s']:.2f} | "
               f"{t.get('fast_new_count_s', float('nan')):.2f} | **{t['speedup']:.2f}×** | | |", ""]
+        if "upstream_s" in t:
+            L += ["Upstream's own modules (its `pixal3d` package, same weights, inputs and sampler, sequential CFG), "
+                  "in the same run:", "", "| stage | upstream s | our eager s | fast s (cold) | fast vs upstream | "
+                  "rel err upstream vs eager |", "|---|---|---|---|---|---|"]
+            for r in sm["stages"]:
+                L.append(f"| {r['stage']} | {r['upstream_s']:.3f} | {r['eager_s']:.3f} | {r['fast_s']:.3f} | "
+                         f"{r['speedup_vs_upstream']:.2f}× | {r['rel_err_upstream_vs_eager']:.1e} |")
+            L += [f"| **total** | **{t['upstream_s']:.2f}** | {t['eager_s']:.2f} | {t['fast_s']:.2f} | "
+                  f"**{t['speedup_vs_upstream']:.2f}×** | |", ""]
         L += ["'cold' = a fresh backend (condition constants, first forward without a graph, capture); "
               "'warm' = the same backend again (graphs reused, as the SS stage is for every image); "
               "'cold, new N' = a fresh backend at a token count (N+7, N+19) this process never ran, what each new "
@@ -700,6 +757,10 @@ def check_targets(d: dict) -> dict:
                                    + (f", {t['eager_s'] / new_n:.3f}× cold at new token counts" if new_n else "")
                                    + f" vs eager in the same run (target ≥ {TARGETS['sampling_speedup']}×): "
                                    + ("PASS" if t["speedup"] >= TARGETS["sampling_speedup"] else "MISS"))
+        if "upstream_s" in t:
+            out["sampling_speedup_vs_upstream"] = (f"{t['speedup_vs_upstream']:.3f}× cold vs upstream's own modules in the "
+                                                   f"same run ({t['upstream_s']:.2f} s; not the target's reference, "
+                                                   "which is this project's eager path)")
         worst = max(r["rel_err_sample"] for r in sm["stages"])
         out["sampling_error"] = f"max rel err of a stage sample {worst:.1e}; finite: {all(r['finite'] for r in sm['stages'])}"
     return out
@@ -712,6 +773,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     p.add_argument("--attention", default=None, help="force the backend's attention instead of the measured choice")
+    p.add_argument("--upstream", type=Path, default=None,
+                   help="folder holding upstream's `pixal3d` package (never part of this repository): its own "
+                        "modules are also timed in the sampling section")
     p.add_argument("--sections", default="matmul,kernels,rowkernels,attention,forward,sampling")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -763,7 +827,8 @@ def main() -> None:
         forward_cases([c for c in FORWARD_CASES if c[1] <= 17489])
     if "sampling" in want and len(models) == len(NETWORKS):
         with run.section("sampling"):
-            d["sampling"] = bench_sampling(models, attention, args.seed)
+            d["sampling"] = bench_sampling(models, attention, args.seed,
+                                           Upstream(args.upstream) if args.upstream else None)
             d["targets_check"] = check_targets(d)
     if "forward" in want:
         forward_cases([c for c in FORWARD_CASES if c[1] > 17489])
