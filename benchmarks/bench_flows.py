@@ -535,7 +535,7 @@ class UpstreamFlow:
         if self.dense:
             return self.module(x, t, cond)
         key = id(cond)
-        if key not in self._conds:
+        if key not in self._conds:  # the dict itself is kept so that its id stays its own
             self._conds[key] = (cond, {"global": cond["global"], "proj": self._sparse(cond["proj"])},
                                 None if concat_cond is None else self._sparse(concat_cond))
         _, c, cc = self._conds[key]
