@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pixal3d_rt.runtime.aoti_engine import cpu_isa
+from pixal3d_rt.runtime.aoti_engine import cpu_isa, first_line
 
 from .modules import export_module
 from .onnx_export import ExportError, dynamic_shapes, quiet_exporters, trace_inputs
@@ -53,11 +53,6 @@ def resolve_device(device: str | None) -> str:
     return kind
 
 
-def _first_line(e: Exception) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
-
-
 def aoti_target(device: str | None = None):
     """The `Target` of `export_engines` for AOTInductor packages on `device`."""
     from .trt_build import Target
@@ -83,7 +78,7 @@ def aoti_target(device: str | None = None):
             with torch.no_grad(), quiet_exporters():
                 program = torch.export.export(module, args, dynamic_shapes=ds and tuple(ds[t.name] for t in spec.inputs))
         except Exception as e:
-            raise ExportError(f"{spec.name}: torch.export failed: {_first_line(e)}") from e
+            raise ExportError(f"{spec.name}: torch.export failed: {first_line(e)}") from e
         export_s = time.perf_counter() - t0
         del module, net, args  # the program holds the weights from here on
         say(f"exported in {export_s:.1f} s; compiling with AOTInductor")
@@ -94,7 +89,7 @@ def aoti_target(device: str | None = None):
                 torch._inductor.aoti_compile_and_package(program, package_path=str(path))
         except Exception as e:
             hint = " (CPU packages need a C++ compiler: install g++)" if dev == "cpu" else ""
-            raise ExportError(f"{spec.name}: AOTInductor compile failed{hint}: {_first_line(e)}") from e
+            raise ExportError(f"{spec.name}: AOTInductor compile failed{hint}: {first_line(e)}") from e
         compile_s = time.perf_counter() - t0
         del program
         if dev == "cuda":

@@ -28,14 +28,15 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from pixal3d_rt.runtime.tensorrt_engine import MANIFEST, MANIFEST_FORMAT  # one definition of the format
+from pixal3d_rt.mesh.glb import atomic_write_bytes
+from pixal3d_rt.runtime.tensorrt_engine import MANIFEST, MANIFEST_FORMAT, sha256_file  # one definition of the format
 
 from . import fp8
 from .onnx_export import OPSET, ExportError, export_onnx
@@ -53,8 +54,6 @@ TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 
 def trt_module(target: str):
     """The Python module of a target: `tensorrt_rtx` or `tensorrt`, with an install hint if absent."""
-    if target == "aoti":
-        raise ExportError("--target aoti builds AOTInductor packages (export/aoti_build.py), not TensorRT engines")
     name = {"tensorrt-rtx": "tensorrt_rtx", "tensorrt": "tensorrt"}.get(target)
     if name is None:
         raise ExportError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
@@ -72,36 +71,6 @@ def trt_module(target: str):
 # files
 
 
-def atomic_write_bytes(path: Path, data) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result should read like any file
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
-
 def read_manifest(engine_dir: Path) -> dict:
     p = Path(engine_dir) / MANIFEST
     if not p.is_file():
@@ -110,7 +79,7 @@ def read_manifest(engine_dir: Path) -> dict:
         m = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}  # a manifest we cannot read is rebuilt from scratch
-    return m if m.get("format") == MANIFEST_FORMAT else {}
+    return m if isinstance(m, dict) and m.get("format") == MANIFEST_FORMAT else {}
 
 
 def write_manifest(engine_dir: Path, manifest: dict) -> None:
@@ -133,7 +102,6 @@ class Source:
     geometry: object
     weights_dir: Path | None = None
     preset: object = None  # checkpoints.Weights of a preset
-    _hash_memo: dict = field(default_factory=dict)
 
     @classmethod
     def from_preset(cls, name: str) -> "Source":

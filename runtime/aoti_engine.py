@@ -44,6 +44,12 @@ def cpu_isa() -> dict:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_features": sorted(set(feats))}
 
 
+def first_line(e: Exception, limit: int = 300) -> str:
+    """`Type: first non-empty line` of an exception (torch's export/compile errors run to pages)."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 def _cpu_missing(entry: dict) -> list[str]:
     """Instruction-set extensions the package was compiled with that this CPU lacks."""
     here = cpu_isa()
@@ -110,8 +116,7 @@ class AOTIEngine(Engine):
         try:
             runner = torch._inductor.aoti_load_package(str(path), device_index=want.index if want.type == "cuda" else -1)
         except Exception as ex:  # a damaged zip or library that still matches the manifest's hash
-            first = next((ln for ln in str(ex).splitlines() if ln.strip()), "")
-            raise EngineError(f"{path}: torch could not load the AOTInductor package ({type(ex).__name__}: {first[:200]}); "
+            raise EngineError(f"{path}: torch could not load the AOTInductor package ({first_line(ex, 200)}); "
                               f"{_remedy(m, engine_dir)}") from None
         return cls(path, ExportSpec.from_json(e["spec"]), runner, want)
 

@@ -55,7 +55,7 @@ def read_manifest(engine_dir) -> dict:
     return m
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for b in iter(lambda: f.read(1 << 24), b""):
@@ -75,7 +75,7 @@ def check_entry(engine_dir, name: str, suffix: str = ".engine") -> tuple[dict, d
     path = engine_dir / e.get("file", f"{name}{suffix}")
     if not path.is_file():
         raise EngineError(f"{path}: engine file not found; {_remedy(m, engine_dir)}")
-    if path.stat().st_size != e.get("bytes") or _sha256(path) != e.get("sha256"):
+    if path.stat().st_size != e.get("bytes") or sha256_file(path) != e.get("sha256"):
         raise EngineError(f"{path}: engine file is corrupt or was modified (size/sha256 differ from {MANIFEST}); {_remedy(m, engine_dir)}")
     return m, e, path
 
@@ -142,6 +142,9 @@ class TensorRTEngine(Engine):
             raise EngineError(f"{path}: TensorRT engines run on an NVIDIA GPU and no CUDA device is visible; "
                               "run without --engines (eager/cuda backends)")
         device = torch.device(device or "cuda")
+        if device.type != "cuda":
+            raise EngineError(f"{path}: TensorRT engines run on an NVIDIA GPU, asked for {device}; "
+                              "run with --device cuda or without --engines")
         major, minor = torch.cuda.get_device_capability(device)
         cc = f"{major}.{minor}"
         caps = e.get("compute_capabilities", [])
@@ -176,7 +179,7 @@ class TensorRTEngine(Engine):
 
     def run(self, inputs: dict) -> dict:
         dims = self._dims(inputs)
-        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0  # 0: tests' CPU stand-in
         if self.spec.profiles:
             prof = self.spec.profile_for(dims)
             if prof != self._profile:
@@ -241,7 +244,7 @@ def use_engines(pipe, engine_dir, progress=None) -> list[str]:
             if hasattr(mod, attr) and hasattr(old, attr) and getattr(mod, attr) != getattr(old, attr):
                 raise EngineError(f"{Path(engine_dir) / MANIFEST}: engine for {key} has {attr} {getattr(mod, attr)}, "
                                   f"the loaded network {getattr(old, attr)} (engines of other weights?); "
-                                  f"{_remedy(read_manifest(engine_dir), Path(engine_dir))}")
+                                  f"{_remedy(manifest, Path(engine_dir))}")
         pipe.models[key] = mod
         if key in getattr(pipe, "flows", {}):  # the sampler calls the flows through pipe.flows
             pipe.flows[key] = mod

@@ -570,6 +570,15 @@ def test_runner_without_gpu_says_so(engine_dir):
         TensorRTEngine.load(engine_dir, "ss_decoder")
 
 
+def test_runner_on_a_cpu_device_says_so(engine_dir, monkeypatch):
+    """Asked for the CPU on a machine with a GPU: the loader's own message, not torch's ValueError."""
+    from pixal3d_rt.runtime.tensorrt_engine import EngineError, TensorRTEngine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(EngineError, match=r"ss_decoder.engine: TensorRT engines run on an NVIDIA GPU, asked for cpu"):
+        TensorRTEngine.load(engine_dir, "ss_decoder", device="cpu")
+
+
 def test_cli_export_errors(tmp_path):
     from click.testing import CliRunner
 

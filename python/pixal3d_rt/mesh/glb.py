@@ -439,14 +439,17 @@ def encode_glb(mesh, *, image_format: str = "png") -> bytes:
                                             extension_webp=image_format == "webp")
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to a temporary file next to `path`, fsync, then os.replace onto `path`: readers
-    see the old file or the complete new one, never a partial file; on any failure the temporary file
-    is removed and the exception propagates."""
+def atomic_write_bytes(path, data) -> None:
+    """Write `data` (any bytes-like object) to a temporary file next to `path`, fsync, then os.replace
+    onto `path`: readers see the old file or the complete new one, never a partial file; on any
+    failure the temporary file is removed and the exception propagates."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result should read like any file
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
