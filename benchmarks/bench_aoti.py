@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -86,23 +86,26 @@ def one(name: str, a) -> None:
         ref, rec["eager_ms"] = _timed(lambda: eager_outputs(spec, net, inputs, coords), a.device, a.reps)
     out_name = spec.outputs[0].name
     work = Path(tempfile.mkdtemp(prefix=f"aoti-{name}-"))
-    target = aoti_target(a.device)
-    path, info = target.build(spec, lambda: net, work, lambda msg: print(f"[{name}] {msg}", flush=True))
-    del net
-    rec.update(info)
-    rec["package_bytes"] = path.stat().st_size
-    print("RESULT " + json.dumps(rec), flush=True)  # the build stands even if loading crashes
-    t0 = time.perf_counter()
-    runner = torch._inductor.aoti_load_package(str(path), device_index=0 if a.device == "cuda" else -1)
-    rec["load_seconds"] = round(time.perf_counter() - t0, 2)
-    args = [inputs[t.name].to(dtype=t.torch_dtype).contiguous() for t in spec.inputs]
-    with torch.no_grad():
-        got, rec["package_ms"] = _timed(lambda: runner(*args), a.device, a.reps)
-    got = got[0] if isinstance(got, (list, tuple)) else got
-    rec["errors_vs_eager"] = relative_errors(got.float(), ref[out_name])
-    rec["finite"] = bool(torch.isfinite(got).all())
-    rec["speedup_vs_eager"] = rec["eager_ms"] / rec["package_ms"]
-    print("RESULT " + json.dumps(rec), flush=True)
+    try:  # a full-size package is ~2.6 GB: never left behind in /tmp (a crash in the loader still can)
+        target = aoti_target(a.device)
+        path, info = target.build(spec, lambda: net, work, lambda msg: print(f"[{name}] {msg}", flush=True))
+        del net
+        rec.update(info)
+        rec["package_bytes"] = path.stat().st_size
+        print("RESULT " + json.dumps(rec), flush=True)  # the build stands even if loading crashes
+        t0 = time.perf_counter()
+        runner = torch._inductor.aoti_load_package(str(path), device_index=0 if a.device == "cuda" else -1)
+        rec["load_seconds"] = round(time.perf_counter() - t0, 2)
+        args = [inputs[t.name].to(dtype=t.torch_dtype).contiguous() for t in spec.inputs]
+        with torch.no_grad():
+            got, rec["package_ms"] = _timed(lambda: runner(*args), a.device, a.reps)
+        got = got[0] if isinstance(got, (list, tuple)) else got
+        rec["errors_vs_eager"] = relative_errors(got.float(), ref[out_name])
+        rec["finite"] = bool(torch.isfinite(got).all())
+        rec["speedup_vs_eager"] = rec["eager_ms"] / rec["package_ms"]
+        print("RESULT " + json.dumps(rec), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:

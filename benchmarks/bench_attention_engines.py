@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cuda_time, environment, write_result  # noqa: E402
+from eager_baseline import rel_err  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -27,11 +28,6 @@ H, D = 12, 128  # the 1.3B flows: 1536 channels, 12 heads
 
 def tflops(n: int, b: int, ms: float) -> float:
     return 4 * b * H * n * n * D / (ms * 1e-3) / 1e12
-
-
-def rel(a, b) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm())
 
 
 def frontend_plans(q, k, v, reps: int) -> list[dict]:
@@ -71,7 +67,7 @@ def frontend_plans(q, k, v, reps: int) -> list[dict]:
                 graph.execute_plan_at_index(pack, ws, index=i, handle=handle)
             fn()
             torch.cuda.synchronize()
-            row["rel_err_vs_torch_cudnn"] = rel(o, ref)
+            row["rel_err_vs_torch_cudnn"] = rel_err(o, ref)
             row["ms"] = cuda_time(fn, warmup=2, reps=reps)["median_ms"]
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -125,7 +121,7 @@ def main() -> None:
                     r["tflops"] = tflops(n, b, r["ms"])
             case[f"frontend_plans_{layout}"] = plans
         data["cases"].append(case)
-        base = case["variants"]["torch_cudnn_bshd"].get("ms")
+        base = case["variants"]["torch_cudnn_bshd"].get("ms", float("nan"))
         best = min((r for lay in ("bshd", "bhsd") for r in case[f"frontend_plans_{lay}"] if "ms" in r and r.get("rel_err_vs_torch_cudnn", 1) < 1e-2),
                    key=lambda r: r["ms"], default=None)
         lines.append(f"N={n:6d} B={b}: torch cudnn bshd {base:.3f} ms ({tflops(n, b, base):.0f} TF/s), "

@@ -117,7 +117,7 @@ def child(variant: str, schema_dir: Path | None, seed: int) -> dict:
     params = C.sampler_params("shape_slat")
 
     def cold_run(n):
-        case = bf.make_case(cfg, n, seed + 100 + n, sampling=True)
+        case = bf.make_case(cfg, n, seed + 100 + n)
         backend = cuda_backend.wrap_flow(model, {"name": "shape_hr", "v_copy": v_copy})
         res, ms = bf.timed_call(lambda: sampler.sample(backend, case["x"], case["cond"], case["neg"], **params))
         return ms / 1e3, bool(torch.isfinite(bf.feats(res)).all())

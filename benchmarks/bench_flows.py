@@ -45,6 +45,7 @@ from eager_baseline import (  # noqa: E402  (ensure_package() runs on import)
     kernel_profile,
     load_config,
     randomize_,
+    rel_err,
     shell_coords,
 )
 
@@ -78,11 +79,6 @@ TRITON_CONFIGS = {"triton_m128n64": {"block_m": 128, "block_n": 64, "num_warps":
                   "triton_m128n128": {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2}}
 TARGETS = {"large_n_fraction": 0.70, "small_n_fraction": 0.55, "sampling_s": 7.0, "sampling_speedup": 1.7,
            "rel_err": 3e-2}
-
-
-def rel_err(a, b) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def finite(t) -> bool:
@@ -388,7 +384,7 @@ def executed_flop(cfg: dict, n: int, pair: bool, width: int = 64) -> float:
     return n * nb * (selfl + cross + mlp) + nb * attn
 
 
-def make_case(cfg: dict, n: int, seed: int, sampling: bool = False) -> dict:
+def make_case(cfg: dict, n: int, seed: int) -> dict:
     """Random inputs (never zeros) of one forward or one sampling stage; neg = the all-zero condition."""
     a = cfg["args"]
     g = torch.Generator(device=DEV).manual_seed(seed)

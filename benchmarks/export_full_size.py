@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, ensure_package, environment, write_result  # noqa: E402
+from eager_baseline import default_schema_dir, load_config  # noqa: E402  (maps the package too)
 
-SCHEMA = Path(os.environ.get("PIXAL3D_GOLDEN", REPO.parent / "shared" / "golden")) / "schema"
+SCHEMA = default_schema_dir()
 SCHEMA_FILES = {  # pipeline key -> schema file
     "sparse_structure_flow_model": "ss_flow_img_dit_1_3B_64_bf16",
     "sparse_structure_decoder": "ss_dec_conv3d_16l8_fp16",
@@ -35,8 +36,8 @@ SCHEMA_FILES = {  # pipeline key -> schema file
 
 
 def full_size_configs() -> tuple[dict, dict]:
-    configs = {k: json.loads((SCHEMA / f"{f}.json").read_text())["config"] for k, f in SCHEMA_FILES.items()}
-    dino = json.loads((SCHEMA / "dinov3_vitl16.json").read_text())["config"]["args"]
+    configs = {k: load_config(SCHEMA, f) for k, f in SCHEMA_FILES.items()}
+    dino = load_config(SCHEMA, "dinov3_vitl16")["args"]
     return configs, dino
 
 
