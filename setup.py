@@ -37,7 +37,7 @@ setup(
     package_dir=PACKAGE_DIR,
     package_data={"pixal3d_rt.kernels": ["cuda/*.cu", "cuda/*.cuh", "cuda/*.fatbin"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # sdpa_kernel(set_priority=) in runtime/cuda_backend.py
         "numpy",
         "safetensors",
         "transformers>=4.56,<5",  # DINOv3ViTModel module/key names of 4.x (checkpoint and golden layout)

@@ -54,24 +54,22 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mmask = offs_m < N
         q_base = Q + b * sqb + h * sqh
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HEAD_D
         if PROLOGUE:  # the same tile math as the keys' prologue kernel
             HALF: tl.constexpr = BLOCK_D // 2
-            d = tl.arange(0, BLOCK_D)
             j = tl.arange(0, HALF)
-            x = tl.load(q_base + offs_m[:, None] * sqn + d[None, :], mask=mmask[:, None] & (d < HEAD_D)[None, :],
+            x = tl.load(q_base + offs_m[:, None] * sqn + d[None, :], mask=mmask[:, None] & dmask[None, :],
                         other=0.0).to(tl.float32)
-            g = tl.load(GQ + h * HEAD_D + d, mask=d < HEAD_D, other=0.0)
+            g = tl.load(GQ + h * HEAD_D + d, mask=dmask, other=0.0)
             pos = offs_m % n_pos
             tmask = mmask[:, None] & (j < HEAD_D // 2)[None, :]
             c = tl.load(COS + pos[:, None] * (HEAD_D // 2) + j[None, :], mask=tmask, other=1.0)
             s = tl.load(SIN + pos[:, None] * (HEAD_D // 2) + j[None, :], mask=tmask, other=0.0)
             q = norm_rope_tile(x, g, c, s, g_scale, eps, K, BLOCK_M, HALF)
         else:
-            d = tl.arange(0, BLOCK_D)
-            q = tl.load(q_base + offs_m[:, None] * sqn + d[None, :], mask=mmask[:, None] & (d < HEAD_D)[None, :],
+            q = tl.load(q_base + offs_m[:, None] * sqn + d[None, :], mask=mmask[:, None] & dmask[None, :],
                         other=0.0).to(dt)
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < HEAD_D
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)

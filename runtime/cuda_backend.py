@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from pixal3d_rt.models.flow import SLatFlowModel, SparseStructureFlowModel
-from pixal3d_rt.models.flow_layers import ProjectAttention, to_dtype
+from pixal3d_rt.models.flow_layers import ProjectAttention, rope_cos_sin, to_dtype
 from pixal3d_rt.models.sparse import SparseTensor
 
 from pixal3d_rt.kernels import flow_kernels as fk
@@ -407,8 +407,7 @@ class FlowBackend:
             from pixal3d_rt.models.flow_layers import rope_phases
 
             phases = rope_phases(key[:, 1:].to(self.device), self.D, m.rope_freq)
-        phases = phases.to(self.device)
-        return phases.real.float().contiguous(), phases.imag.float().contiguous()
+        return rope_cos_sin(phases.to(self.device))
 
     def _assign_slots(self, st: _TokenState, split) -> list[int]:
         ids = []

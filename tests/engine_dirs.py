@@ -1,7 +1,33 @@
 """Helpers of the engine-directory tests (TensorRT engines and AOTInductor packages alike)."""
+import importlib.util
 import json
 import shutil
 from pathlib import Path
+
+import pytest
+
+HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
+needs_rtx = pytest.mark.skipif(not HAVE_RTX, reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
+
+
+def ort_engine(spec, path):
+    """An `Engine` that runs an ONNX file with onnxruntime on the CPU: a TensorRT engine's stand-in
+    where none can run (the same inputs and outputs, bound by name)."""
+    import onnxruntime as ort
+    import torch
+
+    from pixal3d_rt.runtime.engine import Engine
+
+    class OrtEngine(Engine):
+        def __init__(self):
+            self.spec, self.path = spec, path
+            self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def run(self, inputs):
+            outs = self.sess.run(None, {k: v.contiguous().numpy() for k, v in inputs.items()})
+            return {t.name: torch.from_numpy(o) for t, o in zip(self.spec.outputs, outs)}
+
+    return OrtEngine()
 
 
 def one_network_copy(src: Path, dst: Path, name: str, file: str) -> Path:

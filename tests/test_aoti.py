@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_dirs import edit_manifest, one_network_copy
+from engine_dirs import edit_manifest, export_tiny, one_network_copy
 import torch
 
 from pixal3d_rt.export import specs as S
@@ -27,12 +27,8 @@ CHECK_DIMS = [{"B": 1, "N": 53}, {"B": 2, "N": 61}]
 
 @pytest.fixture(scope="module")
 def built(tiny, tmp_path_factory):
-    from pixal3d_rt.export.trt_build import export_engines
-
-    d = tmp_path_factory.mktemp("aoti")
-    log = []
     t0 = time.perf_counter()
-    manifest = export_engines(tiny, "aoti", d, precision="fp32", only=BUILT, device="cpu", progress=log.append)
+    d, manifest, log = export_tiny(tiny, tmp_path_factory, "aoti", "aoti", "fp32", BUILT, device="cpu")
     print(f"\naoti build of {len(BUILT)} tiny networks on {os.cpu_count()} cores: {time.perf_counter() - t0:.1f} s")
     for name, e in sorted(manifest["networks"].items()):
         print(f"  {name}: export {e['export_seconds']} s, compile {e['build_seconds']} s, {e['bytes'] / 1e6:.1f} MB")

@@ -3,13 +3,12 @@ CPU, manifests, atomic writes, up-to-date skips, the engine runner's error paths
 adapters (run here through onnxruntime), and the real-valued RoPE path of the flows."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
-from engine_dirs import edit_manifest, export_tiny, one_network_copy
+from engine_dirs import HAVE_RTX, edit_manifest, export_tiny, needs_rtx, one_network_copy, ort_engine
 import torch
 
 from pixal3d_rt import config as C
@@ -21,8 +20,6 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 GOLDEN = Path(os.environ.get("PIXAL3D_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
-HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
-needs_rtx = pytest.mark.skipif(not HAVE_RTX, reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU that TensorRT can run on")
 
 PARITY_DIMS = [{"B": 2, "N": 37}, {"B": 1, "N": 53}]  # both CFG layouts; odd token counts unlike the trace's
@@ -168,23 +165,12 @@ def test_stage_adapters_are_drop_in(onnx_files):
     """runtime.engine's adapters, driven by an onnxruntime Engine, against the eager networks:
     the SS flow (dense, CFG batch), the shape flow on a 2-item varlen SparseTensor, the texture
     flow with concat_cond, the SS decoder."""
-    import onnxruntime as ort
-
     from pixal3d_rt.export.modules import random_coords
     from pixal3d_rt.models.sparse import SparseTensor
-    from pixal3d_rt.runtime.engine import Engine, stage_module
-
-    class OrtEngine(Engine):
-        def __init__(self, spec, path):
-            self.spec, self.path = spec, path
-            self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-        def run(self, inputs):
-            outs = self.sess.run(None, {k: v.numpy() for k, v in inputs.items()})
-            return {t.name: torch.from_numpy(o) for t, o in zip(self.spec.outputs, outs)}
+    from pixal3d_rt.runtime.engine import stage_module
 
     g = torch.Generator().manual_seed(5)
-    mods = {n: (stage_module(OrtEngine(s, p)), net) for n, (s, net, p, _) in onnx_files.items()}
+    mods = {n: (stage_module(ort_engine(s, p)), net) for n, (s, net, p, _) in onnx_files.items()}
 
     m, net = mods["ss_flow"]
     assert (m.resolution, m.in_channels) == (net.resolution, net.in_channels)
@@ -233,20 +219,8 @@ def test_use_engines_wires_the_pipeline(onnx_files, built, tmp_path, monkeypatch
     """`infer --engines`: use_engines swaps the pipeline's networks for engine modules (the engine
     loader stubbed by onnxruntime here), refuses engines of a differently shaped network, and the
     real sampler runs the swapped SS flow with batched CFG to the eager result."""
-    import onnxruntime as ort
-
     from pixal3d_rt.pipeline import Pipeline
     from pixal3d_rt.runtime import tensorrt_engine as te
-    from pixal3d_rt.runtime.engine import Engine
-
-    class OrtEngine(Engine):
-        def __init__(self, spec, path):
-            self.spec, self.path = spec, path
-            self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-        def run(self, inputs):
-            outs = self.sess.run(None, {k: v.contiguous().numpy() for k, v in inputs.items()})
-            return {t.name: torch.from_numpy(o) for t, o in zip(self.spec.outputs, outs)}
 
     d, _, _ = built  # a real manifest: ss_decoder + tex_flow; add the fp32 SS flow's entry
     m = json.loads((d / "manifest.json").read_text())
@@ -254,7 +228,7 @@ def test_use_engines_wires_the_pipeline(onnx_files, built, tmp_path, monkeypatch
     m["networks"]["ss_flow"] = dict(m["networks"]["ss_decoder"], spec=spec.to_json())
     m["networks"]["dinov3_lr"] = dict(m["networks"]["ss_decoder"], spec=onnx_files["dinov3_lr"][0].to_json())
     (tmp_path / "manifest.json").write_text(json.dumps(m))
-    monkeypatch.setattr(te.TensorRTEngine, "load", classmethod(lambda cls, dd, name, device=None: OrtEngine(
+    monkeypatch.setattr(te.TensorRTEngine, "load", classmethod(lambda cls, dd, name, device=None: ort_engine(
         S.ExportSpec.from_json(m["networks"][name]["spec"]), onnx_files[name][2])))
     pipe = Pipeline.from_preset("tiny")
     eager = pipe.models["sparse_structure_flow_model"]

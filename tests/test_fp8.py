@@ -3,12 +3,11 @@ eager network and against its fake-quantized twin), the MatMul-to-Linear mapping
 TensorRT-RTX fp8 engine builds on the CPU (manifest, compute capabilities, FP8 inside the engine)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
 import pytest
-from engine_dirs import export_tiny
+from engine_dirs import HAVE_RTX, export_tiny, needs_rtx
 import torch
 
 pytest.importorskip("onnx")
@@ -19,8 +18,6 @@ from pixal3d_rt.export import fp8  # noqa: E402
 from pixal3d_rt.export import specs as S  # noqa: E402
 from pixal3d_rt.export.onnx_export import ExportError  # noqa: E402
 
-HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
-needs_rtx = pytest.mark.skipif(not HAVE_RTX, reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
 
 # fp8 error band of the tiny preset's flows against the unquantized network (rel L2). Measured with
 # onnxruntime: 0.031-0.040 (ss_flow, shape_flow_lr, tex_flow; B = 1 and 2); E4M3 keeps 3 mantissa bits,
