@@ -26,8 +26,10 @@ import weakref
 import torch
 
 KERNEL_VOLUME = 27
-# offset (dx, dy, dz) of kernel entry v = 9a + 3b + c is (a-1, b-1, c-1)
-NEIGHBOR_OFFSETS = torch.tensor([[v // 9 - 1, (v // 3) % 3 - 1, v % 3 - 1] for v in range(KERNEL_VOLUME)], dtype=torch.int64)
+# offset (dx, dy, dz) of kernel entry v = 9a + 3b + c is (a-1, b-1, c-1); an explicit device, so an
+# import inside a `torch.device(...)` context (meta-device checkpoint loading) cannot make it a meta tensor
+NEIGHBOR_OFFSETS = torch.tensor([[v // 9 - 1, (v // 3) % 3 - 1, v % 3 - 1] for v in range(KERNEL_VOLUME)],
+                                dtype=torch.int64, device="cpu")
 
 # rows gathered per chunk are sized so one gathered block [rows, 27*Ci] stays near this many bytes
 DEFAULT_CHUNK_BYTES = 256 << 20

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError
-from .models.registry import CLASSES, build_model
+from .models.registry import CLASSES, build_model, model_class
 
 # pipeline.json model key -> upstream classes accepted for it
 PIPELINE_MODELS = {
@@ -143,6 +143,7 @@ def _materialise(config: dict, device) -> nn.Module:
     """Build a network without paying for random init of ~1.4 B parameters: construct on the meta
     device and allocate empty storage, unless the class has buffers that are not in its state_dict
     (those are computed at construction and would be lost)."""
+    model_class(config["name"])  # import the definition (and its module constants) outside the meta context
     with torch.device("meta"):
         meta = build_model(config)
     non_persistent = set(dict(meta.named_buffers())) - set(meta.state_dict())

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-# O[a][k]: offsets of the four voxels around the a-directed edge at a voxel's upper corner
+# O[a][k]: offsets of the four voxels around the a-directed edge at a voxel's upper corner.
+# Module constants name their device: an import inside a `torch.device("meta")` context must not move them.
 EDGE_NEIGHBOR_OFFSETS = torch.tensor(
     [
         [[0, 0, 0], [0, 0, 1], [0, 1, 1], [0, 1, 0]],  # x
@@ -18,9 +19,10 @@ EDGE_NEIGHBOR_OFFSETS = torch.tensor(
         [[0, 0, 0], [0, 1, 0], [1, 1, 0], [1, 0, 0]],  # z
     ],
     dtype=torch.int64,
+    device="cpu",
 )
-SPLIT_02 = torch.tensor([0, 1, 2, 0, 2, 3])  # diagonal q0-q2
-SPLIT_13 = torch.tensor([0, 1, 3, 3, 1, 2])  # diagonal q1-q3
+SPLIT_02 = torch.tensor([0, 1, 2, 0, 2, 3], device="cpu")  # diagonal q0-q2
+SPLIT_13 = torch.tensor([0, 1, 3, 3, 1, 2], device="cpu")  # diagonal q1-q3
 
 
 def _grid_dims(grid_size) -> tuple[int, int, int]:
