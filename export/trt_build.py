@@ -111,26 +111,17 @@ class Source:
         return cls(f"preset:{name}", f"--preset {name}", dict(w.configs), dict(w.dinov3_config), geometry, preset=w)
 
     @classmethod
-    def from_weights(cls, weights_dir) -> "Source":
+    def from_weights(cls, weights) -> "Source":
+        """A weights directory or Hugging Face id (checkpoints.locate_weights)."""
         from pixal3d_rt import config as C
-        from pixal3d_rt.checkpoints import (DINOV3_DIRS, PIPELINE_MODELS, _find, _read_json,
-                                            resolve_model_ref)
-        from pixal3d_rt.errors import CheckpointError
+        from pixal3d_rt.checkpoints import PIPELINE_MODELS, _network_config, _read_json, locate_weights
 
-        d = Path(weights_dir)
-        if not d.is_dir():
-            raise CheckpointError(f"{d}: weights directory not found")
-        pj = _read_json(d / "pipeline.json")
-        refs = pj.get("args", pj).get("models", {})
-        configs, bases = {}, {}
-        for key in PIPELINE_MODELS:
-            if key in refs:
-                bases[key] = resolve_model_ref(d, refs[key])
-                configs[key] = _read_json(bases[key].parent / (bases[key].name + ".json"))
-        dino_dir = _find(d, DINOV3_DIRS, "DINOv3 directory", True)
-        dino_config = _read_json(dino_dir / "config.json")
-        src = cls(str(d), f"--weights {d}", configs, dino_config, C.FULL, weights_dir=d)
-        src._bases, src._dino_dir = bases, dino_dir
+        files = locate_weights(weights)
+        configs = {key: _network_config(base, PIPELINE_MODELS[key]) for key, base in files.models.items()}
+        dino_config = _read_json(files.dinov3_dir / "config.json")
+        root = files.pipeline_json.parent
+        src = cls(files.source, f"--weights {files.source}", configs, dino_config, C.FULL, weights_dir=root)
+        src._bases, src._dino_dir = dict(files.models), files.dinov3_dir
         return src
 
     # -- files and hashes --------------------------------------------------------------------
@@ -162,7 +153,7 @@ class Source:
 
                 raise CheckpointError(f"{f}: file not found")
             st = f.stat()
-            rel = str(f.relative_to(self.weights_dir))
+            rel = str(f.relative_to(self.weights_dir)) if f.is_relative_to(self.weights_dir) else str(f)
             old = memo.get(rel, {})
             if old.get("bytes") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and "sha256" in old:
                 out[rel] = old

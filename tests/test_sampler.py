@@ -145,7 +145,7 @@ def test_strength_one_zero_progress_and_concat_cond():
     out = FlowEulerGuidanceIntervalSampler().sample(model, noise, "pos", "neg", steps=5, guidance_strength=1.0,
                                                     concat_cond=extra, progress=lambda i, n: progress.append((i, n)))
     assert [c for c, _ in seen] == ["pos"] * 5 and all(cc is extra for _, cc in seen)
-    assert progress == [(i, 5) for i in range(5)]
+    assert progress == [(i, 5) for i in range(1, 6)]  # 1-based: the last report is 5/5
     torch.testing.assert_close(out.feats, -torch.ones(3, 4))  # x(0) = x(1) - 1 * v for a constant v = 1
     assert torch.equal(out.coords, coords)
 

@@ -104,13 +104,11 @@ def _safetensors_header(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_short(e)})") from None
 
 
-def _load_safetensors_into(module: nn.Module, path: Path) -> None:
+def _load_safetensors_into(module: nn.Module, path: Path, header: dict) -> None:
     """Copy tensor by tensor into the module's existing parameters (casting to their dtype),
-    so a 5.5 GB fp32 file never sits in memory next to its bf16 copy."""
+    so a 5.5 GB fp32 file never sits in memory next to its bf16 copy. `header` was checked."""
     from safetensors import safe_open
 
-    header = _safetensors_header(path)
-    _check_against(module, header, path)
     targets = module.state_dict(keep_vars=True)
     try:
         with safe_open(str(path), "pt") as f:
@@ -139,17 +137,14 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def _materialise(config: dict, device) -> nn.Module:
-    """Build a network without paying for random init of ~1.4 B parameters: construct on the meta
-    device and allocate empty storage, unless the class has buffers that are not in its state_dict
-    (those are computed at construction and would be lost)."""
-    model_class(config["name"])  # import the definition (and its module constants) outside the meta context
-    with torch.device("meta"):
-        meta = build_model(config)
+def _materialise(meta: nn.Module, build, device) -> nn.Module:
+    """Allocate a network built on the meta device without paying for random init of ~1.4 B
+    parameters, unless it has buffers outside its state_dict (computed at construction, e.g. RoPE
+    tables): then `build()` constructs it for real on `device`."""
     non_persistent = set(dict(meta.named_buffers())) - set(meta.state_dict())
     if non_persistent:
         with torch.device(device):
-            return build_model(config)
+            return build()
     return meta.to_empty(device=device)
 
 
@@ -169,21 +164,15 @@ def load_network(base: Path, expect: set | None = None, device="cpu", dtype: str
     """Load `<base>.json` + `<base>.safetensors` strictly. Returns (module in eval mode, file config)."""
     base = Path(base)
     cfg_path, st_path = base.parent / (base.name + ".json"), base.parent / (base.name + ".safetensors")
-    config = _read_json(cfg_path)
-    name = config.get("name")
-    if not isinstance(config.get("args", {}), dict) or not name:
-        raise CheckpointError(f"{cfg_path}: expected {{\"name\": Class, \"args\": {{...}}}}")
-    if name not in CLASSES:
-        raise CheckpointError(f"{cfg_path}: unknown network class '{name}'")
-    if expect and name not in expect:
-        raise CheckpointError(f"{cfg_path}: class '{name}', expected {' or '.join(sorted(expect))}")
+    config = _network_config(base, expect)
     if not st_path.is_file():
         raise CheckpointError(f"{st_path}: file not found")
-    try:
-        module = _materialise(compute_config(config, dtype), device)
-    except TypeError as e:
-        raise CheckpointError(f"{cfg_path}: arguments do not fit {name} ({e})") from None
-    _load_safetensors_into(module, st_path)
+    header = _safetensors_header(st_path)
+    run_config = compute_config(config, dtype)
+    meta = _meta_network(run_config, cfg_path)
+    _check_against(meta, header, st_path)  # before any allocation
+    module = _materialise(meta, lambda: build_model(run_config), device)
+    _load_safetensors_into(module, st_path, header)
     return module.eval(), config
 
 
@@ -191,19 +180,12 @@ def load_dinov3(directory: Path, device="cpu") -> tuple[nn.Module, dict]:
     from .models.dinov3 import build_dinov3
 
     directory = Path(directory)
-    cfg = _read_json(directory / "config.json")
-    try:
-        with torch.device("meta"):
-            meta = build_dinov3(cfg)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory / 'config.json'}: not a DINOv3 ViT config ({_short(e)})") from None
-    non_persistent = set(dict(meta.named_buffers())) - set(meta.state_dict())
-    if non_persistent:  # RoPE tables are computed, not stored: build for real so they exist
-        with torch.device(device):
-            model = build_dinov3(cfg)
-    else:
-        model = meta.to_empty(device=device)
-    _load_safetensors_into(model, directory / "model.safetensors")
+    st_path = directory / "model.safetensors"
+    header = _safetensors_header(st_path)
+    meta, cfg = _meta_dinov3(directory)
+    _check_against(meta, header, st_path)
+    model = _materialise(meta, lambda: build_dinov3(cfg), device)
+    _load_safetensors_into(model, st_path, header)
     return model.eval(), model.config.to_dict()
 
 
@@ -211,19 +193,10 @@ def load_naf(path: Path, device="cpu") -> tuple[nn.Module, dict]:
     path = Path(path)
     cfg_path = path.with_suffix(".json")  # the official release has none: the default is the released model
     config = _read_json(cfg_path) if cfg_path.is_file() else NAF_DEFAULT_CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch state_dict ({_short(e)})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state_dict of tensors")
+    state = _read_naf_state(path)
+    _check_against(_meta_network(config, cfg_path), {k: tuple(v.shape) for k, v in state.items()}, path)
     with torch.device(device):
         model = build_model(config)
-    _check_against(model, {k: tuple(v.shape) for k, v in state.items()}, path)
     model.load_state_dict(state, strict=True)
     return model.eval(), config
 
@@ -249,33 +222,170 @@ def _find(weights_dir: Path, names: tuple, kind: str, is_dir: bool) -> Path:
     raise CheckpointError(f"{weights_dir / names[0]}: {kind} not found (looked for {', '.join(names)})")
 
 
-def load_weights(weights_dir, device="cpu", dtype: str | None = None, need: set | None = None, progress=None) -> Weights:
-    """Load a weights directory in the official layout. `need` limits which pipeline models load."""
+@dataclass
+class WeightFiles:
+    """Where every file of one weights set lies: a directory in the official layout, or the
+    Hugging Face cache (pixal3d_rt.hub). Locating reads pipeline.json only; `check_weights` and
+    `load_weights` read the rest."""
+
+    source: str  # what the user named (directory or Hub id), for messages
+    pipeline_json: Path
+    pipeline_args: dict  # pipeline.json "args"
+    models: dict  # pipeline key -> checkpoint base path (<base>.json + <base>.safetensors)
+    dinov3_dir: Path
+    naf: Path
+
+
+def _pipeline_args(path: Path) -> dict:
+    pj = _read_json(path)
+    args = pj.get("args", pj) if isinstance(pj, dict) else None
+    if not isinstance(args, dict) or not isinstance(args.get("models"), dict):
+        raise CheckpointError(f"{path}: no 'models' table in args (not a Pixal3D pipeline.json)")
+    for key in ("shape_slat_normalization", "tex_slat_normalization"):
+        norm = args.get(key)
+        if not (isinstance(norm, dict) and all(isinstance(norm.get(k), list) and norm[k]
+                                               and all(isinstance(v, (int, float)) for v in norm[k]) for k in ("mean", "std"))):
+            raise CheckpointError(f"{path}: '{key}' must be {{\"mean\": [numbers], \"std\": [numbers]}}")
+    return args
+
+
+def wanted_models(need: set | None) -> list:
+    return [k for k in PIPELINE_MODELS if need is None or k in need]
+
+
+def weight_files_from_dir(weights_dir, need: set | None = None) -> WeightFiles:
+    """Locate the files of a weights directory (nothing but pipeline.json is read)."""
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():
         raise CheckpointError(f"{weights_dir}: weights directory not found")
-    pj = _read_json(weights_dir / "pipeline.json")
-    args = pj.get("args", pj)
-    refs = args.get("models")
-    if not isinstance(refs, dict):
-        raise CheckpointError(f"{weights_dir / 'pipeline.json'}: no 'models' table in args")
-    for key in ("shape_slat_normalization", "tex_slat_normalization"):
-        if key not in args:
-            raise CheckpointError(f"{weights_dir / 'pipeline.json'}: missing '{key}'")
-    models, configs = {}, {}
-    wanted = [k for k in PIPELINE_MODELS if need is None or k in need]
-    for key in wanted:
-        if key not in refs:
+    args = _pipeline_args(weights_dir / "pipeline.json")
+    bases = {}
+    for key in wanted_models(need):
+        if not isinstance(args["models"].get(key), str):
             raise CheckpointError(f"{weights_dir / 'pipeline.json'}: no entry for model '{key}'")
-        base = resolve_model_ref(weights_dir, refs[key])
+        bases[key] = resolve_model_ref(weights_dir, args["models"][key])
+    dino = _find(weights_dir, DINOV3_DIRS, "DINOv3 directory", True)
+    naf = _find(weights_dir, NAF_FILES, "NAF checkpoint", False)
+    return WeightFiles(str(weights_dir), weights_dir / "pipeline.json", args, bases, dino, naf)
+
+
+def locate_weights(ref, need: set | None = None, progress=None) -> WeightFiles:
+    """`--weights` as the user gives it: a directory, or a Hugging Face id (e.g. TencentARC/Pixal3D)
+    resolved through huggingface_hub (cache first, downloads otherwise; HF_HUB_OFFLINE honoured)."""
+    if isinstance(ref, WeightFiles):
+        return ref
+    path = Path(ref)
+    if path.is_dir():
+        return weight_files_from_dir(path, need)
+    from . import hub
+
+    if hub.is_hub_id(str(ref)) and not path.exists():
+        return hub.resolve(str(ref), need=need, progress=progress)
+    raise CheckpointError(f"{ref}: weights directory not found (give a directory in the official layout or a "
+                          "Hugging Face id such as TencentARC/Pixal3D)")
+
+
+def _network_config(base: Path, expect: set | None) -> dict:
+    cfg_path = base.parent / (base.name + ".json")
+    config = _read_json(cfg_path)
+    name = config.get("name") if isinstance(config, dict) else None
+    if not isinstance(name, str) or not isinstance(config.get("args", {}), dict):
+        raise CheckpointError(f"{cfg_path}: expected {{\"name\": Class, \"args\": {{...}}}}")
+    if name not in CLASSES:
+        raise CheckpointError(f"{cfg_path}: unknown network class '{name}'")
+    if expect and name not in expect:
+        raise CheckpointError(f"{cfg_path}: class '{name}', expected {' or '.join(sorted(expect))}")
+    return config
+
+
+def _meta_network(config: dict, cfg_path: Path) -> nn.Module:
+    model_class(config["name"])  # import the definition (and its module constants) outside the meta context
+    try:
+        with torch.device("meta"):
+            return build_model(config)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, AssertionError, RuntimeError) as e:
+        raise CheckpointError(f"{cfg_path}: arguments do not fit {config['name']} ({_short(e)})") from None
+
+
+def _meta_dinov3(directory: Path) -> tuple[nn.Module, dict]:
+    from .models.dinov3 import build_dinov3
+
+    cfg = _read_json(directory / "config.json")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{directory / 'config.json'}: not a DINOv3 ViT config (expected a JSON object)")
+    try:
+        with torch.device("meta"):
+            return build_dinov3(cfg), cfg
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: not a DINOv3 ViT config ({_short(e)})") from None
+
+
+def _read_naf_state(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses pickled code; torch's advice after that line is to disable it
+        raise CheckpointError(f"{path}: not a plain PyTorch state_dict, refused without executing it "
+                              f"({_short(e).split(' Re-running')[0].rstrip('. ')}); download naf_release.pth again") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state_dict of tensors")
+    return state
+
+
+def check_weights(files: WeightFiles, need: set | None = None) -> list[dict]:
+    """Preflight: every config read and its network built on the meta device (no memory), every
+    safetensors header compared with it key by key and shape by shape, the NAF state_dict read
+    safely; no weight tensor of a large network is read. Raises CheckpointError on the first
+    problem; returns one row per network (key, files, class, parameters, bytes on disk)."""
+    rows = []
+    for key in wanted_models(need):
+        base = files.models[key]
+        config = _network_config(base, PIPELINE_MODELS[key])
+        cfg_path, st_path = base.parent / (base.name + ".json"), base.parent / (base.name + ".safetensors")
+        if not st_path.is_file():
+            raise CheckpointError(f"{st_path}: file not found")
+        header = _safetensors_header(st_path)  # before the network: a config cannot make us allocate for a lie
+        net = _meta_network(config, cfg_path)
+        _check_against(net, header, st_path)
+        rows.append({"network": key, "file": str(st_path), "class": config["name"],
+                     "parameters": sum(p.numel() for p in net.parameters()), "bytes": st_path.stat().st_size})
+    dino_st = files.dinov3_dir / "model.safetensors"
+    header = _safetensors_header(dino_st)
+    dino, _ = _meta_dinov3(files.dinov3_dir)
+    _check_against(dino, header, dino_st)
+    rows.append({"network": "dinov3", "file": str(dino_st), "class": "DINOv3ViTModel",
+                 "parameters": sum(p.numel() for p in dino.parameters()), "bytes": dino_st.stat().st_size})
+    state = _read_naf_state(files.naf)
+    cfg_path = files.naf.with_suffix(".json")
+    config = _read_json(cfg_path) if cfg_path.is_file() else NAF_DEFAULT_CONFIG
+    naf = _meta_network(config, cfg_path)
+    _check_against(naf, {k: tuple(v.shape) for k, v in state.items()}, files.naf)
+    rows.append({"network": "naf", "file": str(files.naf), "class": "NAF",
+                 "parameters": sum(v.numel() for v in state.values()), "bytes": files.naf.stat().st_size})
+    return rows
+
+
+def load_weights(weights, device="cpu", dtype: str | None = None, need: set | None = None, progress=None,
+                 checked: list | None = None) -> Weights:
+    """Load a weights set (directory, Hub id or WeightFiles) after checking all of it (`check_weights`;
+    pass its rows as `checked` when already done). `need` limits which pipeline models load;
+    `progress(name, bytes, total_bytes)` is told after each network."""
+    files = locate_weights(weights, need)
+    size = {r["network"]: r["bytes"] for r in (checked if checked is not None else check_weights(files, need))}
+    total = sum(size.values())
+    models, configs = {}, {}
+    for key in wanted_models(need):
+        models[key], configs[key] = load_network(files.models[key], PIPELINE_MODELS[key], device, dtype)
         if progress:
-            progress(f"loading {key} from {base.name}")
-        models[key], configs[key] = load_network(base, PIPELINE_MODELS[key], device, dtype)
+            progress(key, size[key], total)
+    dino, dino_cfg = load_dinov3(files.dinov3_dir, device)
+    naf, naf_cfg = load_naf(files.naf, device)
     if progress:
-        progress("loading DINOv3 and NAF")
-    dino, dino_cfg = load_dinov3(_find(weights_dir, DINOV3_DIRS, "DINOv3 directory", True), device)
-    naf, naf_cfg = load_naf(_find(weights_dir, NAF_FILES, "NAF checkpoint", False), device)
-    return Weights(models, configs, dino, dino_cfg, naf, naf_cfg, args, source=str(weights_dir))
+        progress("dinov3+naf", size["dinov3"] + size["naf"], total)
+    return Weights(models, configs, dino, dino_cfg, naf, naf_cfg, files.pipeline_args, source=files.source)
 
 
 # ---------------------------------------------------------------------------------------------

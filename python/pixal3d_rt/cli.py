@@ -1,6 +1,8 @@
 """`pixal3d-rt` command line."""
 from __future__ import annotations
 
+import glob
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,34 +23,111 @@ def main():
     """Pixal3D inference runtime: one image in, one textured PBR GLB out."""
 
 
-@main.command()
-@click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Input image; RGBA with the background removed (or install rembg).")
-@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .glb file.")
-@click.option("--weights", type=click.Path(path_type=Path), help="Directory with the official weights (see README).")
-@click.option("--preset", type=click.Choice(["tiny"]), help="Build every network small with seeded random weights (structural demo).")
-@click.option("--resolution", type=click.Choice(["512", "1024", "1536"]), default="1024", show_default=True, help="512 = shape only; 1024/1536 = cascades with texture.")
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Sampling steps per stage (default: upstream's 12).")
-@click.option("--fov", "fov_deg", type=click.FloatRange(1.0, 120.0), default=None, help="Horizontal field of view of the input photo in degrees (default 49.13°, upstream's default camera).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
-@click.option("--texture-size", type=click.IntRange(64, 8192), default=None, help="Baked texture size (default 2048; tiny preset 256).")
-@click.option("--decimation-target", type=click.IntRange(100, 10_000_000), default=None, help="Face count the mesh is simplified to (default 200000).")
-@click.option("--engines", "engines_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Engine directory from `pixal3d-rt export`: its networks run as TensorRT engines (CUDA) or AOTInductor packages (the device they were built for).")
-@click.option("--backend", type=click.Choice(["eager", "cuda"]), default=None, help="Flow networks: eager reference, or the fast cuda backend (default on a GPU).")
-@click.option("-q", "--quiet", is_flag=True, help="No per-stage progress.")
-def infer(image_path, output_path, weights, preset, resolution, seed, steps, fov_deg, device, texture_size, decimation_target, engines_dir, backend, quiet):
-    """Generate a textured 3D asset (GLB) from one image."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class Degrees(click.ParamType):
+    """A finite field of view in degrees (click's FloatRange lets NaN through)."""
+
+    name = "degrees"
+
+    def convert(self, value, param, ctx):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v) or not 1.0 <= v <= 120.0:
+            self.fail(f"{value} is not a field of view in degrees between 1 and 120", param, ctx)
+        return v
+
+
+def _expand_images(specs) -> list[Path]:
+    """--image values: files, folders (their images, sorted) and glob patterns, in the order given."""
+    out = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            if not found:
+                _fail(f"--image {spec}: the folder holds no image ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif any(ch in spec for ch in "*?[") and not p.exists():
+            found = sorted(Path(q) for q in glob.glob(spec) if Path(q).is_file())
+            if not found:
+                _fail(f"--image {spec}: the pattern matches no file")
+            out += found
+        else:
+            out.append(p)
+    return list(dict.fromkeys(out))
+
+
+def _outputs(images: list[Path], output_path, output_dir) -> list[Path]:
+    if output_path is not None and output_dir is not None:
+        _fail("give either --output (one image) or --output-dir, not both")
+    if output_path is None and output_dir is None:
+        _fail("no output given: --output FILE.glb for one image, --output-dir DIR for several")
+    if output_path is not None:
+        if len(images) > 1:
+            _fail(f"{len(images)} images and one --output: use --output-dir DIR to write one GLB per image")
+        if output_path.suffix.lower() != ".glb":
+            _fail(f"{output_path}: the output must be a .glb file")
+        return [output_path]
+    outs = [output_dir / (img.stem + ".glb") for img in images]
+    dupes = sorted({o.name for o in outs if outs.count(o) > 1})
+    if dupes:
+        _fail(f"--output-dir {output_dir}: several images would write {dupes[0]}; rename one of them")
+    return outs
+
+
+def _source_options(f):
+    f = click.option("--weights", metavar="DIR|HUB_ID", default=None,
+                     help="Official weights: a directory in the official layout, or a Hugging Face id "
+                          "(TencentARC/Pixal3D; downloaded on first use into the Hugging Face cache).")(f)
+    return click.option("--preset", type=click.Choice(["tiny"]), help="Build every network small with seeded random weights (structural demo).")(f)
+
+
+def _check_source(weights, preset):
     from .checkpoints import HOW_TO_GET_WEIGHTS
 
     if weights is None and preset is None:
         _fail("no weights given.\n" + HOW_TO_GET_WEIGHTS)
     if weights is not None and preset is not None:
         _fail("give either --weights or --preset, not both")
-    if output_path.suffix.lower() != ".glb":
-        _fail(f"{output_path}: the output must be a .glb file")
-    if not output_path.parent.exists():
-        _fail(f"{output_path.parent}: output directory does not exist")
+
+
+@main.command()
+@click.option("--image", "images", multiple=True, required=True, metavar="PATH",
+              help="Input image (RGBA with the background removed, or RGB with rembg installed); a folder of images or a glob "
+                   "pattern; repeat for several.")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Output .glb file (one image).")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for several images: one <image name>.glb each (created if missing).")
+@_source_options
+@click.option("--resolution", type=click.Choice(["512", "1024", "1536"]), default="1024", show_default=True, help="512 = shape only; 1024/1536 = cascades with texture.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=42, show_default=True, help="Noise seed; each image of a batch uses it as a run of its own would.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Sampling steps per stage (default: upstream's 12).")
+@click.option("--fov", "fov_deg", type=Degrees(), default=None, help="Horizontal field of view of the input photo in degrees (default 49.13°, upstream's default camera).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
+@click.option("--texture-size", type=click.IntRange(64, 8192), default=None, help="Baked texture size (default 2048; tiny preset 256).")
+@click.option("--decimation-target", type=click.IntRange(100, 10_000_000), default=None, help="Face count the mesh is simplified to (default 200000).")
+@click.option("--engines", "engines_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Engine directory from `pixal3d-rt export`: its networks run as TensorRT engines (CUDA) or AOTInductor packages (the device they were built for).")
+@click.option("--backend", type=click.Choice(["eager", "cuda"]), default=None, help="Flow networks: eager reference, or the fast cuda backend (default on a GPU).")
+@click.option("--max-image-pixels", type=click.IntRange(1, 1 << 40), default=None,
+              help="Refuse input images with more pixels than this before decoding them (default 64,000,000).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output (errors and the summary only).")
+def infer(images, output_path, output_dir, weights, preset, resolution, seed, steps, fov_deg, device, texture_size,
+          decimation_target, engines_dir, backend, max_image_pixels, quiet):
+    """Generate a textured 3D asset (GLB) from each image.
+
+    Everything that can be checked is checked before a network is built: options, output paths,
+    images (and the background remover an RGB image needs), every weights file's header."""
+    from .preprocess import MAX_PIXELS
+
+    _check_source(weights, preset)
+    image_paths = _expand_images(images)
+    outs = _outputs(image_paths, output_path, output_dir)
+    batch = output_dir is not None
     import torch
 
     if device is None:
@@ -56,46 +135,129 @@ def infer(image_path, output_path, weights, preset, resolution, seed, steps, fov
     if device == "cuda" and not torch.cuda.is_available():
         _fail("--device cuda: no CUDA GPU is visible to PyTorch")
     if engines_dir is not None and device != "cuda":
-        from pixal3d_rt.runtime.tensorrt_engine import EngineError, read_manifest
+        _check_cpu_engines(engines_dir)
+    from .mesh.glb import check_writable
+    from .preprocess import check_image, load_image
+    from .progress import ConsoleProgress, Progress
 
-        try:
-            nets = read_manifest(engines_dir).get("networks", {})
-        except EngineError as e:
-            _fail(str(e))
-        gpu_only = sorted(n for n, e in nets.items() if e.get("device") != "cpu")  # only AOTInductor CPU packages run here
-        if gpu_only:
-            _fail(f"--engines {engines_dir}: {', '.join(gpu_only)} run on an NVIDIA GPU (--device cuda), none is in use "
-                  "(TensorRT engines and cuda AOTInductor packages)")
-
-    def say(msg):
-        if not quiet:
-            click.echo(msg, err=True)
-
-    from .pipeline import Pipeline
-    from .preprocess import load_image
-
-    t0 = time.perf_counter()
+    say = Progress() if quiet else ConsoleProgress()
+    if fov_deg is not None and fov_deg < 3.2:
+        click.echo(f"hint: --fov {fov_deg:g} is read in degrees; if you meant radians, that is --fov {math.degrees(fov_deg):.2f}", err=True)
+    results = []  # (image, output, error or None, stats)
+    jobs = []
     try:
-        image = load_image(image_path)  # fail on a bad image before loading gigabytes of weights
-        if preset:
-            say(f"[pixal3d-rt] preset '{preset}': every network is small with seeded random weights; "
-                "the asset is a structural demo, not a reconstruction of the image.")
-            pipe = Pipeline.from_preset(preset, device=device, progress=say, backend=backend)
-        else:
-            say(f"[pixal3d-rt] loading weights from {weights}")
-            pipe = Pipeline.from_pretrained(weights, device=device, progress=say, resolution=int(resolution), backend=backend)
-        if engines_dir is not None:
-            from pixal3d_rt.runtime.tensorrt_engine import use_engines
-
-            use_engines(pipe, engines_dir, progress=say)
-        result = pipe.run(image, resolution=int(resolution), seed=seed, steps=steps, fov_deg=fov_deg, progress=say)
-        stats = pipe.export_glb(result, output_path, texture_size=texture_size, decimation_target=decimation_target, progress=say)
+        for img_path, out in zip(image_paths, outs):
+            check_writable(out, create_parents=batch)
+        for img_path, out in zip(image_paths, outs):  # every image before any weights are read
+            try:
+                img = load_image(img_path, max_image_pixels or MAX_PIXELS)
+                check_image(img, str(img_path))
+                jobs.append((img_path, img, out))
+            except Pixal3DError as e:
+                if not batch:
+                    raise
+                say.note(f"error: {e}")
+                results.append((img_path, out, str(e), None))
+        if not jobs:
+            _fail("no usable image: " + "; ".join(r[2] for r in results))
+        pipe = _load_pipeline(weights, preset, device, int(resolution), backend, engines_dir, say)
     except Pixal3DError as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; no output written", 130)
-    total = time.perf_counter() - t0
-    click.echo(_summary(result, stats, output_path, total, preset))
+
+    for img_path, img, out in jobs:
+        t0 = time.perf_counter()
+        if batch:
+            say.note(f"== {img_path} → {out}")
+        try:
+            result = pipe.run(img, resolution=int(resolution), seed=seed, steps=steps, fov_deg=fov_deg, progress=say)
+            stats = result.save_glb(out, texture_size=texture_size, decimation_target=decimation_target, progress=say)
+        except Pixal3DError as e:
+            if not batch:
+                _fail(str(e))
+            say.note(f"error: {img_path}: {e}")
+            results.append((img_path, out, str(e), None))
+            continue
+        except KeyboardInterrupt:
+            _fail(f"interrupted; {out} not written", 130)
+        stats["seconds"] = time.perf_counter() - t0
+        results.append((img_path, out, None, stats))
+        if not batch:
+            click.echo(_summary(pipe, result, stats, out, preset))
+    if batch:
+        click.echo(_batch_summary(pipe, results, preset))
+        if any(r[2] for r in results):
+            sys.exit(1)
+
+
+def _check_cpu_engines(engines_dir):
+    from pixal3d_rt.runtime.tensorrt_engine import EngineError, read_manifest
+
+    try:
+        nets = read_manifest(engines_dir).get("networks", {})
+    except EngineError as e:
+        _fail(str(e))
+    gpu_only = sorted(n for n, e in nets.items() if e.get("device") != "cpu")  # only AOTInductor CPU packages run here
+    if gpu_only:
+        _fail(f"--engines {engines_dir}: {', '.join(gpu_only)} run on an NVIDIA GPU (--device cuda), none is in use "
+              "(TensorRT engines and cuda AOTInductor packages)")
+
+
+def _load_pipeline(weights, preset, device, resolution, backend, engines_dir, say):
+    from .pipeline import Pipeline
+
+    if preset:
+        say.note(f"[pixal3d-rt] preset '{preset}': every network is small with seeded random weights; "
+                 "the asset is a structural demo, not a reconstruction of the image.")
+        pipe = Pipeline.from_preset(preset, device=device, progress=say, backend=backend)
+    else:
+        pipe = Pipeline.from_pretrained(weights, device=device, progress=say, resolution=resolution, backend=backend)
+    if engines_dir is not None:
+        from pixal3d_rt.runtime.tensorrt_engine import use_engines
+
+        use_engines(pipe, engines_dir, progress=say.note)
+    return pipe
+
+
+@main.command()
+@_source_options
+@click.option("--resolution", type=click.Choice(["512", "1024", "1536"]), default="1024", show_default=True,
+              help="512 needs only the shape networks; 1024/1536 the texture networks too.")
+@click.option("--image", "images", multiple=True, metavar="PATH", help="Also check these images (readable; alpha or a working background remover).")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also check that this .glb can be written.")
+def check(weights, preset, resolution, images, output_path):
+    """Check weights (and images, an output path) without loading a network: every file present,
+    every config and safetensors header against the network it describes. Exit 0 when all is well."""
+    from .checkpoints import check_weights, locate_weights, wanted_models, HIRES_ONLY
+    from .mesh.glb import check_writable
+    from .preprocess import check_image, load_image
+
+    _check_source(weights, preset)
+    lines = []
+    try:
+        if output_path is not None:
+            if output_path.suffix.lower() != ".glb":
+                _fail(f"{output_path}: the output must be a .glb file")
+            check_writable(output_path)
+            lines.append(f"output  {output_path}: writable")
+        for spec in _expand_images(images):
+            img = load_image(spec)
+            check_image(img, str(spec))
+            lines.append(f"image   {spec}: {img.width}×{img.height} {img.mode}, usable")
+        if weights is not None:
+            need = None if resolution != "512" else set(k for k in wanted_models(None) if k not in HIRES_ONLY)
+            files = locate_weights(weights, need=need)
+            rows = check_weights(files, need)
+            lines.append(f"weights {files.source}: {len(rows)} networks, {sum(r['bytes'] for r in rows) / 1e9:.2f} GB, "
+                         f"{sum(r['parameters'] for r in rows) / 1e9:.2f} B parameters; every header matches its network")
+            for r in rows:
+                lines.append(f"  {r['network']:<28} {r['class']:<26} {r['parameters'] / 1e6:9.1f} M  {r['file']}")
+        else:
+            lines.append(f"preset  {preset}: built in memory, nothing to check on disk")
+    except Pixal3DError as e:
+        _fail(str(e))
+    click.echo("\n".join(lines + ["ok"]))
 
 
 @main.command("export")
@@ -168,15 +330,66 @@ def export_cmd(weights, preset, target, out_dir, precision, max_tokens, only, cc
         _fail("interrupted; engines already written are complete and recorded, nothing is half-written", 130)
 
 
-def _summary(result, stats, output_path, total, preset) -> str:
+@main.command("download")
+@click.option("--repo", default="TencentARC/Pixal3D", show_default=True, help="Hugging Face id of the Pixal3D weights.")
+@click.option("--dir", "dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also lay the files out here as a weights directory (--weights DIR; copy it to a machine without "
+                   "internet). Default: only the Hugging Face cache (and torch's hub cache for NAF).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def download_cmd(repo, dest, quiet):
+    """Fetch all weights (Pixal3D's networks, TRELLIS's SS decoder, DINOv3, NAF; about 24 GB) and verify them."""
+    from .hub import cache_dir, download
+
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    t0 = time.perf_counter()
+    try:
+        files = download(repo, dest, progress=None if quiet else (lambda msg: click.echo(msg, err=True)))
+    except Pixal3DError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; finished files stay in the cache, run the command again to resume", 130)
+    rows = [("pipeline.json", files.pipeline_json)]
+    rows += [(key, base.parent / (base.name + ".safetensors")) for key, base in files.models.items()]
+    rows += [("dinov3", files.dinov3_dir / "model.safetensors"), ("naf", files.naf)]
+    lines = ["", f"{'file':<28} {'MB':>9}  path"]
+    lines += [f"  {name:<26} {p.stat().st_size / 1e6:9.1f}  {p}" for name, p in rows]
+    total = sum(p.stat().st_size for _, p in rows)
+    lines.append(f"{repo}: {len(rows)} files, {total / 1e9:.2f} GB, verified, in {time.perf_counter() - t0:.1f} s")
+    if dest is not None:
+        lines.append(f"weights directory {dest} (copy it to a machine without internet); next:")
+        lines.append(f"  pixal3d-rt infer --image IMAGE --output out.glb --weights {dest}")
+    else:
+        lines.append(f"in the Hugging Face cache {cache_dir()} and torch's hub cache {files.naf.parent}; next:")
+        lines.append(f"  pixal3d-rt infer --image IMAGE --output out.glb --weights {repo}   (offline: HF_HUB_OFFLINE=1)")
+    click.echo("\n".join(lines))
+
+
+def _summary(pipe, result, stats, output_path, preset) -> str:
     lines = ["", "stage                      time (s)  detail"]
-    for name, seconds, detail in result.timings + stats.get("timings", []):
+    rows = [("load", pipe.load_seconds, "networks")] + result.timings + stats.get("timings", [])
+    for name, seconds, detail in rows:
         lines.append(f"  {name:<24} {seconds:8.2f}  {detail}")
-    lines.append(f"  {'total':<24} {total:8.2f}")
+    lines.append(f"  {'total':<24} {sum(r[1] for r in rows):8.2f}")
     tok = result.tokens
     lines.append("tokens: " + ", ".join(f"{k} {v:,}" for k, v in tok.items()))
-    lines.append(f"mesh: {stats['faces']:,} faces, {stats['vertices']:,} vertices; texture {stats.get('texture_size', '-')}")
+    texture = f"{stats['texture_size']}²" if stats.get("texture_size") else "none (shape only)"
+    lines.append(f"mesh: {stats['faces']:,} faces, {stats['vertices']:,} vertices; texture {texture}")
     lines.append(f"wrote {output_path}" + ("  (tiny preset: structural demo)" if preset else ""))
+    return "\n".join(lines)
+
+
+def _batch_summary(pipe, results, preset) -> str:
+    lines = ["", f"load {pipe.load_seconds:.2f} s", "image                            result"]
+    for img, out, err, stats in results:
+        if err:
+            lines.append(f"  {str(img):<30} FAILED: {err}")
+        else:
+            lines.append(f"  {str(img):<30} {stats['seconds']:7.2f} s  {stats['faces']:,} faces  → {out}")
+    ok = sum(1 for r in results if not r[2])
+    lines.append(f"{ok} of {len(results)} images written" + ("  (tiny preset: structural demo)" if preset else ""))
     return "\n".join(lines)
 
 

@@ -15,3 +15,7 @@ class InputImageError(Pixal3DError):
 
 class BudgetError(Pixal3DError):
     """A request does not fit the resources it was given."""
+
+
+class OutputError(Pixal3DError):
+    """The output path cannot be written."""

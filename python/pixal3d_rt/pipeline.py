@@ -22,11 +22,13 @@ from . import config as C
 from .checkpoints import HIRES_ONLY, Weights, load_weights
 from .errors import BudgetError, InputImageError
 from .models.sparse import SparseTensor
+from .progress import as_progress
 
 
 @dataclass
 class Result:
-    """What `run` produces: the decoded mesh and PBR voxels, plus measurements."""
+    """What `Pipeline.run` produces: the decoded mesh and PBR voxels, plus measurements.
+    `save_glb(path)` writes the asset; `to_trimesh()` gives it as a textured trimesh.Trimesh."""
 
     vertices: torch.Tensor  # [V,3] float32, grid frame inside [-0.5, 0.5]^3
     faces: torch.Tensor  # [F,3] int32
@@ -36,6 +38,39 @@ class Result:
     timings: list = field(default_factory=list)  # (stage, seconds, detail)
     tokens: dict = field(default_factory=dict)
     latents: dict = field(default_factory=dict)  # shape_slat / tex_slat SparseTensors (for tests and tools)
+    export_defaults: dict = field(default_factory=dict)  # texture_size, decimation_target, device of the bake
+
+    def _export_args(self, texture_size, decimation_target) -> dict:
+        d = self.export_defaults
+        return {"texture_size": int(texture_size or d.get("texture_size", 2048)),
+                "decimation_target": int(decimation_target or d.get("decimation_target", 200_000)),
+                "device": d.get("device")}
+
+    def save_glb(self, path, texture_size: int | None = None, decimation_target: int | None = None, progress=None) -> dict:
+        """Simplify, unwrap, bake the PBR textures and write a GLB at `path` (atomically: the old file
+        or the complete new one). Returns stats: faces, vertices, texture_size, bytes, timings."""
+        from .mesh.glb import export_glb
+
+        args = self._export_args(texture_size, decimation_target)
+        t0 = time.perf_counter()
+        say = as_progress(progress)
+        say.stage("glb_export", f"{self.faces.shape[0]:,} faces → ≤{args['decimation_target']:,}, texture {args['texture_size']}²")
+        stats = dict(export_glb(Path(path), self.vertices, self.faces, self.voxel_coords, self.voxel_attrs, self.resolution,
+                                progress=say.note, **args))
+        stats["glb_timings"] = stats.pop("timings", {})  # per step: clean, simplify, uv, bake, write
+        seconds = time.perf_counter() - t0
+        stats["timings"] = [("glb_export", seconds, f"texture {args['texture_size']}²")]
+        say.stage_done("glb_export", seconds)
+        return stats
+
+    def to_trimesh(self, texture_size: int | None = None, decimation_target: int | None = None):
+        """The asset as save_glb writes it (GLB axes, UVs, PBR material), as a trimesh.Trimesh
+        (None when no face survives cleaning)."""
+        from .mesh.glb import build_asset
+
+        mesh, _ = build_asset(self.vertices, self.faces, self.voxel_coords, self.voxel_attrs, self.resolution,
+                              **self._export_args(texture_size, decimation_target))
+        return mesh
 
 
 class _Stopwatch:
@@ -47,8 +82,7 @@ class _Stopwatch:
 
         class _Span:
             def __enter__(self):
-                if sw.progress:
-                    sw.progress(f"[{name}] {detail}".rstrip())
+                sw.progress.stage(name, detail)
                 self.t = time.perf_counter()
                 return self
 
@@ -56,18 +90,21 @@ class _Stopwatch:
                 if exc[0] is None:
                     if str(sw.device).startswith("cuda"):
                         torch.cuda.synchronize()
-                    sw.rows.append((name, time.perf_counter() - self.t, self.detail if hasattr(self, "detail") else detail))
+                    seconds = time.perf_counter() - self.t
+                    sw.rows.append((name, seconds, detail))
+                    sw.progress.stage_done(name, seconds, detail)
 
         return _Span()
 
 
 def _sampler_progress(progress, name):
-    if progress is None:
-        return None
-    return lambda i, n: progress(f"  {name}: step {i}/{n}") if (i == n or i % max(1, n // 4) == 0) else None
+    return lambda i, n: progress.step(name, i, n)
 
 
 class Pipeline:
+    """Pixal3D image → 3D asset. Build with `from_pretrained` (official weights, a directory or Hugging
+    Face id) or `from_preset` ("tiny"); `run(image)` returns a Result to `save_glb(path)`."""
+
     def __init__(self, weights: Weights, device="cpu", geometry: C.Geometry = C.FULL, preset: str | None = None,
                  backend: str | None = None):
         from .conditioning import ImageConditioner
@@ -79,6 +116,7 @@ class Pipeline:
         self.geometry = geometry
         self.preset = preset
         self.models = weights.models
+        self.load_seconds = 0.0  # set by the constructors: reading (or building) the networks
         # flow networks as the sampler calls them: the eager definitions, or the `cuda` backend wrapping
         # the same modules (bf16, batched CFG, stage constants, CUDA graphs); default cuda on a GPU
         self.backend = backend or ("cuda" if self.device.type == "cuda" else "eager")
@@ -125,35 +163,64 @@ class Pipeline:
     # construction
 
     @classmethod
-    def from_pretrained(cls, weights_dir, device="cpu", progress=None, resolution: int = 1024, backend: str | None = None) -> "Pipeline":
+    def from_pretrained(cls, weights="TencentARC/Pixal3D", device=None, resolution: int = 1024, backend: str | None = None,
+                        progress=None) -> "Pipeline":
+        """Load the official weights: a directory in the official layout or a Hugging Face id
+        (downloaded on first use into the Hugging Face cache). Every file is checked before a tensor
+        is read. device: "cuda" or "cpu" (default: cuda when available; the CPU runs fp32).
+        resolution 512 loads only the networks a shape-only run needs."""
+        from .checkpoints import check_weights, locate_weights
+
+        device = device or default_device()
+        say = as_progress(progress)
+        t0 = time.perf_counter()
+        need = None if resolution != 512 else set(k for k in _all_models() if k not in HIRES_ONLY)
+        files = locate_weights(weights, need=need, progress=say)
+        checked = check_weights(files, need)  # every file, before a tensor is read
         # CPU runs the fp32 oracle; on CUDA the networks keep upstream's bf16/fp16 torsos
         dtype = "float32" if str(device) == "cpu" else None
-        need = None if resolution != 512 else set(k for k in _all_models() if k not in HIRES_ONLY)
-        w = load_weights(weights_dir, device=device, dtype=dtype, need=need, progress=progress)
-        return cls(w, device=device, backend=backend)
+        say.stage("load", f"{sum(r['bytes'] for r in checked) / 1e9:.2f} GB from {files.source} to {device}")
+        w = load_weights(files, device=device, dtype=dtype, need=need, checked=checked,
+                         progress=lambda key, nbytes, total: say.advance("load", nbytes, total))
+        pipe = cls(w, device=device, backend=backend)
+        pipe.load_seconds = time.perf_counter() - t0
+        say.stage_done("load", pipe.load_seconds)
+        return pipe
 
     @classmethod
-    def from_preset(cls, name: str, device="cpu", progress=None, backend: str | None = None) -> "Pipeline":
+    def from_preset(cls, name: str, device=None, progress=None, backend: str | None = None) -> "Pipeline":
+        """An embedded preset (`tiny`: every network small with seeded random weights; a structural
+        demo whose asset does not depict the image)."""
         from .presets import build_preset
 
+        t0 = time.perf_counter()
+        device = device or default_device()
         w, geometry = build_preset(name, device=device)
-        return cls(w, device=device, geometry=geometry, preset=name, backend=backend)
+        pipe = cls(w, device=device, geometry=geometry, preset=name, backend=backend)
+        pipe.load_seconds = time.perf_counter() - t0
+        return pipe
 
     # ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def run(self, image, resolution: int = 1024, seed: int = 42, steps: int | None = None,
             fov_deg: float | None = None, progress=None, preprocess: bool = True) -> Result:
+        """Image → decoded mesh and PBR voxels. `image`: a path, a PIL image or an HxWx3/4 uint8
+        array (RGBA with the background removed, or RGB when rembg is installed). resolution 512 is
+        shape only; 1024/1536 are cascades with texture. seed: noise drawn as upstream after
+        manual_seed(seed). steps: per stage (default 12). fov_deg: the photo's horizontal FOV.
+        progress: a progress.Progress or a callable taking one line. Returns a Result."""
         from .conditioning import Camera
         from .models.sc_vae import quantize_hr_coords
         from .models.ss_decoder import occupancy_to_coords
-        from .preprocess import preprocess_image, to_tensor
+        from .preprocess import as_image, preprocess_image, to_tensor
 
         if resolution not in (512, 1024, 1536):
             raise ValueError(f"resolution must be 512, 1024 or 1536, not {resolution}")
         if resolution != 512 and not all(k in self.models for k in HIRES_ONLY):
             raise BudgetError(f"resolution {resolution} needs the 1024 shape/texture models, which were not loaded")
         dev, g, m, cond = self.device, self.geometry, self.models, self.conditioner
+        progress = as_progress(progress)
         sw = _Stopwatch(dev, progress)
         fov = math.radians(fov_deg) if fov_deg is not None else C.DEFAULT_FOV_RAD
         cam = Camera.from_fov(fov, mesh_scale=C.MESH_SCALE)  # inference.py: distance from the FOV
@@ -161,7 +228,8 @@ class Pipeline:
         result_tokens = {}
 
         with sw("preprocess"):
-            img = preprocess_image(image) if preprocess else image
+            img = as_image(image)
+            img = preprocess_image(img) if preprocess else img
             img_lr = to_tensor(img, g.lr_image).to(dev)
             img_hr = to_tensor(img, g.hr_image).to(dev) if resolution != 512 else None
 
@@ -253,7 +321,10 @@ class Pipeline:
         latents = {"shape_slat": shape_slat}
         if resolution != 512:
             latents["tex_slat"] = tex_slat
-        return Result(vertices.cpu(), faces.cpu(), voxel_coords, voxel_attrs, res, sw.rows, result_tokens, latents)
+        small = self.preset is not None
+        defaults = {"texture_size": 256 if small else 2048, "decimation_target": 20_000 if small else 200_000,
+                    "device": self.device if self.device.type == "cuda" else None}
+        return Result(vertices.cpu(), faces.cpu(), voxel_coords, voxel_attrs, res, sw.rows, result_tokens, latents, defaults)
 
     @staticmethod
     def _release(flow):
@@ -292,20 +363,12 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------
 
     def export_glb(self, result: Result, path, texture_size: int | None = None, decimation_target: int | None = None, progress=None) -> dict:
-        from .mesh.glb import export_glb
+        """Same as `result.save_glb(...)`."""
+        return result.save_glb(path, texture_size=texture_size, decimation_target=decimation_target, progress=progress)
 
-        small = self.preset is not None
-        texture_size = texture_size or (256 if small else 2048)
-        decimation_target = decimation_target or (20_000 if small else 200_000)
-        t0 = time.perf_counter()
-        if progress:
-            progress(f"[glb] {result.faces.shape[0]:,} faces → ≤{decimation_target:,}, texture {texture_size}²")
-        stats = dict(export_glb(Path(path), result.vertices, result.faces, result.voxel_coords, result.voxel_attrs, result.resolution,
-                                decimation_target=decimation_target, texture_size=texture_size, progress=progress,
-                                device=self.device if self.device.type == "cuda" else None))
-        stats["glb_timings"] = stats.pop("timings", {})  # per step: clean, simplify, uv, bake, write
-        stats["timings"] = [("glb_export", time.perf_counter() - t0, f"texture {texture_size}²")]
-        return stats
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _all_models():

@@ -3,6 +3,7 @@
 projection geometry, so it must not change)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +14,49 @@ from .errors import InputImageError
 CROP_MARGIN = 1.1  # Pixal3D; TRELLIS.2 uses 1.0
 MAX_SIDE = 1024
 ALPHA_THRESHOLD = 0.8 * 255
+MAX_PIXELS = 64_000_000  # larger inputs are refused before decoding (`--max-image-pixels` raises it)
+REMBG_INSTALL = "pip install 'pixal3d-rt[rembg]' (CPU) or 'pixal3d-rt[rembg-gpu]'"
 
 
-def load_image(path) -> Image.Image:
+def load_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and decode an image file; its size is checked from the header before decoding."""
     path = Path(path)
     if not path.is_file():
         raise InputImageError(f"{path}: image file not found")
     try:
         img = Image.open(path)
+        if img.width * img.height > max_pixels:
+            raise InputImageError(f"{path}: {img.width}×{img.height} pixels is more than the limit of {max_pixels:,} "
+                                  "(raise it with --max-image-pixels N if the file is trusted)")
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputImageError(f"{path}: not a readable image ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise InputImageError(f"{path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return img
+
+
+def as_image(image) -> Image.Image:
+    """A path, a PIL image, or an HxW, HxWx3 or HxWx4 uint8 array (RGB/RGBA)."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise InputImageError(f"image array of shape {arr.shape} and dtype {arr.dtype}: expected HxWx3 or HxWx4 uint8")
+    return Image.fromarray(arr)
+
+
+def needs_background_removal(img: Image.Image) -> bool:
+    return _with_alpha(img) is None
+
+
+def check_image(img: Image.Image, what: str = "image") -> None:
+    """Everything `preprocess_image` would reject, checked up front: an RGB image needs a working
+    background remover (its model is fetched here, on first use); an RGBA one a visible object."""
+    if needs_background_removal(img):
+        _rembg_session(what)
+    else:
+        _crop_box(np.asarray(_with_alpha(img))[:, :, 3], what)
 
 
 def _with_alpha(img: Image.Image) -> Image.Image | None:
@@ -36,15 +68,51 @@ def _with_alpha(img: Image.Image) -> Image.Image | None:
     return img if not np.all(np.asarray(img)[:, :, 3] == 255) else None
 
 
-def _remove_background(img: Image.Image) -> Image.Image:
+@functools.lru_cache(maxsize=1)
+def _rembg_model():
+    """rembg's session, made once per process (its first use downloads the u2net model, ~170 MB)."""
     try:
-        import rembg  # optional: pip install rembg
+        import rembg
     except ImportError:
-        raise InputImageError(
-            "the image has no transparency (alpha channel) to separate the object from its background; "
-            "give an RGBA image with the background removed, or `pip install rembg` to remove it automatically"
-        ) from None
-    return rembg.remove(img.convert("RGB")).convert("RGBA")
+        raise InputImageError(None) from None
+    except SystemExit:  # rembg exits at import when installed without its onnxruntime flavour
+        raise InputImageError(f"rembg is installed without its runtime; install it with {REMBG_INSTALL}") from None
+    try:
+        return rembg, rembg.new_session("u2net")
+    except Exception as e:  # network errors of its model download, a corrupt model file, ...
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise InputImageError(f"rembg could not load its background-removal model u2net ({type(e).__name__}: {msg}); "
+                              "it is downloaded into ~/.u2net on first use: connect once, or copy u2net.onnx there") from None
+
+
+def _rembg_session(what: str = "the image"):
+    try:
+        return _rembg_model()
+    except InputImageError as e:
+        if e.args[0] is None:
+            raise InputImageError(
+                f"{what}: no transparency (alpha channel) separates the object from its background; give an RGBA "
+                f"image with the background removed, or install background removal: {REMBG_INSTALL}") from None
+        raise
+
+
+def _remove_background(img: Image.Image) -> Image.Image:
+    rembg, session = _rembg_session()
+    try:
+        return rembg.remove(img.convert("RGB"), session=session).convert("RGBA")
+    except Exception as e:
+        raise InputImageError(f"rembg failed on the image ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+def _crop_box(alpha: np.ndarray, what: str = "the image"):
+    ys_xs = np.argwhere(alpha > ALPHA_THRESHOLD)
+    if ys_xs.size == 0:
+        raise InputImageError(f"{what} is fully transparent (no pixel with alpha > 0.8): nothing to reconstruct")
+    x0, y0, x1, y1 = ys_xs[:, 1].min(), ys_xs[:, 0].min(), ys_xs[:, 1].max(), ys_xs[:, 0].max()
+    size = int(max(x1 - x0, y1 - y0) * CROP_MARGIN)
+    if size < 2:
+        raise InputImageError(f"the visible object in {what} is {size} pixel(s) wide: too small to reconstruct")
+    return (x0 + x1) / 2, (y0 + y1) / 2, size
 
 
 def preprocess_image(img: Image.Image, bg_color=(0, 0, 0)) -> Image.Image:
@@ -55,15 +123,7 @@ def preprocess_image(img: Image.Image, bg_color=(0, 0, 0)) -> Image.Image:
         img = img.resize((int(img.width * scale), int(img.height * scale)), Image.Resampling.LANCZOS)
         rgba = _with_alpha(img) if rgba is not None else None
     out = rgba if rgba is not None else _remove_background(img)
-    a = np.asarray(out)[:, :, 3]
-    ys_xs = np.argwhere(a > ALPHA_THRESHOLD)
-    if ys_xs.size == 0:
-        raise InputImageError("the image is fully transparent (no pixel with alpha > 0.8): nothing to reconstruct")
-    x0, y0, x1, y1 = ys_xs[:, 1].min(), ys_xs[:, 0].min(), ys_xs[:, 1].max(), ys_xs[:, 0].max()
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    size = int(max(x1 - x0, y1 - y0) * CROP_MARGIN)
-    if size < 2:
-        raise InputImageError(f"the visible object is {size} pixel(s) wide: too small to reconstruct")
+    cx, cy, size = _crop_box(np.asarray(out)[:, :, 3])
     out = out.crop((cx - size // 2, cy - size // 2, cx + size // 2, cy + size // 2))  # PIL pads with zeros
     arr = np.asarray(out).astype(np.float32) / 255
     rgb, alpha = arr[:, :, :3], arr[:, :, 3:4]

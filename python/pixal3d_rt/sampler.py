@@ -194,7 +194,7 @@ class FlowEulerGuidanceIntervalSampler:
                 trace.x0.append(velocity_to_x0(x, t, v, self.sigma_min))
             x = x_prev
             if progress is not None:
-                progress(i, steps)
+                progress(i + 1, steps)
 
         sample = noise.replace(x) if sparse else x
         return (sample, trace) if return_trace else sample

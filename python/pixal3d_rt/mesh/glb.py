@@ -439,6 +439,31 @@ def encode_glb(mesh, *, image_format: str = "png") -> bytes:
                                             extension_webp=image_format == "webp")
 
 
+def check_writable(path, create_parents: bool = False) -> None:
+    """Raise OutputError if `path` cannot be written (before any work is done):
+    its folder missing (unless `create_parents`, then the nearest existing folder must be writable),
+    not a folder, or not writable; or `path` itself is a folder. Leaves nothing behind."""
+    from ..errors import OutputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name ending in .glb")
+    folder = path.parent
+    if not folder.exists():
+        if not create_parents:
+            raise OutputError(f"{folder}: output folder does not exist (create it first)")
+        while not folder.exists():
+            folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: is a file, not a folder; choose another output path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot write here ({e.strerror or e}); choose another output path") from None
+
+
 def atomic_write_bytes(path, data) -> None:
     """Write `data` (any bytes-like object) to a temporary file next to `path`, fsync, then os.replace
     onto `path`: readers see the old file or the complete new one, never a partial file; on any
@@ -475,11 +500,26 @@ def write_glb(path, mesh, *, image_format: str = "png") -> int:
 
 
 def export_glb(path, vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
-               decimation_target: int = 200_000, texture_size: int = 2048,
-               progress: Optional[Callable[[str], None]] = None, double_sided="auto",
-               image_format: str = "png", max_hole_perimeter: float = 3e-2, min_component_area: float = 1e-5,
-               device=None) -> dict:
+               progress: Optional[Callable[[str], None]] = None, image_format: str = "png", **options) -> dict:
     """Decoded mesh + sparse PBR voxels -> textured PBR GLB at `path` (written atomically).
+    Arguments as `build_asset`; returns its stats plus "bytes" and timings["write"]."""
+    say = progress or (lambda msg: None)
+    t_all = time.perf_counter()
+    mesh, stats = build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size, progress=progress, **options)
+    timings = stats["timings"]
+    t = time.perf_counter()
+    stats["bytes"] = write_glb(path, mesh, image_format=image_format)
+    timings["write"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_all
+    say(f"[glb] wrote {path} ({stats['bytes'] / 1e6:.1f} MB, {timings['total']:.1f}s total)")
+    return stats
+
+
+def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
+                decimation_target: int = 200_000, texture_size: int = 2048,
+                progress: Optional[Callable[[str], None]] = None, double_sided="auto",
+                max_hole_perimeter: float = 3e-2, min_component_area: float = 1e-5, device=None):
+    """Decoded mesh + sparse PBR voxels -> (trimesh.Trimesh in the GLB frame, stats), in memory.
 
     vertices [V,3] float32 and faces [F,3] int (numpy or torch) in the grid frame inside [-0.5,0.5]^3;
     voxel_coords [N,3] int in [0, grid_size) and voxel_attrs [N,6] float in [0,1] (base_color 0:3,
@@ -487,16 +527,14 @@ def export_glb(path, vertices, faces, voxel_coords, voxel_attrs, grid_size: int,
     face count; texture_size the side of the square textures; double_sided "auto" | True | False;
     device: torch device for the bake (default: that of voxel_attrs if a tensor, else CPU).
 
-    Returns stats: {"faces", "vertices" (after UV seam splitting), "input_faces", "input_vertices",
+    stats: {"faces", "vertices" (after UV seam splitting), "input_faces", "input_vertices",
     "texture_size" (0 if untextured), "coverage" (fraction of texels baked), "double_sided", "closed",
-    "bytes", "timings": {step: seconds}}. An input with no usable face gives a valid GLB with an empty
-    scene (stats faces = 0).
+    "timings": {step: seconds}}. An input with no usable face gives mesh None (an empty scene).
     """
     import torch
 
     say = progress or (lambda msg: None)
     timings: dict = {}
-    t_all = time.perf_counter()
     n_in_f = int(faces.shape[0])
     n_in_v = int(vertices.shape[0])
     v, f, closed = prepare_mesh(vertices, faces, decimation_target=decimation_target,
@@ -510,11 +548,7 @@ def export_glb(path, vertices, faces, voxel_coords, voxel_attrs, grid_size: int,
              "closed": bool(len(f) > 0 and closed.all()), "timings": timings}
     if len(f) == 0:
         say("[glb] warning: no faces survived cleaning; writing an empty scene")
-        t = time.perf_counter()
-        stats["bytes"] = write_glb(path, None, image_format=image_format)
-        timings["write"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t_all
-        return stats
+        return None, stats
 
     normals = vertex_normals(v, f)
     textured = voxel_coords is not None and voxel_attrs is not None and len(voxel_coords) > 0
@@ -545,8 +579,5 @@ def export_glb(path, vertices, faces, voxel_coords, voxel_attrs, grid_size: int,
     stats["faces"], stats["vertices"] = int(len(f)), int(len(v))
     t = time.perf_counter()
     mesh = build_textured_mesh(v, f, normals, uvs, maps_np, double_sided=sided)
-    stats["bytes"] = write_glb(path, mesh, image_format=image_format)
-    timings["write"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_all
-    say(f"[glb] wrote {path} ({stats['bytes'] / 1e6:.1f} MB, {timings['total']:.1f}s total)")
-    return stats
+    timings["mesh"] = time.perf_counter() - t
+    return mesh, stats
