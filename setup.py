@@ -28,6 +28,13 @@ def _packages():
 
 PACKAGES, PACKAGE_DIR = _packages()
 
+# extras as module-level lists: `test` includes the others, and tests/test_readme_ci.py reads them
+KERNELS = ["triton"]
+# onnxscript: torch.onnx's exporter; tensorrt-rtx: engine builds (CPU-only machines too) and the runner
+EXPORT = ["onnx", "onnxruntime", "onnxscript", "tensorrt-rtx==1.7.1.116"]
+# all the test suite needs on a CPU (only GPU tests skip); README command 1 installs it
+TEST = ["pytest", "hypothesis", "huggingface_hub", *KERNELS, *EXPORT]
+
 setup(
     name="pixal3d-rt",
     version="0.1.0",
@@ -49,10 +56,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest"],
-        "kernels": ["triton"],
-        # onnxscript: torch.onnx's exporter; tensorrt-rtx: engine builds (CPU-only machines too) and the runner
-        "export": ["onnx", "onnxruntime", "onnxscript", "tensorrt-rtx==1.7.1.116"],
+        "test": TEST,
+        "kernels": KERNELS,
+        "export": EXPORT,
         "rembg": ["rembg"],
     },
     entry_points={"console_scripts": ["pixal3d-rt=pixal3d_rt.cli:main"]},

@@ -1,8 +1,6 @@
 """Image conditioning: DINOv3 tokens, camera/projection, sparse vs dense sampling, golden parity."""
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,20 +18,13 @@ from pixal3d_rt.conditioning import (
 from pixal3d_rt.models.dinov3 import build_dinov3, extract_tokens
 from pixal3d_rt.models.naf import NAF
 
+from golden_fixtures import golden
 from kernel_inputs import random_coords
-
-GOLDEN = Path(os.environ.get("PIXAL3D_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 
 TINY_DINO = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=16,
     num_register_tokens=4, rope_theta=100.0, key_bias=False, layerscale_value=1.0,
 )
-
-
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} not available")
-    return path
 
 
 def perturbed(module, seed=0):
@@ -49,7 +40,7 @@ def test_golden_proj_cond(name):
     import pixal3d_rt.tools.parity_cond  # noqa: F401  (registers the runners)
     from pixal3d_rt.tools.parity import check_fixture, load_fixture
 
-    fx = load_fixture(need(GOLDEN / f"{name}.json"))
+    fx = load_fixture(golden(f"{name}.json"))
     ok, comps, err = check_fixture(fx)
     assert ok, (err, [c for c in comps if not c.ok])
     keys = {c.key for c in comps}
@@ -61,7 +52,7 @@ def test_golden_proj_cond(name):
 def test_grid_points_match_upstream_buffer():
     from safetensors.torch import load_file
 
-    path = need(GOLDEN / "proj_cond_ss.safetensors")
+    path = golden("proj_cond_ss.safetensors")
     t = load_file(str(path))
     R = json.loads(path.with_suffix(".json").read_text())["config"]["args"]["grid_resolution"]
     # upstream's buffer is the rotated grid before the /mesh_scale/2 scaling
@@ -69,7 +60,7 @@ def test_grid_points_match_upstream_buffer():
 
 
 def test_dinov3_schema_meta_device():
-    schema = json.loads(need(GOLDEN / "schema" / "dinov3_vitl16.json").read_text())
+    schema = json.loads(golden("schema", "dinov3_vitl16.json").read_text())
     with torch.device("meta"):
         m = build_dinov3(schema["config"])
     sd = m.state_dict()

@@ -2,8 +2,6 @@
 between shape and texture decoder, chunking, batching, upsample/quantisation and fp16 conversion."""
 import copy
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,18 +14,13 @@ from pixal3d_rt.models.sc_vae import quantize_hr_coords
 from pixal3d_rt.models.sparse import SparseTensor
 from pixal3d_rt.models.ss_decoder import SparseStructureDecoder, occupancy_to_coords, pixel_shuffle_3d
 
-
-def golden_dir() -> Path:
-    return Path(os.environ.get("PIXAL3D_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+from golden_fixtures import golden
 
 
 def load_golden(name: str):
-    path = golden_dir() / f"{name}.json"
-    if not path.exists() or not path.with_suffix(".safetensors").exists():
-        pytest.skip(f"golden fixture {name} not available")
     from pixal3d_rt.tools.parity import load_fixture
 
-    return load_fixture(path)
+    return load_fixture(golden(f"{name}.json"))
 
 
 @pytest.mark.parametrize("name", ["ss_decoder", "shape_decoder", "tex_decoder"])
@@ -42,10 +35,7 @@ def test_golden_parity(name):
 
 @pytest.mark.parametrize("model", ["shape_dec_next_dc_f16c32_fp16", "tex_dec_next_dc_f16c32_fp16", "ss_dec_conv3d_16l8_fp16"])
 def test_full_size_schema_on_meta(model):
-    path = golden_dir() / "schema" / f"{model}.json"
-    if not path.exists():
-        pytest.skip("schema not available")
-    schema = json.loads(path.read_text())
+    schema = json.loads(golden("schema", f"{model}.json").read_text())
     with torch.device("meta"):
         net = build_model(schema["config"])
     got = {k: (list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in net.state_dict().items()}

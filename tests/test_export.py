@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from engine_dirs import HAVE_RTX, edit_manifest, export_tiny, needs_rtx, one_network_copy, ort_engine
+from golden_fixtures import golden
 import torch
 
 from pixal3d_rt import config as C
@@ -19,7 +20,6 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-GOLDEN = Path(os.environ.get("PIXAL3D_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU that TensorRT can run on")
 
 PARITY_DIMS = [{"B": 2, "N": 37}, {"B": 1, "N": 53}]  # both CFG layouts; odd token counts unlike the trace's
@@ -76,10 +76,8 @@ def _full_size_configs():
              "shape_slat_flow_model_512": "slat_flow_img2shape_dit_1_3B_512_bf16",
              "shape_slat_flow_model_1024": "slat_flow_img2shape_dit_1_3B_1024_bf16",
              "tex_slat_flow_model_1024": "slat_flow_imgshape2tex_dit_1_3B_1024_bf16"}
-    if not (GOLDEN / "schema").is_dir():
-        pytest.skip(f"schemas not available under {GOLDEN}")
-    configs = {k: json.loads((GOLDEN / "schema" / f"{v}.json").read_text())["config"] for k, v in names.items()}
-    dino = json.loads((GOLDEN / "schema" / "dinov3_vitl16.json").read_text())["config"]["args"]
+    configs = {k: json.loads(golden("schema", f"{v}.json").read_text())["config"] for k, v in names.items()}
+    dino = json.loads(golden("schema", "dinov3_vitl16.json").read_text())["config"]["args"]
     return configs, dino
 
 

@@ -1,13 +1,13 @@
 """FlexiDualGrid mesh extraction: golden parity (fdg_to_mesh), a naive per-quad loop written from
 golden README §3.4 on random dyadic inputs, and closedness on closed surfaces."""
-import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
 from pixal3d_rt.mesh.fdg import flexible_dual_grid_to_mesh
+
+from golden_fixtures import golden
 
 AABB = [[-0.5] * 3, [0.5] * 3]
 OFFSETS = [
@@ -17,17 +17,10 @@ OFFSETS = [
 ]
 
 
-def golden_dir() -> Path:
-    return Path(os.environ.get("PIXAL3D_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
-
-
 def load_golden(name: str):
-    path = golden_dir() / f"{name}.json"
-    if not path.exists() or not path.with_suffix(".safetensors").exists():
-        pytest.skip(f"golden fixture {name} not available")
     from pixal3d_rt.tools.parity import load_fixture
 
-    return load_fixture(path)
+    return load_fixture(golden(f"{name}.json"))
 
 
 def test_golden_fdg_to_mesh():

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from pixal3d_rt.models.flow import ElasticSLatFlowModel, SLatFlowModel, SparseSt
 from pixal3d_rt.models.registry import build_model
 from pixal3d_rt.models.sparse import SparseTensor
 
-GOLDEN = Path(os.environ.get("PIXAL3D_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+from golden_fixtures import golden
 
 FLOW_FIXTURES = ["ss_flow_proj", "shape_slat_flow_proj", "tex_slat_flow_proj"]
 SCHEMAS = [
@@ -24,18 +22,11 @@ SCHEMAS = [
 ]
 
 
-def _golden(name: str) -> Path:
-    p = GOLDEN / f"{name}.json"
-    if not p.exists() or not p.with_suffix(".safetensors").exists():
-        pytest.skip(f"golden fixture {name} not available under {GOLDEN}")
-    return p
-
-
 @pytest.mark.parametrize("name", FLOW_FIXTURES)
 def test_golden_parity(name):
     from pixal3d_rt.tools import parity, parity_flows  # noqa: F401  (registers the runners)
 
-    fx = parity.load_fixture(_golden(name))
+    fx = parity.load_fixture(golden(f"{name}.json"))
     with torch.no_grad():
         ok, comps, err = parity.check_fixture(fx)
     assert not err, err
@@ -47,10 +38,7 @@ def test_golden_parity(name):
 
 @pytest.mark.parametrize("name", SCHEMAS)
 def test_full_size_schema(name):
-    p = GOLDEN / "schema" / f"{name}.json"
-    if not p.exists():
-        pytest.skip(f"schema {p} not available")
-    schema = json.loads(p.read_text())
+    schema = json.loads(golden("schema", f"{name}.json").read_text())
     with torch.device("meta"):
         model = build_model(schema["config"])
     params = {k for k, _ in model.named_parameters()}

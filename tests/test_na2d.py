@@ -1,21 +1,16 @@
 """na2d reference: golden cases, a naive per-pixel loop on awkward sizes, na2d_at."""
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
 from pixal3d_rt.kernels.na2d import na2d, na2d_at, neighbour_window
 
-GOLDEN = Path(os.environ.get("PIXAL3D_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+from golden_fixtures import golden
 
 
 def golden_fixture(name):
-    if not (GOLDEN / f"{name}.json").exists():
-        pytest.skip(f"golden fixture {name} not available")
     from pixal3d_rt.tools.parity import load_fixture
 
-    return load_fixture(GOLDEN / f"{name}.json")
+    return load_fixture(golden(f"{name}.json"))
 
 
 def naive_window(L, k, d, i):

@@ -1,7 +1,5 @@
 """NAF upsampler: golden parity, checkpoint schema, awkward sizes, selected-pixel evaluation."""
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,13 +9,7 @@ from pixal3d_rt.kernels.na2d import na2d
 from pixal3d_rt.models.naf import NAF, load_naf_pth, nearest_exact_index
 from pixal3d_rt.models.registry import build_model
 
-GOLDEN = Path(os.environ.get("PIXAL3D_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
-
-
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} not available")
-    return path
+from golden_fixtures import golden
 
 
 def random_naf(seed=0, **cfg) -> NAF:
@@ -50,14 +42,14 @@ def test_golden_naf():
     import pixal3d_rt.tools.parity_cond  # noqa: F401  (registers the runners)
     from pixal3d_rt.tools.parity import check_fixture, load_fixture
 
-    fx = load_fixture(need(GOLDEN / "naf.json"))
+    fx = load_fixture(golden("naf.json"))
     ok, comps, err = check_fixture(fx)
     assert ok, (err, [c for c in comps if not c.ok])
     assert any(c.key == "mid.queries" for c in comps)
 
 
 def test_schema_meta_device():
-    schema = json.loads(need(GOLDEN / "schema" / "naf.json").read_text())
+    schema = json.loads(golden("schema", "naf.json").read_text())
     with torch.device("meta"):
         m = build_model(schema["config"])
     sd = m.state_dict()

@@ -1,16 +1,12 @@
 """`python -m pixal3d_rt.tools.parity DIR` on the golden fixtures, and on directories it must fail."""
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file, save_file
 
-GOLDEN = Path(os.environ.get("PIXAL3D_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden fixtures not found at {GOLDEN}")
+from golden_fixtures import GOLDEN
 
 
 def _parity(*args):
