@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +9,13 @@ import torch
 
 from pixal3d_rt.models.sparse import SparseTensor
 from pixal3d_rt.sampler import FlowEulerGuidanceIntervalSampler, t_schedule
-
-GOLDEN = Path(os.environ.get("PIXAL3D_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+from golden_fixtures import golden
 
 
 @pytest.mark.parametrize("name", ["sampler_ss", "sampler_shape", "sampler_tex"])
 def test_golden_parity(name):
-    p = GOLDEN / f"{name}.json"
-    if not p.exists() or not p.with_suffix(".safetensors").exists():
-        pytest.skip(f"golden fixture {name} not available under {GOLDEN}")
+    p = golden(f"{name}.json")
+    golden(f"{name}.safetensors")
     from pixal3d_rt.tools import parity, parity_flows  # noqa: F401  (registers the runners)
 
     fx = parity.load_fixture(p)

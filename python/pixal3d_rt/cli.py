@@ -37,7 +37,8 @@ class Degrees(click.ParamType):
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number", param, ctx)
         if not math.isfinite(v) or not 1.0 <= v <= 120.0:
-            self.fail(f"{value} is not a field of view in degrees between 1 and 120", param, ctx)
+            hint = f" (if {value} is in radians, that is --fov {math.degrees(v):.2f})" if 0 < v < 3.2 else ""
+            self.fail(f"{value} is not a field of view in degrees between 1 and 120{hint}", param, ctx)
         return v
 
 
