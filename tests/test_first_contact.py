@@ -108,6 +108,8 @@ def test_python_api_in_a_fresh_process(weights, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(_mesh(out).faces) == int(res.stdout.split()[-1])
+    rc, report = _run_validator(out)
+    assert report["numErrors"] == 0 and rc == 0, report["errors"]
 
 
 def test_public_api_is_documented():
