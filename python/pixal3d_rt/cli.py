@@ -394,5 +394,9 @@ def _batch_summary(pipe, results, preset) -> str:
     return "\n".join(lines)
 
 
+from .serve import serve  # noqa: E402  (the web page; Gradio is imported when it runs)
+
+main.add_command(serve)
+
 if __name__ == "__main__":
     main()
