@@ -54,6 +54,7 @@ setup(
         "xatlas",
         "fast-simplification",  # QEM decimation with prebuilt wheels (no compiler)
         "tqdm",
+        "huggingface_hub>=0.34",  # --weights TencentARC/Pixal3D, pixal3d-rt download (python/pixal3d_rt/hub.py)
     ],
     extras_require={
         "test": TEST,

@@ -14,7 +14,6 @@ are ordered on that stream like any torch op).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from pixal3d_rt.errors import Pixal3DError
+from pixal3d_rt.files import sha256_file  # one definition (export.trt_build imports it from here)
 
 from .engine import Engine, stage_module
 
@@ -53,14 +53,6 @@ def read_manifest(engine_dir) -> dict:
         raise EngineError(f"{p}: manifest format {m.get('format') if isinstance(m, dict) else '?'}, this pixal3d-rt reads "
                           f"format {MANIFEST_FORMAT}; {_remedy(m if isinstance(m, dict) else {}, engine_dir)}")
     return m
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 24), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def check_entry(engine_dir, name: str, suffix: str = ".engine") -> tuple[dict, dict, Path]:

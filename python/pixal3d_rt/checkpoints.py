@@ -50,7 +50,9 @@ NAF_DEFAULT_CONFIG = {
 
 HOW_TO_GET_WEIGHTS = """\
 pixal3d-rt needs the official Pixal3D weights (about 24 GB), or --preset tiny for a structural demo.
-Download them into one directory, then pass --weights DIR:
+  --weights TencentARC/Pixal3D        downloads them on first use into the Hugging Face cache (NAF: torch's hub cache)
+  pixal3d-rt download --dir DIR       fetches everything into DIR for a machine without internet (--weights DIR)
+or by hand into one directory, then pass --weights DIR:
   huggingface-cli download TencentARC/Pixal3D --local-dir DIR --include 'pipeline.json' 'ckpts/*'
   huggingface-cli download microsoft/TRELLIS-image-large --local-dir DIR --include 'ckpts/ss_dec_conv3d_16l8_fp16.*'
   huggingface-cli download camenduru/dinov3-vitl16-pretrain-lvd1689m --local-dir DIR/dinov3-vitl16-pretrain-lvd1689m
