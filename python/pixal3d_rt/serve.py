@@ -8,6 +8,7 @@ Gradio reads the handlers' annotations (gr.Request, gr.Progress) as objects."""
 import atexit
 import gc
 import os
+import re
 import shutil
 import signal
 import sys
@@ -64,10 +65,12 @@ class PageProgress(Progress):
 
 
 def _error_line(e: BaseException, path=None) -> str:
-    """The project's one-line message; the server's upload path shown as the file's own name."""
+    """The project's one-line message; the server's upload paths (whole or cut short inside a quoted
+    decoder message) shown as the file's own name."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if path:
         msg = msg.replace(str(path), Path(path).name)
+        msg = re.sub(re.escape(str(Path(path).parent.parent)) + r"[^\s'\"):;,]*", Path(path).name, msg)
     return f"error: {msg}"
 
 
