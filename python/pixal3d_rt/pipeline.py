@@ -117,6 +117,10 @@ class Pipeline:
         self.preset = preset
         self.models = weights.models
         self.load_seconds = 0.0  # set by the constructors: reading (or building) the networks
+        # optional structure source (the reference preset's shape): replaces, after the networks have
+        # computed them, the sparse-structure occupancy, the shape decoder's subdivisions and its mesh
+        # channels; see reference_shape.ReferenceStructure
+        self.structure = None
         # flow networks as the sampler calls them: the eager definitions, or the `cuda` backend wrapping
         # the same modules (bf16, batched CFG, stage constants, CUDA graphs); default cuda on a GPU
         self.backend = backend or ("cuda" if self.device.type == "cuda" else "eager")
@@ -191,12 +195,13 @@ class Pipeline:
     def from_preset(cls, name: str, device=None, progress=None, backend: str | None = None) -> "Pipeline":
         """An embedded preset (`tiny`: every network small with seeded random weights; a structural
         demo whose asset does not depict the image)."""
-        from .presets import build_preset
+        from .presets import build_preset, preset_structure
 
         t0 = time.perf_counter()
         device = device or default_device()
         w, geometry = build_preset(name, device=device)
         pipe = cls(w, device=device, geometry=geometry, preset=name, backend=backend)
+        pipe.structure = preset_structure(name)
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 
@@ -256,27 +261,34 @@ class Pipeline:
             lr_grid = logits.shape[-1] // 2  # upstream pools the 64³ occupancy to 32³
             coords = occupancy_to_coords(logits.float(), pool=True).to(dev)
             del logits
+            if self.structure is not None:
+                coords = self.structure.occupancy(lr_grid, dev)
         if coords.shape[0] == 0:
             raise InputImageError("the sparse-structure stage found no occupied voxel for this image")
         result_tokens["ss"] = R ** 3
         result_tokens["shape_lr"] = int(coords.shape[0])
 
         # ---- stage 2: shape at the LR grid ------------------------------------------------------
-        with sw("shape_lr_flow", f"{coords.shape[0]} tokens @{lr_grid}³"):
+        with sw("shape_lr_cond", f"NAF {g.naf_target('shape_lr')}px + projection"):  # NAF is evaluated at the projected texels
             naf_lr = cond.naf_sampler(img_lr, enc_lr, g.naf_target("shape_lr"))
-            lr_slat = self._sample_shape(self.flows["shape_slat_flow_model_512"], enc_lr, naf_lr, coords, lr_grid, cam,
-                                         g.lr_image, gen, args, steps, progress, "shape_lr_flow")
+            c_lr = self._proj_cond(enc_lr, naf_lr, coords, lr_grid, cam, g.lr_image, None)
             del naf_lr
+        with sw("shape_lr_flow", f"{coords.shape[0]} tokens @{lr_grid}³"):
+            lr_slat = self._sample_shape(self.flows["shape_slat_flow_model_512"], c_lr, coords, gen, args, steps, progress,
+                                         "shape_lr_flow")
+            del c_lr
 
         shape_dec = m["shape_slat_decoder"]
+        shape_dec.structure = self.structure
         if resolution == 512:
             res = lr_grid * 16
             shape_slat = lr_slat
         else:
             # ---- stage 3a: LR → HR token set ---------------------------------------------------
             with sw("upsample"):
-                hr_coords = shape_dec.upsample(lr_slat, upsample_times=4)
                 r_dec = lr_grid * 16  # upstream: the literal 512
+                shape_dec.set_resolution(r_dec)  # the grid the upsampled coordinates are at
+                hr_coords = shape_dec.upsample(lr_slat, upsample_times=4)
                 res = lr_grid * 16 * resolution // 512
                 floor_res = lr_grid * 16 * 2  # 1024: no cap
                 step = lr_grid * 4  # 128 at full size
@@ -289,25 +301,33 @@ class Pipeline:
                 del hr_coords
             result_tokens["shape_hr"] = int(hr_unique.shape[0])
             # ---- stage 3b: shape at the HR grid -----------------------------------------------
-            with sw("shape_hr_flow", f"{hr_unique.shape[0]} tokens @{hr_grid}³"):
+            with sw("shape_hr_cond", f"NAF {g.naf_target('shape_hr')}px + projection"):
                 naf_hr = cond.naf_sampler(img_hr, enc_hr, g.naf_target("shape_hr"))
-                shape_slat = self._sample_shape(self.flows["shape_slat_flow_model_1024"], enc_hr, naf_hr, hr_unique, hr_grid, cam,
-                                                g.hr_image, gen, args, steps, progress, "shape_hr_flow")
+                c_hr = self._proj_cond(enc_hr, naf_hr, hr_unique, hr_grid, cam, g.hr_image, None)
                 del naf_hr
+            with sw("shape_hr_flow", f"{hr_unique.shape[0]} tokens @{hr_grid}³"):
+                shape_slat = self._sample_shape(self.flows["shape_slat_flow_model_1024"], c_hr, hr_unique, gen, args, steps,
+                                                progress, "shape_hr_flow")
+                del c_hr
             # ---- stage 4: texture -----------------------------------------------------------------
-            with sw("tex_flow", f"{shape_slat.coords.shape[0]} tokens"):
+            with sw("tex_cond", f"NAF {g.naf_target('tex')}px + projection"):
                 naf_tex = cond.naf_sampler(img_hr, enc_hr, g.naf_target("tex"))
-                tex_slat = self._sample_tex(self.flows["tex_slat_flow_model_1024"], enc_hr, naf_tex, shape_slat, hr_grid, cam,
-                                            g.hr_image, gen, args, steps, progress)
+                c_tex = self._proj_cond(enc_hr, naf_tex, shape_slat.coords, hr_grid, cam, g.hr_image, None)
                 del naf_tex
+            with sw("tex_flow", f"{shape_slat.coords.shape[0]} tokens"):
+                tex_slat = self._sample_tex(self.flows["tex_slat_flow_model_1024"], c_tex, shape_slat, gen, args, steps, progress)
+                del c_tex
 
         # ---- decode ---------------------------------------------------------------------------------
         with sw("shape_decoder", f"@{res}³"):
             shape_dec.set_resolution(res)
             dec_cache = {}
             h, subs = shape_dec(shape_slat, return_subs=True, cache=dec_cache)  # cache: neighbour maps reused below
-            vertices, faces = shape_dec.extract_meshes(h)[0]  # batch of one
             result_tokens["voxels"] = int(h.coords.shape[0])
+        with sw("mesh_extraction", f"{h.coords.shape[0]:,} voxels"):
+            if self.structure is not None:
+                h = self.structure.mesh_fields(h, res)
+            vertices, faces = shape_dec.extract_meshes(h)[0]  # batch of one
             del h
         voxel_coords = voxel_attrs = None
         if resolution != 512:
@@ -340,17 +360,17 @@ class Pipeline:
         neg = {"global": torch.zeros_like(c["global"]), "proj": SparseTensor(torch.zeros_like(proj), coords)}
         return c, neg
 
-    def _sample_shape(self, flow, enc, naf_map, coords, grid, cam, image_size, gen, args, steps, progress, name):
-        c, neg = self._proj_cond(enc, naf_map, coords, grid, cam, image_size, None)
+    def _sample_shape(self, flow, cond, coords, gen, args, steps, progress, name):
+        c, neg = cond  # from _proj_cond
         noise = SparseTensor(torch.randn(coords.shape[0], flow.in_channels, generator=gen).to(self.device), coords)
         slat = self.sampler.sample(flow, noise, c, neg, **C.sampler_params("shape_slat", args, steps), progress=_sampler_progress(progress, name))
         self._release(flow)
         n = self.shape_norm
         return slat.replace(slat.feats * n["std"].to(slat.feats) + n["mean"].to(slat.feats))
 
-    def _sample_tex(self, flow, enc, naf_map, shape_slat, grid, cam, image_size, gen, args, steps, progress):
+    def _sample_tex(self, flow, cond, shape_slat, gen, args, steps, progress):
         coords = shape_slat.coords
-        c, neg = self._proj_cond(enc, naf_map, coords, grid, cam, image_size, None)
+        c, neg = cond  # from _proj_cond
         n = self.shape_norm
         shape_norm = shape_slat.replace((shape_slat.feats - n["mean"].to(shape_slat.feats)) / n["std"].to(shape_slat.feats))
         noise = shape_slat.replace(torch.randn(coords.shape[0], flow.in_channels - shape_slat.feats.shape[1], generator=gen).to(self.device))

@@ -64,14 +64,24 @@ TINY_NAF = {"name": "NAF", "args": {"dim": 32, "heads_attn": 4, "heads_rope": 4,
 TINY_GEOMETRY = C.Geometry(lr_image=96, hr_image=192, max_num_tokens=4000)
 
 
+def init_kind(name: str, p: torch.Tensor) -> str:
+    """Which random law a parameter gets: "matrix" N(0, 1/fan_in), "gain" 1 + N(0, 0.2), "vector" N(0, 0.2)."""
+    if p.dim() >= 2:
+        return "matrix"
+    if name.endswith(("norm.weight", "gamma", "lambda1", "lambda", "norm1.weight", "norm2.weight")) or ".norm" in name and name.endswith("weight"):
+        return "gain"
+    return "vector"
+
+
 def randomize_(module: nn.Module, gen: torch.Generator) -> nn.Module:
     """The golden fixtures' random-parameter convention, applied in state_dict order."""
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if p.dim() >= 2:
+            kind = init_kind(name, p)
+            if kind == "matrix":
                 fan_in = p[0].numel()
                 p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
-            elif name.endswith(("norm.weight", "gamma", "lambda1", "lambda", "norm1.weight", "norm2.weight")) or ".norm" in name and name.endswith("weight"):
+            elif kind == "gain":
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
@@ -111,9 +121,42 @@ def _calibrate_subdivision(dec: nn.Module, latent_res: int, gen: torch.Generator
             head.bias -= thr + 1e-3
 
 
+PRESETS = ("tiny", "reference")
+
+
+def preset_structure(name: str):
+    """The structure source a preset gives its Pipeline (see Pipeline.structure), or None."""
+    if name == "reference":
+        from .reference_shape import ReferenceStructure
+
+        return ReferenceStructure()
+    return None
+
+
+def pipeline_args(latent: int, gen: torch.Generator) -> dict:
+    """pipeline.json's args for a preset: upstream's samplers, random latent normalisations."""
+    norm = lambda: {"mean": (0.1 * torch.randn(latent, generator=gen)).tolist(),
+                    "std": (0.5 + torch.rand(latent, generator=gen)).tolist()}
+    return {
+        "sparse_structure_sampler": {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": C.SIGMA_MIN},
+                                     "params": {"guidance_interval": C.GUIDANCE_INTERVALS["sparse_structure"]}},
+        "shape_slat_sampler": {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": C.SIGMA_MIN},
+                               "params": {"guidance_interval": C.GUIDANCE_INTERVALS["shape_slat"]}},
+        "tex_slat_sampler": {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": C.SIGMA_MIN},
+                             "params": {"guidance_interval": C.GUIDANCE_INTERVALS["tex_slat"]}},
+        "shape_slat_normalization": norm(),
+        "tex_slat_normalization": norm(),
+        "default_pipeline_type": "1024_cascade",
+    }
+
+
 def build_preset(name: str, device="cpu", seed: int = 0) -> tuple[Weights, C.Geometry]:
+    if name == "reference":
+        from .reference_preset import build_reference
+
+        return build_reference(device=device, seed=seed)
     if name != "tiny":
-        raise ValueError(f"unknown preset {name!r} (known: tiny)")
+        raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     gen = torch.Generator().manual_seed(seed)
@@ -129,20 +172,8 @@ def build_preset(name: str, device="cpu", seed: int = 0) -> tuple[Weights, C.Geo
     dino = DINOv3ViTModel(dcfg)
     randomize_(dino, gen).eval()
     naf = randomize_(build_model(TINY_NAF), gen).eval()
-    norm = lambda: {"mean": (0.1 * torch.randn(LATENT, generator=gen)).tolist(),
-                    "std": (0.5 + torch.rand(LATENT, generator=gen)).tolist()}
-    pipeline_args = {
-        "sparse_structure_sampler": {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": C.SIGMA_MIN},
-                                     "params": {"guidance_interval": C.GUIDANCE_INTERVALS["sparse_structure"]}},
-        "shape_slat_sampler": {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": C.SIGMA_MIN},
-                               "params": {"guidance_interval": C.GUIDANCE_INTERVALS["shape_slat"]}},
-        "tex_slat_sampler": {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": C.SIGMA_MIN},
-                             "params": {"guidance_interval": C.GUIDANCE_INTERVALS["tex_slat"]}},
-        "shape_slat_normalization": norm(),
-        "tex_slat_normalization": norm(),
-        "default_pipeline_type": "1024_cascade",
-    }
+    args = pipeline_args(LATENT, gen)
     for mod in [*models.values(), dino, naf]:
         mod.to(device)
-    w = Weights(models, dict(TINY_CONFIGS), dino, dcfg.to_dict(), naf, TINY_NAF, pipeline_args, source=f"preset:{name}")
+    w = Weights(models, dict(TINY_CONFIGS), dino, dcfg.to_dict(), naf, TINY_NAF, args, source=f"preset:{name}")
     return w, TINY_GEOMETRY

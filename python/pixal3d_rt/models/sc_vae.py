@@ -127,10 +127,11 @@ class SparseResBlockC2S3d(nn.Module):
             self.to_subdiv = nn.Linear(channels, 8)
 
     def subdivision(self, x: SparseTensor, subdiv: torch.Tensor | None) -> torch.Tensor:
-        """Subdivision logits [N, 8]: predicted (shape decoder) or the given guide (texture decoder)."""
-        if self.pred_subdiv:
-            return self.to_subdiv(x.feats)
+        """Subdivision logits [N, 8]: the given ones (the texture decoder's guide, or a structure's
+        replacement), else predicted (shape decoder)."""
         if subdiv is None:
+            if self.pred_subdiv:
+                return self.to_subdiv(x.feats)
             raise ValueError("SparseResBlockC2S3d with pred_subdiv=False needs the subdivision (guide_subs)")
         if subdiv.shape != (x.feats.shape[0], 8):
             raise ValueError(f"guide subdivision {tuple(subdiv.shape)} does not match [{x.feats.shape[0]}, 8]")
@@ -242,6 +243,10 @@ class SparseUnetVaeDecoder(nn.Module):
         # (saves holding the finest level's C-wide output: ~0.6 GB at 4.6 M voxels). None = on CUDA
         # only, so CPU runs keep every block's output observable as upstream's (golden mids).
         self.fuse_head: bool | None = None
+        # optional: an object whose subdivision(coords, grid, logits) replaces the predicted
+        # subdivisions (benchmarks give a reference shape's structure to random weights); level 0's
+        # grid is then `resolution` / 2^(number of up-blocks)
+        self.structure = None
 
         self.output_layer = nn.Linear(model_channels[-1], out_channels)
         self.from_latent = nn.Linear(latent_channels, model_channels[0])
@@ -312,6 +317,9 @@ class SparseUnetVaeDecoder(nn.Module):
                     h = block(h, chunk)
                     continue
                 guide = None if guide_subs is None else guide_subs[i].feats
+                if self.structure is not None:
+                    grid = self.resolution * 2 ** i // 2 ** (len(self.blocks) - 1)
+                    guide = self.structure.subdivision(h.coords, grid, block.subdivision(h, None))
                 if stop_level is not None and i == stop_level - 1:
                     logits = block.subdivision(h, guide)
                     child, *_ = channel_to_spatial_index(h.coords, logits > 0)
