@@ -32,8 +32,11 @@ PACKAGES, PACKAGE_DIR = _packages()
 KERNELS = ["triton"]
 # onnxscript: torch.onnx's exporter; tensorrt-rtx: engine builds (CPU-only machines too) and the runner
 EXPORT = ["onnx", "onnxruntime", "onnxscript", "tensorrt-rtx==1.7.1.116"]
+# the web page, `pixal3d-rt serve`; Gradio 6 needs huggingface_hub>=1, which transformers 4.x refuses
+WEB = ["gradio>=5.50,<6"]
 # all the test suite needs on a CPU (only GPU tests skip); README command 1 installs it
-TEST = ["pytest", "hypothesis", "huggingface_hub", *KERNELS, *EXPORT]
+# (playwright drives Debian's chromium in tests/test_serve.py; it downloads no browser)
+TEST = ["pytest", "hypothesis", "huggingface_hub", *KERNELS, *EXPORT, *WEB, "playwright"]
 
 setup(
     name="pixal3d-rt",
@@ -60,6 +63,7 @@ setup(
         "test": TEST,
         "kernels": KERNELS,
         "export": EXPORT,
+        "web": WEB,
         "rembg": ["rembg"],
     },
     entry_points={"console_scripts": ["pixal3d-rt=pixal3d_rt.cli:main"]},
