@@ -25,8 +25,8 @@ import gc
 import hashlib
 import json
 import os
+import shlex
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +35,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from pixal3d_rt.mesh.glb import atomic_write_bytes
-from pixal3d_rt.runtime.tensorrt_engine import MANIFEST, MANIFEST_FORMAT, sha256_file  # one definition of the format
+from pixal3d_rt.files import atomic_write_bytes, private_dir, remove_stale
+from pixal3d_rt.runtime.tensorrt_engine import MANIFEST, MANIFEST_FORMAT, manifest_problem, sha256_file  # one definition of the format
 
 from . import fp8
 from .onnx_export import OPSET, ExportError, export_onnx
@@ -79,7 +79,7 @@ def read_manifest(engine_dir: Path) -> dict:
         m = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}  # a manifest we cannot read is rebuilt from scratch
-    return m if isinstance(m, dict) and m.get("format") == MANIFEST_FORMAT else {}
+    return m if isinstance(m, dict) and m.get("format") == MANIFEST_FORMAT and manifest_problem(m) is None else {}
 
 
 def write_manifest(engine_dir: Path, manifest: dict) -> None:
@@ -120,7 +120,7 @@ class Source:
         configs = {key: _network_config(base, PIPELINE_MODELS[key]) for key, base in files.models.items()}
         dino_config = _read_json(files.dinov3_dir / "config.json")
         root = files.pipeline_json.parent
-        src = cls(files.source, f"--weights {files.source}", configs, dino_config, C.FULL, weights_dir=root)
+        src = cls(files.source, f"--weights {shlex.quote(files.source)}", configs, dino_config, C.FULL, weights_dir=root)
         src._bases, src._dino_dir = dict(files.models), files.dinov3_dir
         return src
 
@@ -379,9 +379,10 @@ def export_engines(source: Source, target: str, out_dir, precision: str = "bf16"
             fp8.check_compute_capabilities(caps, target)
         tgt = _tensorrt_target(trt, target, caps, precision)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out, ".build-")  # build folders of a killed export
     specs = build_specs(source.configs, source.dino_config, source.geometry, max_tokens=max_tokens, only=only)
     entries = dict(read_manifest(out).get("networks", {}))
-    rebuild = (f"pixal3d-rt export {source.cli_args} --target {target} --out {out} --precision {precision}"
+    rebuild = (f"pixal3d-rt export {source.cli_args} --target {target} --out {shlex.quote(str(out))} --precision {precision}"
                + (f" --max-tokens {max_tokens}" if max_tokens else "") + tgt.rebuild_args)
     manifest = {"format": MANIFEST_FORMAT, "target": target, **tgt.header, "precision": precision,
                 "source": source.label, "rebuild_command": rebuild, "networks": entries}
@@ -405,7 +406,7 @@ def export_engines(source: Source, target: str, out_dir, precision: str = "bf16"
             timing["load_seconds"] = round(time.perf_counter() - t0, 2)
             return net
 
-        work = Path(tempfile.mkdtemp(prefix=f".build-{spec.name}-", dir=out))
+        work = private_dir(out, f".build-{spec.name}-")
         try:
             built, fields = tgt.build(spec, load, work, lambda msg, tag=tag: progress(f"{tag}: {msg}"))
             if _fail_after_build is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shlex
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from .engine import Engine, stage_module
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1  # what pixal3d_rt.export.trt_build writes
+TENSORRT_MODULES = ("tensorrt_rtx", "tensorrt")
 
 
 class EngineError(Pixal3DError):
@@ -34,8 +36,14 @@ class EngineError(Pixal3DError):
 
 
 def _remedy(manifest: dict, engine_dir: Path) -> str:
-    cmd = manifest.get("rebuild_command") or f"pixal3d-rt export --weights DIR --target tensorrt-rtx --out {engine_dir}"
-    return f"rebuild with: {cmd}"
+    """The recorded rebuild command, writing into `engine_dir` (a copied directory is rebuilt where it is)."""
+    cmd = manifest.get("rebuild_command")
+    try:
+        words = shlex.split(cmd) if isinstance(cmd, str) else []  # shlex reads stdin when given None
+        words[words.index("--out") + 1] = str(engine_dir)
+        return f"rebuild with: {shlex.join(words)}"
+    except (AttributeError, TypeError, ValueError, IndexError):  # none recorded, or not a command
+        return f"rebuild with: pixal3d-rt export --weights DIR --target tensorrt-rtx --out {shlex.quote(str(engine_dir))}"
 
 
 def read_manifest(engine_dir) -> dict:
@@ -52,7 +60,30 @@ def read_manifest(engine_dir) -> dict:
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         raise EngineError(f"{p}: manifest format {m.get('format') if isinstance(m, dict) else '?'}, this pixal3d-rt reads "
                           f"format {MANIFEST_FORMAT}; {_remedy(m if isinstance(m, dict) else {}, engine_dir)}")
+    bad = manifest_problem(m)
+    if bad:
+        raise EngineError(f"{p}: {bad}; {_remedy(m, engine_dir)}")
     return m
+
+
+# what the runners read of every network entry, and the type it must have
+_ENTRY_FIELDS = {"file": str, "bytes": int, "sha256": str, "spec": dict}
+
+
+def manifest_problem(m: dict) -> str | None:
+    """What is wrong with a manifest of the right format (edited or damaged by hand), or None."""
+    nets = m.get("networks", {})
+    if not isinstance(nets, dict):
+        return "'networks' is not a table"
+    for name, e in nets.items():
+        if not isinstance(e, dict):
+            return f"network '{name}' is not a table"
+        for key, kind in _ENTRY_FIELDS.items():
+            if not isinstance(e.get(key), kind) or isinstance(e.get(key), bool):
+                return f"network '{name}' has no valid '{key}'"
+        if Path(e["file"]).name != e["file"] or e["file"] in ("", ".", ".."):
+            return f"network '{name}': file '{e['file']}' is not a file name in the engine directory"
+    return None
 
 
 def check_entry(engine_dir, name: str, suffix: str = ".engine") -> tuple[dict, dict, Path]:
@@ -112,6 +143,9 @@ class TensorRTEngine(Engine):
         m, e, path = check_entry(engine_dir, name)
         mod = e.get("tensorrt_module", m.get("tensorrt_module"))
         ver = e.get("tensorrt_version", m.get("tensorrt_version"))
+        if mod not in TENSORRT_MODULES:  # the manifest names what is imported: never an arbitrary module
+            raise EngineError(f"{path}: built with '{mod}', not a TensorRT module ({' or '.join(TENSORRT_MODULES)}); "
+                              f"{_remedy(m, engine_dir)}")
         try:
             trt = importlib.import_module(mod)
         except (ImportError, TypeError):
@@ -192,6 +226,15 @@ class TensorRTEngine(Engine):
         if not self.context.execute_async_v3(stream):
             raise EngineError(f"{self.path}: TensorRT failed to run {self.spec.name} at {dims}")
         return {k: v.float() for k, v in outs.items()}
+
+
+def check_engines(engine_dir) -> dict:
+    """Every check of every network of the directory that needs no device (manifest, files intact,
+    the versions they were built with), by the runner of each; returns the manifest."""
+    m = read_manifest(engine_dir)
+    for name, e in sorted(m.get("networks", {}).items()):
+        engine_class(e, m).check(engine_dir, name)
+    return m
 
 
 def load_engine_dir(engine_dir, device=None, keys=None) -> dict:

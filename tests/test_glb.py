@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from pixal3d_rt import files
 from pixal3d_rt.mesh import bake, glb, uv
 
 TESTS = Path(__file__).resolve().parent
@@ -316,9 +317,9 @@ def test_failure_mid_export_leaves_no_file(tmp_path, monkeypatch, where):
     if where == "encode":
         monkeypatch.setattr(glb, "encode_glb", boom)
     elif where == "replace":
-        monkeypatch.setattr(glb.os, "replace", boom)
+        monkeypatch.setattr(files.os, "replace", boom)
     else:
-        monkeypatch.setattr(glb.os, "fsync", boom)
+        monkeypatch.setattr(files.os, "fsync", boom)
     for path in (target, old):
         with pytest.raises(OSError, match="injected"):
             glb.export_glb(path, v, f, c, a, 12, decimation_target=500, texture_size=64)

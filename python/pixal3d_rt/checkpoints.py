@@ -16,8 +16,7 @@ line naming the file and the key. Upstream loads with strict=False; we never do.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,8 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError
+from .errors import first_line as _short
+from .files import atomic_write
 from .models.registry import CLASSES, build_model, model_class
 
 # pipeline.json model key -> upstream classes accepted for it
@@ -122,12 +123,6 @@ def _load_safetensors_into(module: nn.Module, path: Path, header: dict) -> None:
         raise
     except Exception as e:
         raise CheckpointError(f"{path}: failed while reading tensors ({_short(e)})") from None
-
-
-def _short(e: Exception) -> str:
-    """The first line of an exception's text, cut to a readable length (library messages can be paragraphs)."""
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _read_json(path: Path) -> dict:
@@ -246,9 +241,37 @@ def _pipeline_args(path: Path) -> dict:
     for key in ("shape_slat_normalization", "tex_slat_normalization"):
         norm = args.get(key)
         if not (isinstance(norm, dict) and all(isinstance(norm.get(k), list) and norm[k]
-                                               and all(isinstance(v, (int, float)) for v in norm[k]) for k in ("mean", "std"))):
-            raise CheckpointError(f"{path}: '{key}' must be {{\"mean\": [numbers], \"std\": [numbers]}}")
+                                               and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       and math.isfinite(v) for v in norm[k]) for k in ("mean", "std"))
+                and len(norm["mean"]) == len(norm["std"]) and all(v > 0 for v in norm["std"])):
+            raise CheckpointError(f"{path}: '{key}' must be {{\"mean\": [numbers], \"std\": [positive numbers]}} "
+                                  "of one length")
+    for key in SAMPLER_KEYS:
+        problem = _sampler_problem(args.get(key, {}))
+        if problem:
+            raise CheckpointError(f"{path}: '{key}' {problem}")
     return args
+
+
+SAMPLER_KEYS = ("sparse_structure_sampler", "shape_slat_sampler", "tex_slat_sampler")
+SAMPLER_PARAMS = ("steps", "rescale_t", "guidance_strength", "guidance_rescale", "guidance_interval")  # what the sampler takes
+
+
+def _sampler_problem(sampler) -> str | None:
+    """What is wrong with a pipeline.json sampler entry ({"params": {...}}), or None."""
+    params = sampler.get("params", {}) if isinstance(sampler, dict) else None
+    if not isinstance(params, dict):
+        return 'must be {"params": {...}}'
+    for k, v in params.items():
+        if k not in SAMPLER_PARAMS:
+            return f"has unknown parameter '{k}' (known: {', '.join(SAMPLER_PARAMS)})"
+        if k == "guidance_interval":
+            if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                               and math.isfinite(x) for x in v)):
+                return "has a guidance_interval that is not [start, end]"
+        elif not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return f"has a parameter '{k}' that is not a number"
+    return None
 
 
 def wanted_models(need: set | None) -> list:
@@ -305,7 +328,7 @@ def _meta_network(config: dict, cfg_path: Path) -> nn.Module:
     try:
         with torch.device("meta"):
             return build_model(config)
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError, AssertionError, RuntimeError) as e:
+    except Exception as e:  # a constructor given arguments it was not written for can fail in any way
         raise CheckpointError(f"{cfg_path}: arguments do not fit {config['name']} ({_short(e)})") from None
 
 
@@ -318,7 +341,7 @@ def _meta_dinov3(directory: Path) -> tuple[nn.Module, dict]:
     try:
         with torch.device("meta"):
             return build_dinov3(cfg), cfg
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
+    except Exception as e:  # transformers' config classes fail in many ways on unexpected values
         raise CheckpointError(f"{directory / 'config.json'}: not a DINOv3 ViT config ({_short(e)})") from None
 
 
@@ -337,6 +360,12 @@ def _read_naf_state(path: Path) -> dict:
     return state
 
 
+# pipeline.json normalisation of each flow's output latents
+LATENT_NORMALIZATION = {"shape_slat_flow_model_512": "shape_slat_normalization",
+                        "shape_slat_flow_model_1024": "shape_slat_normalization",
+                        "tex_slat_flow_model_1024": "tex_slat_normalization"}
+
+
 def check_weights(files: WeightFiles, need: set | None = None) -> list[dict]:
     """Preflight: every config read and its network built on the meta device (no memory), every
     safetensors header compared with it key by key and shape by shape, the NAF state_dict read
@@ -352,6 +381,10 @@ def check_weights(files: WeightFiles, need: set | None = None) -> list[dict]:
         header = _safetensors_header(st_path)  # before the network: a config cannot make us allocate for a lie
         net = _meta_network(config, cfg_path)
         _check_against(net, header, st_path)
+        norm = LATENT_NORMALIZATION.get(key)
+        if norm and len(files.pipeline_args[norm]["mean"]) != getattr(net, "out_channels", None):
+            raise CheckpointError(f"{files.pipeline_json}: '{norm}' has {len(files.pipeline_args[norm]['mean'])} channels, "
+                                  f"{key} outputs {getattr(net, 'out_channels', '?')}")
         rows.append({"network": key, "file": str(st_path), "class": config["name"],
                      "parameters": sum(p.numel() for p in net.parameters()), "bytes": st_path.stat().st_size})
     dino_st = files.dinov3_dir / "model.safetensors"
@@ -394,19 +427,6 @@ def load_weights(weights, device="cpu", dtype: str | None = None, need: set | No
 # writing (tests, and the tiny preset on disk)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_network(module: nn.Module, config: dict, base: Path) -> None:
     """Write `<base>.json` + `<base>.safetensors` as the official checkpoints are: fp32 on disk."""
     from safetensors.torch import save_file
@@ -414,8 +434,8 @@ def save_network(module: nn.Module, config: dict, base: Path) -> None:
     base = Path(base)
     state = {k: (v.detach().to(torch.float32) if v.is_floating_point() else v.detach()).contiguous().cpu()
              for k, v in module.state_dict().items()}
-    _atomic_write(base.parent / (base.name + ".safetensors"), lambda p: save_file(state, p))
-    _atomic_write(base.parent / (base.name + ".json"), lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    atomic_write(base.parent / (base.name + ".safetensors"), lambda p: save_file(state, p))
+    atomic_write(base.parent / (base.name + ".json"), lambda p: Path(p).write_text(json.dumps(config, indent=2)))
 
 
 CKPT_NAMES = {  # official file names (pixal3d.md §5.3)
@@ -441,11 +461,11 @@ def write_weights(w: Weights, weights_dir) -> Path:
     dd = d / DINOV3_DIRS[0]
     dcfg = {k: v for k, v in w.dinov3_config.items() if k not in ("_attn_implementation_autoset",)}
     dcfg["model_type"] = "dinov3_vit"
-    _atomic_write(dd / "config.json", lambda p: Path(p).write_text(json.dumps(dcfg, indent=2, default=str)))
+    atomic_write(dd / "config.json", lambda p: Path(p).write_text(json.dumps(dcfg, indent=2, default=str)))
     dstate = {k: v.detach().float().contiguous().cpu() for k, v in w.dinov3.state_dict().items()}
-    _atomic_write(dd / "model.safetensors", lambda p: save_file(dstate, p))
+    atomic_write(dd / "model.safetensors", lambda p: save_file(dstate, p))
     nstate = {k: v.detach().contiguous().cpu() for k, v in w.naf.state_dict().items()}
-    _atomic_write(d / NAF_FILES[0], lambda p: torch.save(nstate, p))
-    _atomic_write(d / (Path(NAF_FILES[0]).stem + ".json"), lambda p: Path(p).write_text(json.dumps(w.naf_config, indent=2)))
-    _atomic_write(d / "pipeline.json", lambda p: Path(p).write_text(json.dumps({"name": "Pixal3DImageTo3DPipeline", "args": args}, indent=2)))
+    atomic_write(d / NAF_FILES[0], lambda p: torch.save(nstate, p))
+    atomic_write(d / (Path(NAF_FILES[0]).stem + ".json"), lambda p: Path(p).write_text(json.dumps(w.naf_config, indent=2)))
+    atomic_write(d / "pipeline.json", lambda p: Path(p).write_text(json.dumps({"name": "Pixal3DImageTo3DPipeline", "args": args}, indent=2)))
     return d

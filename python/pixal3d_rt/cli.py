@@ -17,7 +17,27 @@ def _fail(msg: str, code: int = 2):
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Usage errors (a bad option value, a missing option) as one `error: ...` line, exit status 2,
+    where click prints the usage and a hint on three."""
+
+    def main(self, *args, **kwargs):
+        try:
+            rv = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare `pixal3d-rt`: the help, as click shows it
+                click.echo(e.format_message(), err=True)
+                sys.exit(e.exit_code)
+            where = e.ctx.command_path if e.ctx is not None else "pixal3d-rt"
+            _fail(f"{e.format_message()} (see {where} --help)", e.exit_code)
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except click.Abort:
+            _fail("interrupted", 130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pixal3d-rt")
 def main():
     """Pixal3D inference runtime: one image in, one textured PBR GLB out."""
@@ -88,9 +108,9 @@ def _source_options(f):
 
 
 def _check_source(weights, preset):
-    from .checkpoints import HOW_TO_GET_WEIGHTS
-
     if weights is None and preset is None:
+        from .checkpoints import HOW_TO_GET_WEIGHTS  # imports torch: only here
+
         _fail("no weights given.\n" + HOW_TO_GET_WEIGHTS)
     if weights is not None and preset is not None:
         _fail("give either --weights or --preset, not both")
@@ -129,15 +149,7 @@ def infer(images, output_path, output_dir, weights, preset, resolution, seed, st
     image_paths = _expand_images(images)
     outs = _outputs(image_paths, output_path, output_dir)
     batch = output_dir is not None
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        _fail("--device cuda: no CUDA GPU is visible to PyTorch")
-    if engines_dir is not None and device != "cuda":
-        _check_cpu_engines(engines_dir)
-    from .mesh.glb import check_writable
+    from .files import check_writable
     from .preprocess import check_image, load_image
     from .progress import ConsoleProgress, Progress
 
@@ -161,6 +173,9 @@ def infer(images, output_path, output_dir, weights, preset, resolution, seed, st
                 results.append((img_path, out, str(e), None))
         if not jobs:
             _fail("no usable image: " + "; ".join(r[2] for r in results))
+        device = _check_device(device)  # torch is imported from here on
+        if engines_dir is not None:
+            _check_engines(engines_dir, device)
         pipe = _load_pipeline(weights, preset, device, int(resolution), backend, engines_dir, say)
     except Pixal3DError as e:
         _fail(str(e))
@@ -192,13 +207,26 @@ def infer(images, output_path, output_dir, weights, preset, resolution, seed, st
             sys.exit(1)
 
 
-def _check_cpu_engines(engines_dir):
-    from pixal3d_rt.runtime.tensorrt_engine import EngineError, read_manifest
+def _check_device(device):
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        _fail("--device cuda: no CUDA GPU is visible to PyTorch")
+    return device
+
+
+def _check_engines(engines_dir, device):
+    """The engine directory intact and built by the installed versions; on the CPU, only CPU packages."""
+    from pixal3d_rt.runtime.tensorrt_engine import EngineError, check_engines
 
     try:
-        nets = read_manifest(engines_dir).get("networks", {})
+        nets = check_engines(engines_dir).get("networks", {})
     except EngineError as e:
         _fail(str(e))
+    if device == "cuda":
+        return
     gpu_only = sorted(n for n, e in nets.items() if e.get("device") != "cpu")  # only AOTInductor CPU packages run here
     if gpu_only:
         _fail(f"--engines {engines_dir}: {', '.join(gpu_only)} run on an NVIDIA GPU (--device cuda), none is in use "
@@ -231,7 +259,7 @@ def check(weights, preset, resolution, images, output_path):
     """Check weights (and images, an output path) without loading a network: every file present,
     every config and safetensors header against the network it describes. Exit 0 when all is well."""
     from .checkpoints import check_weights, locate_weights, wanted_models, HIRES_ONLY
-    from .mesh.glb import check_writable
+    from .files import check_writable
     from .preprocess import check_image, load_image
 
     _check_source(weights, preset)
@@ -297,6 +325,12 @@ def export_cmd(weights, preset, target, out_dir, precision, max_tokens, only, cc
         if not quiet:
             click.echo(msg, err=True)
 
+    from .files import check_writable
+
+    try:
+        check_writable(out_dir / "manifest.json", create_parents=True)
+    except Pixal3DError as e:
+        _fail(str(e))
     from pixal3d_rt.export.trt_build import Source, check_request, export_engines, verify_engines
 
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None

@@ -19,3 +19,9 @@ class BudgetError(Pixal3DError):
 
 class OutputError(Pixal3DError):
     """The output path cannot be written."""
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's text, cut to a readable length (library messages can be paragraphs)."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."

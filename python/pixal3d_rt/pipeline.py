@@ -11,6 +11,7 @@ z = toward the camera (pixal3d.md §1.2). The GLB's axes are documented in mesh/
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -55,8 +56,9 @@ class Result:
         t0 = time.perf_counter()
         say = as_progress(progress)
         say.stage("glb_export", f"{self.faces.shape[0]:,} faces → ≤{args['decimation_target']:,}, texture {args['texture_size']}²")
-        stats = dict(export_glb(Path(path), self.vertices, self.faces, self.voxel_coords, self.voxel_attrs, self.resolution,
-                                progress=say.note, **args))
+        with _memory_budget("glb_export"):  # the bake runs on the GPU
+            stats = dict(export_glb(Path(path), self.vertices, self.faces, self.voxel_coords, self.voxel_attrs, self.resolution,
+                                    progress=say.note, **args))
         stats["glb_timings"] = stats.pop("timings", {})  # per step: clean, simplify, uv, bake, write
         seconds = time.perf_counter() - t0
         stats["timings"] = [("glb_export", seconds, f"texture {args['texture_size']}²")]
@@ -73,6 +75,32 @@ class Result:
         return mesh
 
 
+def out_of_memory(e: BaseException, stage: str) -> BudgetError | None:
+    """A stage's allocation failure (CUDA, or the CPU allocator under a memory limit) as the one-line
+    BudgetError the CLI prints, or None for any other exception."""
+    from .errors import first_line
+
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # a batch goes on with the next image
+        return BudgetError(f"{stage}: out of GPU memory ({first_line(e)}); free the GPU of other programs or use a "
+                           "lower --resolution (1024, or 512 for shape only)")
+    if isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e):
+        return BudgetError(f"{stage}: out of memory ({first_line(e)}); free memory or use a lower --resolution")
+    return None
+
+
+@contextlib.contextmanager
+def _memory_budget(stage: str):
+    try:
+        yield
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+        oom = out_of_memory(e, stage)
+        if oom is None:
+            raise
+        raise oom from None
+
+
 class _Stopwatch:
     def __init__(self, device, progress):
         self.device, self.progress, self.rows = device, progress, []
@@ -87,6 +115,9 @@ class _Stopwatch:
                 return self
 
             def __exit__(self, *exc):
+                oom = out_of_memory(exc[1], name) if exc[1] is not None else None
+                if oom is not None:
+                    raise oom from None
                 if exc[0] is None:
                     if str(sw.device).startswith("cuda"):
                         torch.cuda.synchronize()

@@ -4,12 +4,13 @@ projection geometry, so it must not change)."""
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import InputImageError
+from .errors import InputImageError, first_line
 
 CROP_MARGIN = 1.1  # Pixal3D; TRELLIS.2 uses 1.0
 MAX_SIDE = 1024
@@ -19,25 +20,55 @@ REMBG_INSTALL = "pip install 'pixal3d-rt[rembg]' (CPU) or 'pixal3d-rt[rembg-gpu]
 
 
 def load_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and decode an image file; its size is checked from the header before decoding."""
+    """Open and decode an image file into RGB or RGBA (8 bits per channel); its size is checked from
+    the header before decoding. Anything unreadable raises InputImageError."""
     path = Path(path)
     if not path.is_file():
         raise InputImageError(f"{path}: image file not found")
+    too_many = f"more than the limit of {max_pixels:,} pixels (raise it with --max-image-pixels N if the file is trusted)"
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the header's size is checked here, with our message
     try:
-        img = Image.open(path)
-        if img.width * img.height > max_pixels:
-            raise InputImageError(f"{path}: {img.width}×{img.height} pixels is more than the limit of {max_pixels:,} "
-                                  "(raise it with --max-image-pixels N if the file is trusted)")
-        img.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise InputImageError(f"{path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return img
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > max_pixels:
+                    raise InputImageError(f"{path}: {img.width}×{img.height} pixels is {too_many}")
+                Image.MAX_IMAGE_PIXELS = max(1, max_pixels // 2)  # decoders that find larger frames (GIF, ICO, TIFF tiles) stop at our limit
+                img.load()
+                return _eight_bit(img)
+    except InputImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputImageError(f"{path}: {too_many} ({first_line(e)})") from None
+    except Exception as e:  # decoders of untrusted bytes raise many types (OSError, ValueError, SyntaxError, struct.error, ...)
+        raise InputImageError(f"{path}: not a readable image ({first_line(e)}); give a PNG, JPEG, WebP, BMP or TIFF "
+                              "file") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """RGBA when the image carries transparency, else RGB; 16-bit and float greys are scaled, not clipped."""
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        top = a.max() if a.size else 0.0
+        if img.mode == "F" and top <= 1.0:  # float images in [0, 1]
+            a = a * 255
+        elif img.mode.startswith("I;16") or top > 255:  # 16-bit
+            a = a / 257
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))  # mode L
+    has_alpha = "A" in img.getbands() or "transparency" in img.info
+    return img.convert("RGBA" if has_alpha else "RGB")
 
 
 def as_image(image) -> Image.Image:
     """A path, a PIL image, or an HxW, HxWx3 or HxWx4 uint8 array (RGB/RGBA)."""
     if isinstance(image, Image.Image):
-        return image
+        try:
+            return _eight_bit(image)
+        except Exception as e:  # a pixel mode PIL cannot convert
+            raise InputImageError(f"image of mode {image.mode}: cannot be converted to RGB(A) ({first_line(e)})") from None
     if isinstance(image, (str, Path)):
         return load_image(image)
     arr = np.asarray(image)

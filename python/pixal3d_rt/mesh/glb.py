@@ -48,14 +48,14 @@ Where this differs from upstream, and why:
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+
+from ..files import atomic_write_bytes  # the one atomic writer
 
 # ---------------------------------------------------------------------------------------------------
 # small helpers
@@ -437,55 +437,6 @@ def encode_glb(mesh, *, image_format: str = "png") -> bytes:
     scene = trimesh.Scene() if mesh is None else trimesh.Scene(mesh)
     return trimesh.exchange.gltf.export_glb(scene, include_normals=mesh is not None,
                                             extension_webp=image_format == "webp")
-
-
-def check_writable(path, create_parents: bool = False) -> None:
-    """Raise OutputError if `path` cannot be written (before any work is done):
-    its folder missing (unless `create_parents`, then the nearest existing folder must be writable),
-    not a folder, or not writable; or `path` itself is a folder. Leaves nothing behind."""
-    from ..errors import OutputError
-
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path}: is a folder; give a file name ending in .glb")
-    folder = path.parent
-    if not folder.exists():
-        if not create_parents:
-            raise OutputError(f"{folder}: output folder does not exist (create it first)")
-        while not folder.exists():
-            folder = folder.parent
-    if not folder.is_dir():
-        raise OutputError(f"{folder}: is a file, not a folder; choose another output path")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f"{folder}: cannot write here ({e.strerror or e}); choose another output path") from None
-
-
-def atomic_write_bytes(path, data) -> None:
-    """Write `data` (any bytes-like object) to a temporary file next to `path`, fsync, then os.replace
-    onto `path`: readers see the old file or the complete new one, never a partial file; on any
-    failure the temporary file is removed and the exception propagates."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result should read like any file
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def write_glb(path, mesh, *, image_format: str = "png") -> int:
