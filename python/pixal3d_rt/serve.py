@@ -218,7 +218,8 @@ class Server:
                     viewer = gr.Model3D(label="Asset", clear_color=(0.85, 0.86, 0.88, 1.0), height=420, elem_id="viewer")
                     glb = gr.File(label="GLB", interactive=False, elem_id="glb")
                     summary = gr.Dataframe(headers=["stage", "seconds", "detail"], label="Summary", interactive=False,
-                                           column_widths=["25%", "13%", "62%"], wrap=True, elem_id="summary")
+                                           column_widths=["25%", "13%", "62%"], wrap=True, max_height=1000,
+                                           elem_id="summary")
 
             upload.change(self.upload, [upload, session_dir], [crop, image, status, session_dir], concurrency_limit=2)
 
