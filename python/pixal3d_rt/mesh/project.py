@@ -1,0 +1,227 @@
+"""Nearest point on a triangle mesh, for meshes that live on a voxel grid (torch, any device).
+
+Upstream finds nearest triangles with a CUDA BVH (cuBVH). The decoded mesh needs none: every triangle
+joins dual vertices of voxels at most one step apart, so it is about one voxel across. Triangles are
+bucketed by the cubic cells their bounding boxes overlap; a query looks at the 3x3x3 cells around its
+own. Any triangle closer to the query than one cell side overlaps one of those 27 cells, so the answer
+is exact whenever the nearest triangle is within `cell` of the query; beyond that the query reports
+"not found" (distance inf, face -1).
+
+`closest_points` is the entry point; `closest_points_brute` (all pairs) is its test oracle.
+"""
+from __future__ import annotations
+
+import torch
+
+# the 27 neighbour offsets, on the CPU so an import under a device context leaves them alone
+_OFFSETS27 = torch.tensor([[i // 9 - 1, (i // 3) % 3 - 1, i % 3 - 1] for i in range(27)], dtype=torch.int64,
+                          device="cpu")
+
+
+def closest_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closest point of triangle (a, b, c) to p, row by row ([N,3] each).
+
+    Returns (squared distance [N], barycentric weights [N,3] of a, b, c). Voronoi-region
+    classification (vertex, edge or face region, as in Ericson's Real-Time Collision Detection),
+    on coordinate columns (fewer temporaries than [N,3] arithmetic); degenerate (collinear)
+    triangles are answered from their edges.
+    """
+    px, py, pz = p.unbind(1)
+    ax, ay, az = a.unbind(1)
+    abx, aby, abz = (b - a).unbind(1)
+    acx, acy, acz = (c - a).unbind(1)
+    apx, apy, apz = px - ax, py - ay, pz - az
+    d1 = abx * apx + aby * apy + abz * apz
+    d2 = acx * apx + acy * apy + acz * apz
+    # (b - p) and (c - p) dotted with ab, ac, from d1, d2 and the edge Gram entries
+    ab2 = abx * abx + aby * aby + abz * abz
+    ac2 = acx * acx + acy * acy + acz * acz
+    abac = abx * acx + aby * acy + abz * acz
+    d3, d4 = d1 - ab2, d2 - abac
+    d5, d6 = d1 - abac, d2 - ac2
+    va = d3 * d6 - d5 * d4
+    vb = d5 * d2 - d1 * d6
+    vc = d1 * d4 - d3 * d2
+    tiny = torch.finfo(p.dtype).tiny
+
+    def safe_div(n, d):
+        return n / torch.where(d.abs() > tiny, d, torch.full_like(d, tiny))
+
+    # (v, w): weights of b and c; the face interior first, then each region overrides
+    den = va + vb + vc
+    v, w = safe_div(vb, den), safe_div(vc, den)
+    r = (va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0)  # edge bc
+    t = safe_div(d4 - d3, (d4 - d3) + (d5 - d6)).clamp(0, 1)
+    v, w = torch.where(r, 1 - t, v), torch.where(r, t, w)
+    r = (vb <= 0) & (d2 >= 0) & (d6 <= 0)  # edge ac
+    t = safe_div(d2, d2 - d6).clamp(0, 1)
+    v, w = torch.where(r, 0.0, v), torch.where(r, t, w)
+    r = (vc <= 0) & (d1 >= 0) & (d3 <= 0)  # edge ab
+    t = safe_div(d1, d1 - d3).clamp(0, 1)
+    v, w = torch.where(r, t, v), torch.where(r, 0.0, w)
+    r = (d6 >= 0) & (d5 <= d6)  # vertex c
+    v, w = torch.where(r, 0.0, v), torch.where(r, 1.0, w)
+    r = (d3 >= 0) & (d4 <= d3)  # vertex b
+    v, w = torch.where(r, 1.0, v), torch.where(r, 0.0, w)
+    r = (d1 <= 0) & (d2 <= 0)  # vertex a
+    v, w = torch.where(r, 0.0, v), torch.where(r, 0.0, w)
+    qx, qy, qz = apx - v * abx - w * acx, apy - v * aby - w * acy, apz - v * abz - w * acz
+    d2q = qx * qx + qy * qy + qz * qz
+    bary = torch.stack([1 - v - w, v, w], 1)
+    # collinear triangles can land in the face branch with a meaningless point: use their edges
+    cr2 = ab2 * ac2 - abac * abac  # |ab x ac|^2
+    degen = torch.nonzero(cr2 <= 1e-10 * ab2 * ac2 + tiny).squeeze(1)
+    if degen.numel():
+        P, A, B, C = p[degen], a[degen], b[degen], c[degen]
+        best = torch.full((degen.numel(),), float("inf"), dtype=p.dtype, device=p.device)
+        bb = torch.zeros((degen.numel(), 3), dtype=p.dtype, device=p.device)
+        for i, j, (pi, pj) in ((0, 1, (A, B)), (1, 2, (B, C)), (2, 0, (C, A))):
+            e = pj - pi
+            s = safe_div(((P - pi) * e).sum(-1), (e * e).sum(-1)).clamp(0, 1)
+            de = ((P - pi - s[:, None] * e) ** 2).sum(-1)
+            better = de < best
+            nb = torch.zeros_like(bb)
+            nb[:, i], nb[:, j] = 1 - s, s
+            bb = torch.where(better[:, None], nb, bb)
+            best = torch.where(better, de, best)
+        d2q[degen], bary[degen] = best, bb
+    return d2q, bary
+
+
+class TriangleGrid:
+    """Triangles bucketed by the cubic cells (side `cell`, corner `origin`) their bounding boxes overlap."""
+
+    def __init__(self, vertices: torch.Tensor, faces: torch.Tensor, cell: float, origin=None):
+        self.vertices = vertices.float()
+        self.faces = faces.long()
+        dev = self.vertices.device
+        self.cell = float(cell)
+        tri = self.vertices[self.faces]  # [F,3,3]
+        self.centre = tri.mean(1)
+        self.radius = (tri - self.centre[:, None]).norm(dim=2).amax(1) if len(tri) else torch.zeros(0, device=dev)
+        if origin is None:
+            origin = tri.reshape(-1, 3).amin(0) if tri.numel() else torch.zeros(3, device=dev)
+        self.origin = torch.as_tensor(origin, dtype=torch.float32, device=dev)
+        lo = torch.floor((tri.amin(1) - self.origin) / self.cell).long()
+        hi = torch.floor((tri.amax(1) - self.origin) / self.cell).long()
+        # key box padded by one cell on each side so a neighbour of any occupied cell has a key
+        self.base = (lo.amin(0) - 1) if len(lo) else torch.zeros(3, dtype=torch.long, device=dev)
+        self.ext = ((hi.amax(0) - self.base + 2) if len(hi) else torch.ones(3, dtype=torch.long, device=dev))
+        span = hi - lo + 1
+        n = span.prod(1)
+        tid = torch.repeat_interleave(torch.arange(len(n), device=dev), n)
+        local = torch.arange(int(n.sum()), device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        sy, sz = span[tid, 1], span[tid, 2]
+        cells = lo[tid] + torch.stack([local // (sy * sz), (local // sz) % sy, local % sz], 1)
+        keys = self._key(cells)
+        self.keys, order = torch.sort(keys)
+        self.tris = tid[order]
+
+    def _key(self, cells: torch.Tensor) -> torch.Tensor:
+        c = cells - self.base
+        ex, ey, ez = (int(e) for e in self.ext.tolist())
+        k = (c[:, 0] * ey + c[:, 1]) * ez + c[:, 2]
+        outside = ((c < 0) | (c >= self.ext)).any(1)
+        return torch.where(outside, torch.full_like(k, -1), k)
+
+    def candidate_ranges(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[P,27] start and end positions (into self.tris) of the 27 cells around each point."""
+        cell = torch.floor((points.float() - self.origin) / self.cell).long()
+        nb = (cell[:, None, :] + _OFFSETS27.to(points.device)).reshape(-1, 3)
+        k = self._key(nb)
+        start = torch.searchsorted(self.keys, k)
+        end = torch.searchsorted(self.keys, k, right=True)
+        end = torch.where(k < 0, start, end)
+        return start.view(-1, 27), end.view(-1, 27)
+
+    def occupied_cells(self) -> torch.Tensor:
+        """[C,3] integer cells holding at least one triangle."""
+        k = torch.unique_consecutive(self.keys)
+        ex, ey, ez = (int(e) for e in self.ext.tolist())
+        return torch.stack([k // (ey * ez), (k // ez) % ey, k % ez], 1) + self.base
+
+
+def closest_points(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor, cell: float, *,
+                   grid: TriangleGrid | None = None, max_pairs: int = 1 << 23
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest point on the mesh for every query point, searched within the 3x3x3 cells of side `cell`.
+
+    points [P,3]; vertices [V,3]; faces [F,3]. Returns (distance [P] float32, inf when no triangle lies
+    within reach; face [P] int64, -1 then; bary [P,3] float32, weights of the face's vertices).
+    Exact (the same nearest distance as `closest_points_brute`) for every point whose nearest triangle
+    is closer than `cell`; found with distance >= cell only by luck. Pairs are processed `max_pairs`
+    at a time, so memory stays bounded.
+    """
+    dev = points.device
+    P = points.shape[0]
+    dist = torch.full((P,), float("inf"), dtype=torch.float32, device=dev)
+    face = torch.full((P,), -1, dtype=torch.int64, device=dev)
+    bary = torch.zeros((P, 3), dtype=torch.float32, device=dev)
+    if P == 0 or faces.shape[0] == 0:
+        return dist, face, bary
+    g = grid if grid is not None else TriangleGrid(vertices.to(dev), faces.to(dev), cell)
+    V, Fc = g.vertices, g.faces
+    pts = points.float()
+    step = max(1, max_pairs // 64)
+    a = 0
+    while a < P:
+        b = min(P, a + step)
+        start, end = g.candidate_ranges(pts[a:b])
+        cnt = (end - start).clamp_min(0)
+        per_point = cnt.sum(1)
+        total = int(per_point.sum())
+        if total > max_pairs and b - a > 1:  # too many pairs: halve the slice
+            step = max(1, (b - a) // 2)
+            continue
+        if total:
+            flat_cnt = cnt.reshape(-1)
+            owner = torch.repeat_interleave(torch.arange(b - a, device=dev).repeat_interleave(27), flat_cnt)
+            first = torch.repeat_interleave(start.reshape(-1), flat_cnt)
+            offs = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(flat_cnt, 0) - flat_cnt, flat_cnt)
+            tri = g.tris[first + offs]
+            q = pts[a:b][owner]
+            # bounding spheres drop most pairs before the exact test: only reach <= cell matters
+            near = ((q - g.centre[tri]) ** 2).sum(1) <= (g.radius[tri] + g.cell) ** 2
+            owner, tri, q = owner[near], tri[near], q[near]
+            total = int(tri.numel())
+            corners = V[Fc[tri]]
+            d2, bc = closest_on_triangles(q, corners[:, 0], corners[:, 1], corners[:, 2])
+            best = torch.full((b - a,), float("inf"), device=dev).scatter_reduce(0, owner, d2, "amin")
+            # the first pair reaching the minimum wins (a triangle can sit in several cells)
+            hit = d2 <= best[owner]
+            idx = torch.full((b - a,), total, dtype=torch.int64, device=dev)
+            idx = idx.scatter_reduce(0, owner[hit], torch.nonzero(hit).squeeze(1), "amin")
+            found = idx < total
+            sel = idx[found]
+            rows = torch.arange(a, b, device=dev)[found]
+            dist[rows] = d2[sel].sqrt()
+            face[rows] = tri[sel]
+            bary[rows] = bc[sel]
+        a = b
+        step = min(step * 2, max(1, max_pairs // 64))
+    return dist, face, bary
+
+
+def closest_points_brute(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All-pairs reference of `closest_points` (small inputs only): (distance, face, bary)."""
+    P, F = points.shape[0], faces.shape[0]
+    pi = torch.arange(P).repeat_interleave(F)
+    fi = torch.arange(F).repeat(P)
+    tri = vertices.double()[faces.long()[fi]]
+    d2, bc = closest_on_triangles(points.double()[pi], tri[:, 0], tri[:, 1], tri[:, 2])
+    d2 = d2.view(P, F)
+    best = d2.argmin(1)
+    return d2.gather(1, best[:, None])[:, 0].sqrt().float(), best, bc.view(P, F, 3)[torch.arange(P), best].float()
+
+
+def project_onto(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor, cell: float, **kw
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points moved to their nearest point on the mesh where one lies within `cell` (others unchanged).
+    Returns (projected [P,3], found [P] bool)."""
+    _, face, bc = closest_points(points, vertices, faces, cell, **kw)
+    found = face >= 0
+    tri = vertices.float()[faces.long()[face.clamp_min(0)]]
+    q = (bc[:, :, None] * tri).sum(1)
+    return torch.where(found[:, None], q, points.float()), found
