@@ -34,9 +34,11 @@ KERNELS = ["triton"]
 EXPORT = ["onnx", "onnxruntime", "onnxscript", "tensorrt-rtx==1.7.1.116"]
 # the web page, `pixal3d-rt serve`; Gradio 6 needs huggingface_hub>=1, which transformers 4.x refuses
 WEB = ["gradio>=5.50,<6"]
+# `pixal3d-rt bench`: charts, and the device memory of the process as NVML reports it
+BENCH = ["matplotlib", "nvidia-ml-py"]
 # all the test suite needs on a CPU (only GPU tests skip); README command 1 installs it
 # (playwright drives Debian's chromium in tests/test_serve.py; it downloads no browser)
-TEST = ["pytest", "hypothesis", "huggingface_hub", *KERNELS, *EXPORT, *WEB, "playwright"]
+TEST = ["pytest", "hypothesis", "huggingface_hub", *KERNELS, *EXPORT, *WEB, "playwright", *BENCH]
 
 setup(
     name="pixal3d-rt",
@@ -63,6 +65,7 @@ setup(
         "test": TEST,
         "kernels": KERNELS,
         "export": EXPORT,
+        "bench": BENCH,
         "web": WEB,
         "rembg": ["rembg"],
     },

@@ -432,5 +432,47 @@ from .serve import serve  # noqa: E402  (the web page; Gradio is imported when i
 
 main.add_command(serve)
 
+@main.command("bench")
+@click.option("--preset", type=click.Choice(["reference", "tiny"]), default=None,
+              help="reference: full-size networks, random weights, a reference shape's structure (assets are not real generations); tiny: small networks.")
+@click.option("--weights", metavar="DIR|HUB_ID", default=None, help="Official weights instead of a preset.")
+@click.option("--resolution", "resolutions", type=click.Choice(["512", "1024", "1536"]), multiple=True, help="Repeatable (default 1024); each runs in a fresh process.")
+@click.option("--images", "images", multiple=True, type=click.Path(exists=True, dir_okay=False), help="Input images (repeatable; default: examples/mug.png).")
+@click.option("--runs", type=click.IntRange(1, 100), default=2, show_default=True, help="Runs per resolution: the first is cold, the rest warm.")
+@click.option("--backend", type=click.Choice(["eager", "cuda"]), default=None, help="Flow networks (default: cuda on a GPU).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Sampling steps per stage (default 12).")
+@click.option("--vram-budget", "budgets", default="", metavar="GB,GB,...", help="Also run once per budget (GiB) with the process held inside it, e.g. 6,8,12,16,24.")
+@click.option("--gpu-profile", "profiles", multiple=True, type=click.Choice(["rtx3060-12gb", "rtx4070-12gb", "rtx4080-16gb", "rtx4090-24gb", "rtx5090-32gb"]),
+              help="Run at that card's memory and add a roofline projection of each stage's time (labelled projection).")
+@click.option("--glb-runs", type=click.IntRange(0, 100), default=None, help="How many runs per resolution go on to the GLB export (default: all).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"), show_default=True,
+              help="Folder for bench.json, bench.md and the charts.")
+def bench_cmd(preset, weights, resolutions, images, runs, backend, device, seed, steps, budgets, profiles, glb_runs, out_dir):
+    """Time and measure every stage from image to GLB (cold, warm, memory budgets); JSON, Markdown, charts."""
+    if (preset is None) == (weights is None):
+        _fail("give --preset reference|tiny or --weights DIR")
+    try:
+        budget_list = [float(b) for b in budgets.replace(" ", "").split(",") if b]
+    except ValueError:
+        _fail(f"--vram-budget {budgets}: expected GiB numbers separated by commas, e.g. 6,8,12")
+    if (budget_list or profiles) and device == "cpu":
+        _fail("--vram-budget and --gpu-profile need a CUDA device")
+    from .bench import run_bench
+
+    if preset == "reference":
+        click.echo("[pixal3d-rt] preset 'reference': full-size networks with seeded random weights and a reference shape's "
+                   "structure; timings and memory are real, the assets are not generations.", err=True)
+    report = run_bench(preset=preset, weights=weights, resolutions=[int(r) for r in resolutions] or [1024], images=images,
+                       runs=runs, backend=backend, out_dir=out_dir, device=device, seed=seed, steps=steps,
+                       budgets_gib=budget_list, gpu_profiles=profiles, glb_runs=glb_runs)
+    click.echo((out_dir / "bench.md").read_text())
+    failed = [p["resolution"] for p in report["resolutions"] if "error" in p]
+    click.echo(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}" + "".join(f", {out_dir / c}" for c in report.get("charts", [])))
+    if failed:
+        _fail(f"resolution {', '.join(map(str, failed))} failed (see above)", 1)
+
+
 if __name__ == "__main__":
     main()
