@@ -360,8 +360,9 @@ def _load(args, sampler):
     return pipe, recorder.rows[0]
 
 
-def run_worker(args: dict) -> dict:
-    """One resolution: load, cold + warm runs, optional counting pass, budgets. Returns a JSON dict."""
+def run_worker(args: dict, save=lambda part: None) -> dict:
+    """One resolution: load, cold + warm runs, optional counting pass, budgets. Returns a JSON dict;
+    `save(part)` is called after each phase, so a crash later keeps what was measured."""
     import torch
 
     from .preprocess import load_image
@@ -386,13 +387,16 @@ def run_worker(args: dict) -> dict:
         run.update({"index": i, "image": str(image), "kind": "cold" if i == 0 else "warm"})
         part["runs"].append(run)
         _say(f"[bench {res}] run {i} ({run['kind']}): {run['total_wall_s']:.2f} s, {run['mesh_faces']:,} faces")
+        save(part)
     if args.get("count"):
         part["counted"] = _count_pass(pipe, args, sampler, load_image(images[0]), glb)
+        save(part)
     if cuda and args.get("budgets_gib"):
         part["non_torch_overhead_bytes"] = _non_torch_overhead(nvml)
         for budget in args["budgets_gib"]:
             part["budgets"].append(_budget_run(pipe, args, sampler, nvml, load_image(images[0]), glb, budget,
                                                part["non_torch_overhead_bytes"]))
+            save(part)
     sampler.stop()
     part["sampler_samples"] = sampler.samples
     return part
@@ -508,10 +512,13 @@ def run_bench(preset=None, weights=None, resolutions=(1024,), images=(), runs=2,
         job_path.write_text(json.dumps(job))
         say(f"[bench] resolution {res}: fresh worker process")
         proc = subprocess.run([sys.executable, "-m", "pixal3d_rt.bench", str(job_path), str(part_path)])
-        if proc.returncode != 0 or not part_path.is_file():
+        if not part_path.is_file():
             report["resolutions"].append({"resolution": int(res), "error": f"worker exited with status {proc.returncode}"})
             continue
-        report["resolutions"].append(json.loads(part_path.read_text()))
+        part = json.loads(part_path.read_text())
+        if proc.returncode != 0:  # what it measured before it failed is kept
+            part["error"] = f"worker exited with status {proc.returncode} after what is recorded here"
+        report["resolutions"].append(part)
         part_path.unlink()
         job_path.unlink()
         write_report(report, out, say, with_charts=False)  # what is done so far survives a later failure
@@ -594,6 +601,7 @@ def markdown(report: dict) -> str:
         lines += ["", f"## resolution {part['resolution']}"]
         if "error" in part:
             lines.append(f"failed: {part['error']}")
+        if "load" not in part:
             continue
         load = part["load"]
         lines.append(f"load {load['wall_s']:.2f} s (device peak {_gb(load['nvml_peak_bytes'])} GB NVML, "
@@ -678,8 +686,8 @@ def main(argv=None):
     """Worker entry: python -m pixal3d_rt.bench JOB.json PART.json"""
     argv = sys.argv[1:] if argv is None else argv
     job = json.loads(Path(argv[0]).read_text())
-    part = run_worker(job)
-    Path(argv[1]).write_text(json.dumps(part))
+    out = Path(argv[1])
+    run_worker(job, save=lambda part: out.write_text(json.dumps(part)))
 
 
 if __name__ == "__main__":
