@@ -129,16 +129,22 @@ def _check_source(weights, preset):
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Sampling steps per stage (default: upstream's 12).")
 @click.option("--fov", "fov_deg", type=Degrees(), default=None, help="Horizontal field of view of the input photo in degrees (default 49.13°, upstream's default camera).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
-@click.option("--texture-size", type=click.IntRange(64, 8192), default=None, help="Baked texture size (default 2048; tiny preset 256).")
-@click.option("--decimation-target", type=click.IntRange(100, 10_000_000), default=None, help="Face count the mesh is simplified to (default 200000).")
+@click.option("--export", "export_mode", type=click.Choice(["fast", "upstream"]), default="fast", show_default=True,
+              help="fast: the decoded surface simplified (200k faces, 2048² PNG); upstream: as Pixal3D's inference.py "
+                   "(narrow-band remesh, 1M faces, 4096² webp, single-sided).")
+@click.option("--texture-size", type=click.IntRange(64, 8192), default=None, help="Baked texture size (default: the --export mode's; tiny preset 256).")
+@click.option("--decimate", "--decimation-target", "decimation_target", type=click.IntRange(100, 10_000_000), default=None,
+              help="Face count the mesh is simplified to (default: the --export mode's; tiny preset 20000).")
+@click.option("--texture-format", type=click.Choice(["png", "webp"]), default=None,
+              help="Texture images: png (every viewer) or webp (EXT_texture_webp); default: the --export mode's.")
 @click.option("--engines", "engines_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Engine directory from `pixal3d-rt export`: its networks run as TensorRT engines (CUDA) or AOTInductor packages (the device they were built for).")
 @click.option("--backend", type=click.Choice(["eager", "cuda"]), default=None, help="Flow networks: eager reference, or the fast cuda backend (default on a GPU).")
 @click.option("--max-image-pixels", type=click.IntRange(1, 1 << 40), default=None,
               help="Refuse input images with more pixels than this before decoding them (default 64,000,000).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output (errors and the summary only).")
-def infer(images, output_path, output_dir, weights, preset, resolution, seed, steps, fov_deg, device, texture_size,
-          decimation_target, engines_dir, backend, max_image_pixels, quiet):
+def infer(images, output_path, output_dir, weights, preset, resolution, seed, steps, fov_deg, device, export_mode, texture_size,
+          decimation_target, texture_format, engines_dir, backend, max_image_pixels, quiet):
     """Generate a textured 3D asset (GLB) from each image.
 
     Everything that can be checked is checked before a network is built: options, output paths,
@@ -188,7 +194,8 @@ def infer(images, output_path, output_dir, weights, preset, resolution, seed, st
             say.note(f"== {img_path} → {out}")
         try:
             result = pipe.run(img, resolution=int(resolution), seed=seed, steps=steps, fov_deg=fov_deg, progress=say)
-            stats = result.save_glb(out, texture_size=texture_size, decimation_target=decimation_target, progress=say)
+            stats = result.save_glb(out, texture_size=texture_size, decimation_target=decimation_target, progress=say,
+                                    export=export_mode, texture_format=texture_format)
         except Pixal3DError as e:
             if not batch:
                 _fail(str(e))

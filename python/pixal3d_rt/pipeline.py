@@ -41,18 +41,25 @@ class Result:
     latents: dict = field(default_factory=dict)  # shape_slat / tex_slat SparseTensors (for tests and tools)
     export_defaults: dict = field(default_factory=dict)  # texture_size, decimation_target, device of the bake
 
-    def _export_args(self, texture_size, decimation_target) -> dict:
-        d = self.export_defaults
-        return {"texture_size": int(texture_size or d.get("texture_size", 2048)),
-                "decimation_target": int(decimation_target or d.get("decimation_target", 200_000)),
-                "device": d.get("device")}
+    def _export_args(self, texture_size, decimation_target, export=None, **options) -> dict:
+        from .mesh.modes import export_settings
 
-    def save_glb(self, path, texture_size: int | None = None, decimation_target: int | None = None, progress=None) -> dict:
+        d = self.export_defaults
+        defaults = {"texture_size": d.get("texture_size", 2048), "decimation_target": d.get("decimation_target", 200_000),
+                    "device": d.get("device")}
+        args = export_settings(export, defaults, texture_size=texture_size, decimation_target=decimation_target, **options)
+        args["texture_size"], args["decimation_target"] = int(args["texture_size"]), int(args["decimation_target"])
+        return args
+
+    def save_glb(self, path, texture_size: int | None = None, decimation_target: int | None = None, progress=None,
+                 *, export: str | None = None, texture_format: str | None = None, **options) -> dict:
         """Simplify, unwrap, bake the PBR textures and write a GLB at `path` (atomically: the old file
-        or the complete new one). Returns stats: faces, vertices, texture_size, bytes, timings."""
+        or the complete new one). Returns stats: faces, vertices, texture_size, bytes, timings.
+        export: "fast" (default) or "upstream" (mesh/modes.py); texture_format "png" | "webp"; other
+        keyword arguments go to `export_glb` / `build_asset` (remesh, remesh_band, double_sided, ...)."""
         from .mesh.glb import export_glb
 
-        args = self._export_args(texture_size, decimation_target)
+        args = self._export_args(texture_size, decimation_target, export, texture_format=texture_format, **options)
         t0 = time.perf_counter()
         say = as_progress(progress)
         say.stage("glb_export", f"{self.faces.shape[0]:,} faces → ≤{args['decimation_target']:,}, texture {args['texture_size']}²")
@@ -65,13 +72,15 @@ class Result:
         say.stage_done("glb_export", seconds)
         return stats
 
-    def to_trimesh(self, texture_size: int | None = None, decimation_target: int | None = None):
+    def to_trimesh(self, texture_size: int | None = None, decimation_target: int | None = None, *,
+                   export: str | None = None, **options):
         """The asset as save_glb writes it (GLB axes, UVs, PBR material), as a trimesh.Trimesh
         (None when no face survives cleaning)."""
         from .mesh.glb import build_asset
 
-        mesh, _ = build_asset(self.vertices, self.faces, self.voxel_coords, self.voxel_attrs, self.resolution,
-                              **self._export_args(texture_size, decimation_target))
+        args = self._export_args(texture_size, decimation_target, export, **options)
+        args.pop("image_format", None)  # an encoding setting: build_asset makes the mesh only
+        mesh, _ = build_asset(self.vertices, self.faces, self.voxel_coords, self.voxel_attrs, self.resolution, **args)
         return mesh
 
 

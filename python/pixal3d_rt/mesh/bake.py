@@ -234,8 +234,13 @@ def _push_pull(img: torch.Tensor, wgt: torch.Tensor) -> torch.Tensor:
 
 def bake_texture(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor, coords: torch.Tensor,
                  attrs: torch.Tensor, grid_size: int, texture_size: int, *, fill: bool = True,
-                 fallback_radius: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                 fallback_radius: int = 2, surface=None, surface_cell: float = 0.0,
+                 info: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Bake the sparse voxel attributes onto a UV-unwrapped mesh.
+
+    surface = (vertices, faces) of the decoded mesh: each texel's point is first moved to its nearest
+    point on it (upstream's re-projection), searched within `surface_cell` (project.closest_points);
+    points with no triangle that close keep their place. info["projected"] gets the fraction moved.
 
     vertices [V,3] (grid frame), faces [F,3], uvs [V,2] (per output vertex, glTF v), coords [N,3],
     attrs [N,C]. Returns (maps [S,S,C] float32 with seams filled, coverage mask [S,S] bool).
@@ -249,6 +254,12 @@ def bake_texture(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor,
     corner = faces.to(dev).long().index_select(0, fid)  # [P,3]
     tri = vertices.to(dev).float().index_select(0, corner.view(-1)).view(-1, 3, 3)
     pts = (bary.view(-1, 3).index_select(0, flat)[:, :, None] * tri).sum(dim=1)
+    if surface is not None:
+        from .project import project_onto
+
+        pts, found = project_onto(pts, surface[0].to(dev), surface[1].to(dev), surface_cell)
+        if info is not None:
+            info["projected"] = float(found.float().mean()) if found.numel() else 0.0
     maps = torch.zeros((texture_size, texture_size, attrs.shape[1]), dtype=torch.float32, device=dev)
     maps[mask] = sample_sparse_voxels(pts, coords, attrs, grid_size, fallback_radius=fallback_radius)
     if fill:

@@ -469,7 +469,9 @@ def export_glb(path, vertices, faces, voxel_coords, voxel_attrs, grid_size: int,
 def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
                 decimation_target: int = 200_000, texture_size: int = 2048,
                 progress: Optional[Callable[[str], None]] = None, double_sided="auto",
-                max_hole_perimeter: float = 3e-2, min_component_area: float = 1e-5, device=None):
+                max_hole_perimeter: float = 3e-2, min_component_area: float = 1e-5, device=None,
+                remesh: bool = False, remesh_band: float = 1.0, remesh_project: float = 0.0,
+                project_texels: bool = False):
     """Decoded mesh + sparse PBR voxels -> (trimesh.Trimesh in the GLB frame, stats), in memory.
 
     vertices [V,3] float32 and faces [F,3] int (numpy or torch) in the grid frame inside [-0.5,0.5]^3;
@@ -477,6 +479,10 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
     metallic 3, roughness 4, alpha 5), or both None for an untextured asset; decimation_target is a
     face count; texture_size the side of the square textures; double_sided "auto" | True | False;
     device: torch device for the bake (default: that of voxel_attrs if a tensor, else CPU).
+    remesh: upstream's remesh branch instead of cleaning (remesh.prepare_remeshed: narrow-band dual
+    contouring at the grid resolution with remesh_band / remesh_project, then simplification);
+    project_texels: every texel's point is moved onto the decoded surface before the voxels are
+    sampled (upstream's bake; always on with remesh, whose surface lies a band away from the voxels).
 
     stats: {"faces", "vertices" (after UV seam splitting), "input_faces", "input_vertices",
     "texture_size" (0 if untextured), "coverage" (fraction of texels baked), "double_sided", "closed",
@@ -488,15 +494,29 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
     timings: dict = {}
     n_in_f = int(faces.shape[0])
     n_in_v = int(vertices.shape[0])
-    v, f, closed = prepare_mesh(vertices, faces, decimation_target=decimation_target,
-                                max_hole_perimeter=max_hole_perimeter, min_component_area=min_component_area,
-                                timings=timings)
-    say(f"[glb] mesh: {n_in_f:,} -> {len(f):,} faces (clean {timings['clean']:.1f}s, simplify "
-        f"{timings['simplify']:.1f}s, repair {timings['repair']:.1f}s, orient {timings['orient']:.1f}s)")
+    surface = remesh_info = None
+    if remesh:
+        from .remesh import prepare_remeshed
+
+        v, f, closed, surface, remesh_info = prepare_remeshed(
+            vertices, faces, grid_size, decimation_target=decimation_target, band=remesh_band,
+            project_back=remesh_project, max_hole_perimeter=max_hole_perimeter, device=device, timings=timings)
+        say(f"[glb] mesh: {n_in_f:,} -> remeshed {remesh_info['faces']:,} -> {len(f):,} faces (remesh "
+            f"{timings['remesh']:.1f}s, simplify {timings['simplify']:.1f}s)")
+    else:
+        v, f, closed = prepare_mesh(vertices, faces, decimation_target=decimation_target,
+                                    max_hole_perimeter=max_hole_perimeter, min_component_area=min_component_area,
+                                    timings=timings)
+        say(f"[glb] mesh: {n_in_f:,} -> {len(f):,} faces (clean {timings['clean']:.1f}s, simplify "
+            f"{timings['simplify']:.1f}s, repair {timings['repair']:.1f}s, orient {timings['orient']:.1f}s)")
+        if project_texels:
+            surface = (_to_numpy(vertices, np.float32), _to_numpy(faces, np.int64))
     sided = (not bool(closed.all())) if double_sided == "auto" else bool(double_sided)
     stats = {"input_faces": n_in_f, "input_vertices": n_in_v, "faces": int(len(f)), "vertices": int(len(v)),
              "texture_size": 0, "coverage": 0.0, "double_sided": sided,
              "closed": bool(len(f) > 0 and closed.all()), "timings": timings}
+    if remesh_info is not None:
+        stats["remesh"] = remesh_info
     if len(f) == 0:
         say("[glb] warning: no faces survived cleaning; writing an empty scene")
         return None, stats
@@ -516,9 +536,15 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
         attrs_t = voxel_attrs if isinstance(voxel_attrs, torch.Tensor) else torch.as_tensor(np.asarray(voxel_attrs))
         dev = torch.device(device) if device is not None else attrs_t.device
         coords_t = torch.as_tensor(_to_numpy(voxel_coords, np.int64)).to(dev)
+        proj = {}
+        if surface is not None:  # reach: the band's offset plus a voxel of simplification error
+            proj = {"surface": tuple(torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in surface),
+                    "surface_cell": ((remesh_band if remesh else 0.0) + 2.0) / int(grid_size), "info": {}}
         maps, mask = bake_texture(torch.from_numpy(v[vmap]).to(dev), torch.from_numpy(f_uv).to(dev),
                                   torch.from_numpy(uvs).to(dev), coords_t, attrs_t.to(dev).float(), int(grid_size),
-                                  int(texture_size))
+                                  int(texture_size), **proj)
+        if proj:
+            stats["projected"] = proj["info"]["projected"]
         maps_np = maps.cpu().numpy()
         timings["bake"] = time.perf_counter() - t
         stats["coverage"] = float(mask.float().mean())

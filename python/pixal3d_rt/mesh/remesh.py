@@ -88,62 +88,73 @@ def _band_corners(grid: TriangleGrid, m: int) -> torch.Tensor:
     return torch.unique(_key((_unkey(buckets)[:, None, :] * m + local).reshape(-1, 3)))
 
 
-def _well_composed(ck: torch.Tensor, cv: torch.Tensor, far: float, neg: float, max_rounds: int = 1000):
-    """Make the corner signs well-composed (module docstring). ck sorted corner keys, cv values
-    (< 0 inside); corners not in the table have value `far`. Returns (ck, cv, cells [C] sorted keys of
-    the cells with a negative corner, lab [C,8] bool negative corners, vals [C,8], flips)."""
+def _cell_labels(ck, cv, cells, far):
+    """Corner values [C,8] of the cells (sorted keys), corners added to the table as `far` where
+    missing. Returns (ck, cv, corner keys [C,8], values [C,8])."""
     dev = ck.device
-    c8 = _CORNER8.to(dev)
-    faces = _FACES.to(dev)
-    flips = 0
-    for _ in range(max_rounds):
-        inside = _unkey(ck[cv < 0])
-        cells = torch.unique(_key((inside[:, None, :] - c8).reshape(-1, 3)))
-        ckeys = _key((_unkey(cells)[:, None, :] + c8).reshape(-1, 3))
+    ckeys = _key((_unkey(cells)[:, None, :] + _CORNER8.to(dev)).reshape(-1, 3))
+    idx = _find(ck, ckeys)
+    if bool((idx < 0).any()):  # corners not in the table are beyond the reach: add them as outside
+        new = torch.unique(ckeys[idx < 0])
+        ck, order = torch.sort(torch.cat([ck, new]))
+        cv = torch.cat([cv, torch.full((new.numel(),), far, dtype=cv.dtype, device=dev)])[order]
         idx = _find(ck, ckeys)
-        if bool((idx < 0).any()):  # corners of these cells not in the table yet: add them as outside
-            new = torch.unique(ckeys[idx < 0])
-            ck, order = torch.sort(torch.cat([ck, new]))
-            cv = torch.cat([cv, torch.full((new.numel(),), far, dtype=cv.dtype, device=dev)])[order]
-            idx = _find(ck, ckeys)
-        idx = idx.view(-1, 8)
-        vals = cv[idx]
-        lab = vals < 0
-        # candidates to flip: [C, slots] corner positions, masked; pick the smallest value per cell
-        fl = lab[:, faces]  # [C,6,4]
-        crit = (fl[..., 0] & fl[..., 2] & ~fl[..., 1] & ~fl[..., 3]) | (fl[..., 1] & fl[..., 3] & ~fl[..., 0] & ~fl[..., 2])
-        n_in = lab.sum(1)
-        opp = lab & lab.flip(1)  # corner i and 7 - i both negative
-        oppo = ~lab & ~lab.flip(1)
-        crit3 = ((n_in == 2) & opp.any(1)) | ((n_in == 6) & oppo.any(1))
-        if not bool(crit.any()) and not bool(crit3.any()):
-            return ck, cv, cells, lab, vals, flips
-        flip_rows = []
-        if bool(crit.any()):
-            ci, fi = torch.nonzero(crit, as_tuple=True)
-            fc = faces[fi]  # [K,4] corner slots
-            vv = vals[ci[:, None], fc]
-            ll = lab[ci[:, None], fc]
-            # the two positive corners of the face; the one with the smaller value (then smaller key)
-            cand = torch.where(ll, torch.full_like(vv, math.inf), vv)
-            kk = ckeys.view(-1, 8)[ci[:, None], fc]
-            # tie-break on keys so the two cells sharing the face pick the same corner
-            mn = cand.amin(1, keepdim=True)
-            tie = (cand == mn) & ~ll
-            kk_t = torch.where(tie, kk, torch.full_like(kk, torch.iinfo(torch.int64).max))
-            flip_rows.append(kk_t.amin(1))
-        if bool(crit3.any()):
-            ci = torch.nonzero(crit3).squeeze(1)
-            vv = torch.where(lab[ci], torch.full_like(vals[ci], math.inf), vals[ci])
-            mn = vv.amin(1, keepdim=True)
-            kk = ckeys.view(-1, 8)[ci]
-            kk_t = torch.where((vv == mn) & ~lab[ci], kk, torch.full_like(kk, torch.iinfo(torch.int64).max))
-            flip_rows.append(kk_t.amin(1))
-        fk = torch.unique(torch.cat(flip_rows))
-        pos = _find(ck, fk)
-        cv[pos] = neg
+    return ck, cv, ckeys.view(-1, 8), cv[idx.view(-1, 8)]
+
+
+def _cells_of(corner_keys: torch.Tensor) -> torch.Tensor:
+    """Sorted keys of the cells that have one of the corners."""
+    return torch.unique(_key((_unkey(corner_keys)[:, None, :] - _CORNER8.to(corner_keys.device)).reshape(-1, 3)))
+
+
+def _critical_flips(ckeys, vals):
+    """Corner keys to make negative so the cells [C,8] lose their critical configurations (empty when
+    none): per diagonal face, the face's positive corner with the smaller value; per cell whose only
+    two negative (or positive) corners are opposite, its positive corner with the smallest value.
+    Ties go to the smaller key, so the two cells of a face choose the same corner."""
+    lab = vals < 0
+    faces = _FACES.to(vals.device)
+    big = torch.iinfo(torch.int64).max
+    fl = lab[:, faces]  # [C,6,4]
+    crit = (fl[..., 0] & fl[..., 2] & ~fl[..., 1] & ~fl[..., 3]) | (fl[..., 1] & fl[..., 3] & ~fl[..., 0] & ~fl[..., 2])
+    n_in = lab.sum(1)
+    crit3 = ((n_in == 2) & (lab & lab.flip(1)).any(1)) | ((n_in == 6) & (~lab & ~lab.flip(1)).any(1))
+    out = []
+    for rows, slots in ((torch.nonzero(crit, as_tuple=True)), (torch.nonzero(crit3).squeeze(1), None)):
+        if rows.numel() == 0:
+            continue
+        if slots is not None:
+            sel = (rows[:, None], faces[slots])
+        else:
+            sel = (rows,)
+        vv, ll, kk = vals[sel], lab[sel], ckeys[sel]
+        cand = torch.where(ll, torch.full_like(vv, math.inf), vv)
+        tie = (cand == cand.amin(1, keepdim=True)) & ~ll
+        out.append(torch.where(tie, kk, torch.full_like(kk, big)).amin(1))
+    return torch.unique(torch.cat(out)) if out else torch.zeros(0, dtype=torch.int64, device=vals.device)
+
+
+def _well_composed(ck: torch.Tensor, cv: torch.Tensor, far: float, neg: float, max_rounds: int = 10_000):
+    """Make the corner signs well-composed (module docstring). ck sorted corner keys, cv values
+    (< 0 inside); corners not in the table have value `far`. After the first pass only cells holding
+    a corner flipped in the previous round can change, so later rounds look at those alone.
+    Returns (ck, cv, cells [C] sorted keys of the cells with a negative corner, lab [C,8] bool negative
+    corners, vals [C,8], flips)."""
+    flips = 0
+    cells = _cells_of(ck[cv < 0])
+    for _ in range(max_rounds):
+        ck, cv, ckeys, vals = _cell_labels(ck, cv, cells, far)
+        fk = _critical_flips(ckeys, vals)
+        if fk.numel() == 0:
+            break
+        cv[_find(ck, fk)] = neg
         flips += int(fk.numel())
-    raise RuntimeError("remesh: could not make the band's corner signs well-composed")
+        cells = _cells_of(fk)
+    else:
+        raise RuntimeError("remesh: could not make the band's corner signs well-composed")
+    cells = _cells_of(ck[cv < 0])
+    ck, cv, _, vals = _cell_labels(ck, cv, cells, far)
+    return ck, cv, cells, vals < 0, vals, flips
 
 
 def remesh_narrow_band_dc(vertices, faces, resolution: int, *, band: float = 1.0, project_back: float = 0.0,
@@ -244,3 +255,45 @@ def remesh_narrow_band_dc(vertices, faces, resolution: int, *, band: float = 1.0
     timings["remesh"] = time.perf_counter() - t0
     timings["remesh_flips"] = flips
     return verts.float(), out_f
+
+
+def prepare_remeshed(vertices, faces, grid_size: int, *, decimation_target: int = 1_000_000, band: float = 1.0,
+                     project_back: float = 0.0, max_hole_perimeter: float = 3e-2, device=None,
+                     timings: dict | None = None):
+    """Upstream's remesh branch of `to_glb`: fill small holes, remesh the band at the grid resolution,
+    simplify to `decimation_target` faces; then clean and orient (quadric decimation can pinch).
+
+    Returns (vertices [V,3] float32, faces [F,3] int64, closed [F] bool, surface, info): numpy arrays;
+    `surface` = (vertices, faces) of the hole-filled decoded mesh, which the bake projects texels onto
+    (upstream builds its BVH at the same point); info = remeshed faces, vertices, sign flips.
+    """
+    import numpy as np
+
+    from . import glb
+
+    timings = timings if timings is not None else {}
+    t = time.perf_counter()
+    v, f = glb.clean_mesh(vertices, faces)
+    f, _ = glb.orient_faces(v, f, outward=False)
+    v, f, _ = glb.fill_small_holes(v, f, max_hole_perimeter)
+    timings["clean"] = time.perf_counter() - t
+    surface = (v, f)
+    if len(f) == 0:
+        return v, f, np.zeros(0, bool), surface, {"faces": 0, "vertices": 0, "sign_flips": 0}
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    t = time.perf_counter()
+    steps: dict = {}
+    rv, rf = remesh_narrow_band_dc(torch.from_numpy(v).to(dev), torch.from_numpy(f).to(dev), int(grid_size),
+                                   band=band, project_back=project_back, timings=steps)
+    rv, rf = rv.cpu().numpy(), rf.cpu().numpy()
+    info = {"faces": int(len(rf)), "vertices": int(len(rv)), "sign_flips": int(steps.pop("remesh_flips"))}
+    timings.update(steps)
+    timings["remesh"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rv, rf = glb.simplify_mesh(rv, rf, decimation_target)
+    timings["simplify"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rv, rf = glb.clean_mesh(rv, rf)
+    rf, oriented = glb.orient_faces(rv, rf)
+    timings["orient"] = time.perf_counter() - t
+    return rv, rf, oriented["closed"], surface, info
