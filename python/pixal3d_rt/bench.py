@@ -489,6 +489,7 @@ def run_bench(preset=None, weights=None, resolutions=(1024,), images=(), runs=2,
     out_dir. Returns the report dict."""
     import torch
 
+    _stop_on_sigterm()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -511,18 +512,26 @@ def run_bench(preset=None, weights=None, resolutions=(1024,), images=(), runs=2,
         job_path = out / f"job_{res}.json"
         job_path.write_text(json.dumps(job))
         say(f"[bench] resolution {res}: fresh worker process")
-        proc = subprocess.run([sys.executable, "-m", "pixal3d_rt.bench", str(job_path), str(part_path)])
-        if not part_path.is_file():
-            report["resolutions"].append({"resolution": int(res), "error": f"worker exited with status {proc.returncode}"})
-            continue
-        part = json.loads(part_path.read_text())
-        if proc.returncode != 0:  # what it measured before it failed is kept
-            part["error"] = f"worker exited with status {proc.returncode} after what is recorded here"
+        proc = subprocess.Popen([sys.executable, "-m", "pixal3d_rt.bench", str(job_path), str(part_path)])
+        stopped = None
+        try:
+            status = proc.wait()
+        except (KeyboardInterrupt, SystemExit) as e:  # the worker stops too; what it saved is reported
+            proc.terminate()
+            status, stopped = proc.wait(), e
+        if part_path.is_file():
+            part = json.loads(part_path.read_text())
+            if status != 0:  # what it measured before it failed is kept
+                part["error"] = f"worker exited with status {status} after what is recorded here"
+            part_path.unlink()
+        else:
+            part = {"resolution": int(res), "error": f"worker exited with status {status}"}
         report["resolutions"].append(part)
-        part_path.unlink()
         job_path.unlink()
-        write_report(report, out, say, with_charts=False)  # what is done so far survives a later failure
-    return write_report(report, out, say)
+        write_report(report, out, say)  # what is done so far survives a later failure
+        if stopped is not None:
+            raise stopped
+    return report
 
 
 def write_report(report: dict, out: Path, say=_say, with_charts: bool = True) -> dict:
@@ -680,6 +689,13 @@ def charts(report: dict, out: Path, say=_say) -> list[str]:
     fig.savefig(out / "memory.png", dpi=80)
     plt.close(fig)
     return ["waterfall.png", "memory.png"]
+
+
+def _stop_on_sigterm():
+    """SIGTERM (e.g. from `timeout`) as SystemExit, so the parent stops its worker and reports."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def main(argv=None):
