@@ -1,9 +1,9 @@
 """`pixal3d-rt bench`: the whole pipeline, image to GLB, stage by stage, at real scale and on budgets.
 
 Each resolution runs in a fresh worker process (so its first image is a cold start): load the
-networks, run the images (`runs` times; the first is cold, the rest warm), optionally count each
-stage's FLOPs and bytes (one eager pass) for the roofline projection, then run once per memory
-budget with the torch allocator capped at the budget less the process's measured non-torch memory.
+networks, run the images (`runs` times; the first is cold, the rest warm), run once per memory budget
+with the torch allocator capped at the budget less the process's measured non-torch memory, then
+optionally count each stage's FLOPs and bytes (one eager pass) for the roofline projection.
 Per stage a `StageRecorder` (a progress.Progress) takes wall time, GPU time (CUDA events), torch's
 allocator peak (reset per stage), the process's device-memory peak as NVML reports it (sampled by a
 thread every few ms: CUDA context and every library included) and the host RSS peak. The parent
@@ -361,7 +361,7 @@ def _load(args, sampler):
 
 
 def run_worker(args: dict, save=lambda part: None) -> dict:
-    """One resolution: load, cold + warm runs, optional counting pass, budgets. Returns a JSON dict;
+    """One resolution: load, cold + warm runs, budgets, optional counting pass. Returns a JSON dict;
     `save(part)` is called after each phase, so a crash later keeps what was measured."""
     import torch
 
@@ -388,15 +388,15 @@ def run_worker(args: dict, save=lambda part: None) -> dict:
         part["runs"].append(run)
         _say(f"[bench {res}] run {i} ({run['kind']}): {run['total_wall_s']:.2f} s, {run['mesh_faces']:,} faces")
         save(part)
-    if args.get("count"):
-        part["counted"] = _count_pass(pipe, args, sampler, load_image(images[0]), glb)
-        save(part)
     if cuda and args.get("budgets_gib"):
         part["non_torch_overhead_bytes"] = _non_torch_overhead(nvml)
         for budget in args["budgets_gib"]:
             part["budgets"].append(_budget_run(pipe, args, sampler, nvml, load_image(images[0]), glb, budget,
                                                part["non_torch_overhead_bytes"]))
             save(part)
+    if args.get("count"):
+        part["counted"] = _count_pass(pipe, args, sampler, load_image(images[0]), glb)
+        save(part)
     sampler.stop()
     part["sampler_samples"] = sampler.samples
     return part
