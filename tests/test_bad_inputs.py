@@ -480,3 +480,17 @@ def test_out_of_gpu_memory_in_a_stage_is_one_line(tmp_path):
     assert "ss_decoder: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB" in lines[0], lines[0]
     assert "--resolution" in lines[0]
     assert _files(tmp_path) == before and not c.out.exists()
+
+
+def test_written_files_get_the_usual_mode(tiny_weights_dir, tmp_path):
+    """Weights, GLBs and manifests are written through one atomic writer: 0666 less the umask, like any new file."""
+    from pixal3d_rt.files import atomic_write
+
+    umask = os.umask(0)
+    os.umask(umask)
+    want = 0o666 & ~umask
+    files = [p for p in tiny_weights_dir.rglob("*") if p.is_file()]
+    assert len(files) >= 16 and {p.stat().st_mode & 0o777 for p in files} == {want}
+    atomic_write(tmp_path / "a.glb", b"glTF")
+    atomic_write(tmp_path / "b.json", lambda p: Path(p).write_text("{}"))
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {want}

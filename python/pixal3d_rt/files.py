@@ -105,9 +105,6 @@ def atomic_write(path, data) -> None:
     remove_stale(path.parent, _temp_prefix(path))
     fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{TEMP_MARK}{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600
         if callable(data):
             os.close(fd)
             fd = None
@@ -116,6 +113,9 @@ def atomic_write(path, data) -> None:
         else:
             with open(fd, "wb", closefd=False) as fh:
                 fh.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600, and so may a saver that writes its own file there
         os.fsync(fd)
         os.close(fd)
         fd = None

@@ -328,8 +328,7 @@ def verify(files, progress=None) -> dict:
     {"files", "hashed", "bytes_hashed"}; raises CheckpointError naming the blob to delete."""
     from tqdm import tqdm
 
-    from .files import sha256_file
-    from .mesh.glb import atomic_write_bytes
+    from .files import atomic_write_bytes, sha256_file
 
     memo_path = verified_json()
     memo = _read_verified(memo_path)
