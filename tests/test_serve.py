@@ -29,6 +29,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--enable-unsafe-swiftshader"]  # WebGL on the CPU for the 3D viewer
 TTL = 10  # --session-ttl: short, so the test sees a session's folder go
+MAX_PIXELS = 300_000  # --max-image-pixels: the mug (320×320) and heavy.png (540×540) pass, 600×600 does not
 
 
 def _free_port() -> int:
@@ -50,7 +51,8 @@ def _server(tmp_path, *args, env=None):
     env.pop("GRADIO_TEMP_DIR", None)
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", "from pixal3d_rt.cli import main; main()", "serve", "--preset", "tiny",
-                                 "--port", str(port), "--session-ttl", str(TTL), *args],
+                                 "--port", str(port), "--session-ttl", str(TTL), "--max-upload-mb", "1",
+                                 "--max-image-pixels", str(MAX_PIXELS), *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -93,11 +95,12 @@ def _wait_status(page, pattern, timeout=120):
 
 
 def _upload(page, path, expect_crop=True):
-    clear = page.locator("#upload button[aria-label='Clear']")
-    if clear.count():  # the last upload is shown: remove it first, as a person would
-        clear.click()
+    if not page.locator("#upload input[type=file]").count():  # the last upload is shown: remove it first, as a person would
+        page.click("#upload button[aria-label='Clear']")
         page.wait_for_function("() => !document.querySelector('#crop img')", timeout=10_000)
     page.set_input_files("#upload input[type=file]", str(path))
+    if expect_crop is None:
+        return None
     if expect_crop:
         page.wait_for_selector("#crop img", timeout=60_000)
         return _wait_status(page, re.escape(Path(path).name) + ": ", 30)
@@ -108,6 +111,21 @@ def _set_number(page, elem_id, value):
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
+
+
+def _record_progress(page):
+    """Keep every text the viewer's progress overlay shows (queue position, stage, step i/n), however
+    briefly it shows."""
+    page.evaluate("""() => {
+        window.__seen = new Set();
+        const viewer = document.querySelector('#viewer');
+        new MutationObserver(() => window.__seen.add(viewer.innerText))
+            .observe(viewer, {subtree: true, childList: true, characterData: true});
+    }""")
+
+
+def _seen(page) -> str:
+    return "\n".join(page.evaluate("() => [...window.__seen]"))
 
 
 def _drawn_pixels(png: bytes) -> int:
@@ -130,9 +148,14 @@ def test_page_in_a_real_browser(tmp_path):
     t_start = time.time()
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"this is not an image" * 10)
+    wide = tmp_path / "wide.png"  # 2 kB, over the pixel limit
+    Image.new("RGBA", (600, 600), (200, 80, 40, 255)).save(wide)
+    heavy = tmp_path / "heavy.png"  # within the pixel limit, over the upload limit of 1 MB
+    Image.frombytes("RGBA", (540, 540), os.urandom(540 * 540 * 4)).save(heavy)
+    assert heavy.stat().st_size > 1 << 20
     with _server(tmp_path) as (url, proc, log), sync_playwright() as pw:
         text = _log(log)
-        assert re.search(r"Running on local URL:\s+http://127\.0\.0\.1:\d+", text), text  # localhost by default
+        assert re.search(r"serving on http://127\.0\.0\.1:\d+/", text), text  # localhost by default
         root = Path(re.search(r"outputs under (\S+)", text).group(1))
         browser = _browser(pw)
         a = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
@@ -149,12 +172,16 @@ def test_page_in_a_real_browser(tmp_path):
         a.click("#texture input")
         a.get_by_role("option", name="128²").click()
         _set_number(b, "steps", 50)
+        for page in (a, b):
+            _record_progress(page)
         a.click("#generate")
+        a.wait_for_function("() => [...window.__seen].some(t => /processing|ss_flow/.test(t))", timeout=60_000)  # A first
         b.click("#generate")
-        b.wait_for_function("() => /queue: \\d+\\/\\d+/.test(document.querySelector('#viewer').innerText)", timeout=20_000)
-        a.wait_for_function("() => /step \\d+\\/\\d+/.test(document.querySelector('#viewer').innerText)", timeout=60_000)
         done = _wait_status(a, "^(done|error)")
         assert done.startswith("done") and "texture 128²" in done, done
+        seen = _seen(a)  # stages and their step counters, live (Gradio throttles: some updates are skipped)
+        assert re.search(r"^ss_flow 512 tokens", seen, re.M) and re.search(r"_flow: step \d/2", seen), seen
+        assert re.search(r"queue: 1/1 \| [1-9]\d*\.\ds", _seen(b)), _seen(b)  # B waited seconds, and saw where
 
         # the viewer fetched the GLB and drew it
         deadline = time.time() + 30
@@ -203,6 +230,14 @@ def test_page_in_a_real_browser(tmp_path):
         assert re.fullmatch(r"error: corrupt\.png: not a readable image\b[^\n]*", err), err
         assert "Traceback" not in a.inner_text("body") and str(tmp_path) not in err and "gradio/" not in err
         assert a.locator("#crop img").count() == 0
+        err = _upload(a, wide, expect_crop=False)
+        assert err == f"error: wide.png: 600×600 pixels is more than the limit of {MAX_PIXELS:,} pixels " \
+                      "(raise it with --max-image-pixels N if the file is trusted)", err
+        _upload(a, heavy, expect_crop=None)  # Gradio refuses it before the page's handler sees it
+        toast = a.locator(".toast-body", has_text="heavy.png")
+        toast.wait_for(timeout=10_000)
+        assert "File size exceeds the maximum allowed size of 1048576 bytes" in toast.inner_text()
+        assert a.locator("#crop img").count() == 0
         a.click("#generate")
         assert _wait_status(a, "^error: upload") == "error: upload an image first"
         _upload(a, MUG)
@@ -225,7 +260,7 @@ def test_page_in_a_real_browser(tmp_path):
         browser.close()
 
         proc.send_signal(signal.SIGTERM)  # a stopped server removes its outputs
-        proc.wait(30)
+        assert proc.wait(30) == 0, _log(log)[-2000:]
         assert not root.exists(), list(root.rglob("*"))
         assert "Traceback" not in _log(log), _log(log)[-3000:]
     print(f"browser test: {time.time() - t_start:.1f} s")

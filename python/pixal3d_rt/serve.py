@@ -133,7 +133,7 @@ class Server:
         cancel = self.running[request.session_hash] = threading.Event()  # per run: a stopped run keeps its own flag
         say = PageProgress(bar, cancel)
         out_dir = Path(session_dir or self.new_session_dir())
-        result = None
+        result, stopped = None, False
         try:
             bar(0.0, desc="waiting for the previous run to stop")
             with self.lock:
@@ -160,7 +160,7 @@ class Server:
                           + ("  (tiny preset: random weights, a structural demo)" if self.preset else ""))
                 return str(out), str(out), rows, status, str(out_dir)
         except Cancelled:  # Gradio has already stopped waiting; the Stop button wrote the status line
-            print(f"[pixal3d-rt] run of session {request.session_hash[:8]} stopped; its memory is freed", file=sys.stderr, flush=True)
+            stopped = True
             return *keep, "stopped", session_dir
         except Pixal3DError as e:
             return *keep, _error_line(e), session_dir
@@ -176,6 +176,9 @@ class Server:
             gc.collect()
             if self.pipe.device.type == "cuda":
                 torch.cuda.empty_cache()
+            if stopped:
+                print(f"[pixal3d-rt] a run of session {request.session_hash[:8]} stopped; its memory is freed",
+                      file=sys.stderr, flush=True)
 
     def page(self, session_ttl: int):
         import gradio as gr
@@ -279,7 +282,9 @@ def serve(weights, preset, host, port, device, backend, max_upload_mb, max_image
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped service closes like Ctrl-C, removing its outputs
     try:
         demo.launch(server_name=host, server_port=port, max_file_size=f"{max_upload_mb}mb", show_error=False,
-                    share=False, inbrowser=False, ssr_mode=False, show_api=False)
+                    share=False, inbrowser=False, ssr_mode=False, show_api=False, quiet=True, prevent_thread_lock=True)
+        click.echo(f"[pixal3d-rt] serving on {demo.local_url} (Ctrl-C stops)", err=True)
+        demo.block_thread()
     except OSError as e:
         _fail(f"cannot serve on {host}:{port}: {str(e).splitlines()[0]}")
     finally:
