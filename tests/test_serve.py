@@ -26,8 +26,7 @@ MUG = ROOT / "examples" / "mug.png"
 CHROMIUM = os.environ.get("PIXAL3D_CHROMIUM", "/usr/bin/chromium")
 # headless without a GPU; no background networking (this machine's network is closed)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--enable-unsafe-swiftshader"]  # WebGL on the CPU for the 3D viewer
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TTL = 10  # --session-ttl: short, so the test sees a session's folder go
 MAX_PIXELS = 300_000  # --max-image-pixels: the mug (320×320) and heavy.png (540×540) pass, 600×600 does not
 

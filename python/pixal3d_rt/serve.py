@@ -135,7 +135,8 @@ class Server:
         out_dir = Path(session_dir or self.new_session_dir())
         result, stopped = None, False
         try:
-            bar(0.0, desc="waiting for the previous run to stop")
+            if self.lock.locked():
+                bar(0.0, desc="waiting for the previous run to stop")
             with self.lock:
                 t0 = time.perf_counter()
                 dev = self.pipe.device
