@@ -180,13 +180,16 @@ def _pipeline_json(w) -> dict:
 
 
 def _validated_pipeline(path):
-    """pipeline.json as the loader reads it; what passes must be usable by the sampler settings."""
+    """pipeline.json as the loader reads it; what passes must work in the sampler and the normalisation."""
     from pixal3d_rt import config as C
     from pixal3d_rt.checkpoints import _pipeline_args
+    from pixal3d_rt.sampler import FlowEulerGuidanceIntervalSampler
 
     args = _pipeline_args(path)
     for stage in ("sparse_structure", "shape_slat", "tex_slat"):
-        C.sampler_params(stage, args)
+        noise = torch.randn(1, 2, 3, generator=torch.Generator().manual_seed(0))
+        x = FlowEulerGuidanceIntervalSampler().sample(lambda x, t, c: -x, noise, {}, {}, **C.sampler_params(stage, args, steps=2))
+        assert torch.isfinite(x).all()
     for key in ("shape_slat_normalization", "tex_slat_normalization"):
         std = torch.tensor(args[key]["std"], dtype=torch.float32)
         assert torch.isfinite(torch.tensor(args[key]["mean"])).all() and (std > 0).all()
