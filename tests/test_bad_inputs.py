@@ -6,7 +6,6 @@ Rows share one tiny weights directory and one exported engine directory; a row t
 works on its own copy. Most rows fail in the preflight, before a network is built."""
 import json
 import os
-import pickle
 import shutil
 import struct
 import subprocess

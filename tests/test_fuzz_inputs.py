@@ -13,7 +13,6 @@ import io
 import json
 import os
 import struct
-from pathlib import Path
 
 import pytest
 import torch

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
