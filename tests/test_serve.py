@@ -285,3 +285,15 @@ def test_serve_without_gradio_says_how_to_install(tmp_path):
     assert r.stderr.strip() == "error: the web page needs Gradio: " + \
         "pip install 'pixal3d-rt[web]' (in a checkout: pip install -e '.[web]')", r.stderr
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_serve_on_a_taken_port_says_so(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-c", "from pixal3d_rt.cli import main; main()", "serve", "--preset", "tiny",
+                            "--port", str(port)], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert r.returncode == 2, r
+    assert r.stderr.strip() == f"error: cannot serve on 127.0.0.1:{port}: the port is in use (pick another with --port N)", r.stderr

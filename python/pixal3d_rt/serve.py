@@ -6,11 +6,13 @@ cli.py registers `serve` (this module imports nothing from cli at import time, s
 imported first); Gradio is imported only when the command runs. No `from __future__ import annotations`:
 Gradio reads the handlers' annotations (gr.Request, gr.Progress) as objects."""
 import atexit
+import errno
 import gc
 import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -261,6 +263,12 @@ def serve(weights, preset, host, port, device, backend, max_upload_mb, max_image
     from .progress import ConsoleProgress
 
     _check_source(weights, preset)
+    try:  # before the networks load: a taken port fails in a second, not after the load
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass
+    except OSError as e:
+        _fail(f"cannot serve on {host}:{port}: " + ("the port is in use (pick another with --port N)"
+                                                    if e.errno == errno.EADDRINUSE else e.strerror or str(e)))
     root = Path(tempfile.mkdtemp(prefix="pixal3d-serve-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     os.environ.setdefault("GRADIO_TEMP_DIR", str(root / "gradio"))  # uploads and Gradio's output copies
@@ -287,6 +295,7 @@ def serve(weights, preset, host, port, device, backend, max_upload_mb, max_image
         click.echo(f"[pixal3d-rt] serving on {demo.local_url} (Ctrl-C stops)", err=True)
         demo.block_thread()
     except OSError as e:
-        _fail(f"cannot serve on {host}:{port}: {str(e).splitlines()[0]}")
+        why = "the port is in use (pick another with --port N)" if "empty port" in str(e) else str(e).splitlines()[0]
+        _fail(f"cannot serve on {host}:{port}: {why}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
