@@ -30,6 +30,7 @@ def test_export_settings_layering():
     d = {"texture_size": 256, "decimation_target": 20_000, "device": None}
     fast = export_settings(None, d)
     assert fast["texture_size"] == 256 and fast["decimation_target"] == 20_000 and not fast["remesh"]
+    assert not fast["project_texels"] and fast["image_format"] == "png"
     up = export_settings("upstream", d)
     assert (up["texture_size"], up["decimation_target"], up["image_format"]) == (4096, 1_000_000, "webp")
     assert up["remesh"] and up["remesh_band"] == 1 and up["remesh_project"] == 0 and up["double_sided"] is False
@@ -58,9 +59,9 @@ def test_save_glb_modes_write_valid_files(mode, tmp_path):
         assert stats["closed"] and stats["double_sided"] is False and not mat.get("doubleSided", False)
         assert "EXT_texture_webp" in doc.get("extensionsUsed", [])
         assert stats["remesh"]["faces"] > 0 and stats["faces"] <= 1_000_000
+        assert stats["projected"] > 0.99  # every texel found the decoded surface within reach
     else:
-        assert "EXT_texture_webp" not in doc.get("extensionsUsed", [])
-    assert stats["projected"] > 0.99  # every texel found the decoded surface within reach
+        assert "EXT_texture_webp" not in doc.get("extensionsUsed", []) and "projected" not in stats
     rc, report = _run_validator(path)
     assert report["numErrors"] == 0, report["errors"]
     assert rc == 0
@@ -96,3 +97,40 @@ def test_projected_bake_matches_all_pairs_projection():
     assert torch.allclose(maps[mask], expect, atol=1e-4)
     plain, _ = bake_texture(V, Fu, U, C, A, G, 64, fill=False)
     assert (plain[mask] - expect).abs().max() > 1e-2  # the projection changes what is sampled
+
+
+def test_count_charts_matches_a_graph_walk():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        n = 200
+        f = rng.integers(0, n, (120, 3))
+        got = glb.count_charts(f, n)
+        # plain BFS over the face-vertex graph
+        adj = {}
+        for i, tri in enumerate(f):
+            for x in tri:
+                adj.setdefault(int(x), []).append(i)
+        seen, charts = np.zeros(len(f), bool), 0
+        for s in range(len(f)):
+            if seen[s]:
+                continue
+            charts += 1
+            stack = [s]
+            seen[s] = True
+            while stack:
+                t = stack.pop()
+                for x in f[t]:
+                    for u in adj[int(x)]:
+                        if not seen[u]:
+                            seen[u] = True
+                            stack.append(u)
+        assert got == charts
+
+
+def test_quality_stats_are_reported():
+    v, f, coords, attrs = _asset()
+    _, stats = glb.build_asset(v, f, coords, attrs, G, texture_size=128, decimation_target=2000)
+    assert stats["charts"] >= 1 and 0 < stats["coverage"] < 1
+    # 128² texels over a sphere of radius 0.3 (area 1.13): at most sqrt(128² / 1.13) per unit length
+    assert 0 < stats["texel_density"] <= np.sqrt(128 ** 2 / (4 * np.pi * 0.29 ** 2))
+    assert stats["texels_per_voxel"] == pytest.approx(stats["texel_density"] / G)

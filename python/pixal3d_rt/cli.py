@@ -419,6 +419,10 @@ def _summary(pipe, result, stats, output_path, preset) -> str:
     lines.append("tokens: " + ", ".join(f"{k} {v:,}" for k, v in tok.items()))
     texture = f"{stats['texture_size']}²" if stats.get("texture_size") else "none (shape only)"
     lines.append(f"mesh: {stats['faces']:,} faces, {stats['vertices']:,} vertices; texture {texture}")
+    if stats.get("texture_size"):
+        lines.append(f"texture: {stats['coverage']:.0%} of texels baked, {stats.get('charts', 0):,} charts, "
+                     f"{stats.get('texels_per_voxel', 0.0):.2f} texels per voxel side"
+                     + ("; closed" if stats.get("closed") else "; open") + ("; double-sided" if stats.get("double_sided") else "; single-sided"))
     lines.append(f"wrote {output_path}" + ("  (tiny preset: structural demo)" if preset else ""))
     return "\n".join(lines)
 

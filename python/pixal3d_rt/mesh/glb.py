@@ -329,6 +329,26 @@ def simplify_mesh(vertices: np.ndarray, faces: np.ndarray, target_faces: int, *,
     return v.astype(np.float32), f.astype(np.int64)
 
 
+def count_charts(faces: np.ndarray, n_vertices: int) -> int:
+    """Connected components of faces sharing a vertex: the UV charts of an unwrapped mesh (its
+    vertices are split along chart seams). Min-label propagation with pointer jumping."""
+    f = np.asarray(faces, dtype=np.int64)
+    if len(f) == 0:
+        return 0
+    lab = np.arange(n_vertices, dtype=np.int64)
+    while True:
+        fl = lab[f].min(axis=1)
+        new = lab.copy()
+        for k in range(3):
+            np.minimum.at(new, f[:, k], fl)
+        new = new[new]  # jump: a label points at a vertex whose own label may be smaller still
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    used = np.unique(f)
+    return int(len(np.unique(lab[used])))
+
+
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Area-weighted vertex normals [V,3] float32 (unit length; +Z for isolated/degenerate vertices)."""
     tri = np.asarray(vertices, dtype=np.float64)[faces]
@@ -484,8 +504,11 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
     sampled (upstream's bake; always on with remesh, whose surface lies a band away from the voxels).
 
     stats: {"faces", "vertices" (after UV seam splitting), "input_faces", "input_vertices",
-    "texture_size" (0 if untextured), "coverage" (fraction of texels baked), "double_sided", "closed",
-    "timings": {step: seconds}}. An input with no usable face gives mesh None (an empty scene).
+    "texture_size" (0 if untextured), "coverage" (fraction of texels baked), "charts" (UV charts),
+    "texel_density" (baked texels per unit of surface length, the box being 1 across),
+    "texels_per_voxel" (the same per voxel side), "double_sided", "closed", "timings": {step: seconds};
+    with remesh "remesh" (faces, vertices, sign flips); with projection "projected" (fraction of texels
+    that found the decoded surface)}. An input with no usable face gives mesh None (an empty scene).
     """
     import torch
 
@@ -536,9 +559,9 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
         dev = torch.device(device) if device is not None else attrs_t.device
         coords_t = torch.as_tensor(_to_numpy(voxel_coords, np.int64)).to(dev)
         proj = {}
-        if surface is not None:  # reach: the band's offset plus a voxel of simplification error
+        if surface is not None:  # reach: the band's offset plus a voxel of contouring/simplification error
             proj = {"surface": tuple(torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in surface),
-                    "surface_cell": ((remesh_band if remesh else 0.0) + 2.0) / int(grid_size), "info": {}}
+                    "surface_cell": ((remesh_band if remesh else 0.5) + 1.0) / int(grid_size), "info": {}}
         maps, mask = bake_texture(torch.from_numpy(v[vmap]).to(dev), torch.from_numpy(f_uv).to(dev),
                                   torch.from_numpy(uvs).to(dev), coords_t, attrs_t.to(dev).float(), int(grid_size),
                                   int(texture_size), **proj)
@@ -548,7 +571,14 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
         timings["bake"] = time.perf_counter() - t
         stats["coverage"] = float(mask.float().mean())
         stats["texture_size"] = int(texture_size)
-        say(f"[glb] baked {texture_size}² ({stats['coverage']:.0%} texels covered, {timings['bake']:.1f}s)")
+        # quality: charts, and texels per unit of surface length (box side = 1) and per voxel side
+        tri = v[f].astype(np.float64)
+        area = 0.5 * float(np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum())
+        stats["charts"] = count_charts(f_uv, len(vmap))
+        stats["texel_density"] = float(np.sqrt(float(mask.sum()) / area)) if area > 0 else 0.0
+        stats["texels_per_voxel"] = stats["texel_density"] / int(grid_size)
+        say(f"[glb] baked {texture_size}² ({stats['coverage']:.0%} texels covered, {stats['charts']:,} charts, "
+            f"{stats['texels_per_voxel']:.2f} texels per voxel side, {timings['bake']:.1f}s)")
         v, f, normals = v[vmap], f_uv, normals[vmap]
     else:
         uvs = maps_np = None

@@ -1,0 +1,89 @@
+"""Export modes timed on the reference mug (python/pixal3d_rt/reference_shape.py): the decoded-style
+closed surface and its PBR voxels at a grid, through `export_glb` in each mode, step by step.
+
+    python benchmarks/bench_export_modes.py --grid 256 [--device cpu|cuda] [--modes fast,fast_projected,fast_remesh,upstream]
+        [--texture-size N] [--out benchmarks/results/export_cpu.json]
+
+Variants: fast = the default mode (the decoded surface simplified, texels sampled where they land);
+fast_projected = fast + texels re-projected onto the decoded surface (as upstream's bake);
+fast_remesh = the remesh at fast's face count and texture; upstream = --export upstream.
+"""
+import argparse
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = {
+    "fast": {"export": "fast"},
+    "fast_projected": {"export": "fast", "project_texels": True},
+    "fast_remesh": {"export": "fast", "remesh": True, "double_sided": False},
+    "upstream": {"export": "upstream"},
+}
+
+
+def main():
+    from pixal3d_rt.mesh.glb import export_glb
+    from pixal3d_rt.mesh.modes import export_settings
+    from pixal3d_rt.reference_shape import ReferenceStructure
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--grid", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--modes", default="fast,fast_projected,fast_remesh,upstream")
+    ap.add_argument("--texture-size", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    t = time.perf_counter()
+    rs = ReferenceStructure()
+    v, f = rs.surface_mesh(a.grid, device=dev)
+    coords = rs.voxels(a.grid, device=dev).long()
+    c = (coords.float() + 0.5) / a.grid - 0.5
+    attrs = torch.cat([0.5 + 0.5 * torch.sin(9 * c + torch.tensor([0, 1.0, 2.0], device=dev)),
+                       0.3 + 0.2 * torch.cos(7 * c[:, :1]), 0.6 + 0.3 * torch.sin(5 * c[:, 1:2]),
+                       torch.ones(len(c), 1, device=dev)], 1)
+    setup = time.perf_counter() - t
+    print(f"grid {a.grid}: {len(f):,} faces, {len(coords):,} voxels (setup {setup:.1f}s)", flush=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    res = {"grid": a.grid, "device": str(dev), "faces_in": int(len(f)), "voxels": int(len(coords)),
+           "torch": torch.__version__, "host": platform.node(), "commit": commit,
+           "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
+           "cpu_threads": torch.get_num_threads(), "runs": {}}
+    defaults = {"texture_size": 2048, "decimation_target": 200_000, "device": dev if dev.type == "cuda" else None}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.modes.split(","):
+            kw = dict(VARIANTS[name])
+            args = export_settings(kw.pop("export"), defaults, texture_size=a.texture_size, **kw)
+            for rep in range(a.repeat):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t = time.perf_counter()
+                stats = export_glb(Path(tmp) / f"{name}.glb", v, f, coords, attrs, a.grid, **args)
+                total = time.perf_counter() - t
+                row = {"seconds": round(total, 3), "faces": stats["faces"], "closed": stats["closed"],
+                       "double_sided": stats["double_sided"], "coverage": round(stats["coverage"], 4),
+                       "texture_size": stats["texture_size"], "bytes": stats["bytes"],
+                       "remesh": stats.get("remesh"), "projected": stats.get("projected"),
+                       "steps": {k: round(x, 3) for k, x in stats["timings"].items()},
+                       "settings": {k: str(x) for k, x in args.items()}}
+                if dev.type == "cuda":
+                    row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                print(name, json.dumps(row), flush=True)
+                res["runs"][name if a.repeat == 1 else f"{name}#{rep}"] = row
+                if a.out:
+                    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+                    Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
