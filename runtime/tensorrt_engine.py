@@ -86,6 +86,17 @@ def manifest_problem(m: dict) -> str | None:
     return None
 
 
+_HASHED: dict = {}  # (path, size, mtime) -> sha256: the preflight and the loader hash each engine once
+
+
+def _sha256_once(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
+
+
 def check_entry(engine_dir, name: str, suffix: str = ".engine") -> tuple[dict, dict, Path]:
     """The manifest, the network's entry and its file, checked present and intact (size and sha256
     as recorded: not truncated, corrupt or replaced). Shared by every engine class."""
@@ -98,7 +109,7 @@ def check_entry(engine_dir, name: str, suffix: str = ".engine") -> tuple[dict, d
     path = engine_dir / e.get("file", f"{name}{suffix}")
     if not path.is_file():
         raise EngineError(f"{path}: engine file not found; {_remedy(m, engine_dir)}")
-    if path.stat().st_size != e.get("bytes") or sha256_file(path) != e.get("sha256"):
+    if path.stat().st_size != e.get("bytes") or _sha256_once(path) != e.get("sha256"):
         raise EngineError(f"{path}: engine file is corrupt or was modified (size/sha256 differ from {MANIFEST}); {_remedy(m, engine_dir)}")
     return m, e, path
 
