@@ -134,3 +134,17 @@ def test_quality_stats_are_reported():
     # 128² texels over a sphere of radius 0.3 (area 1.13): at most sqrt(128² / 1.13) per unit length
     assert 0 < stats["texel_density"] <= np.sqrt(128 ** 2 / (4 * np.pi * 0.29 ** 2))
     assert stats["texels_per_voxel"] == pytest.approx(stats["texel_density"] / G)
+
+
+def test_infer_has_the_export_options_and_refuses_bad_ones(tmp_path):
+    from click.testing import CliRunner
+
+    from pixal3d_rt.cli import main
+
+    help_text = CliRunner().invoke(main, ["infer", "--help"]).output
+    for opt in ("--export", "--decimate", "--decimation-target", "--texture-size", "--texture-format"):
+        assert opt in help_text
+    out = tmp_path / "x.glb"
+    for bad in (["--texture-format", "jpg"], ["--export", "best"], ["--decimate", "5"]):
+        r = CliRunner().invoke(main, ["infer", "--preset", "tiny", "--image", "examples/mug.png", "--output", str(out), *bad])
+        assert r.exit_code == 2 and not out.exists(), (bad, r.output)
