@@ -286,14 +286,16 @@ def environment(device) -> dict:
     except Exception:
         env["pixal3d_rt"] = None
     env.update(git_commit())
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update({"gpu": props.name, "gpu_memory_bytes": int(props.total_memory),
-                    "compute_capability": f"{props.major}.{props.minor}", "sm_count": props.multi_processor_count})
-        probe = NvmlProbe()
-        env["driver"] = getattr(probe, "driver", None)
-        env["nvml"] = probe.source
     return env
+
+
+def gpu_environment(nvml: NvmlProbe) -> dict:
+    """The GPU a worker runs on (taken in the worker: the parent makes no CUDA context of its own)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"gpu": props.name, "gpu_memory_bytes": int(props.total_memory), "compute_capability": f"{props.major}.{props.minor}",
+            "sm_count": props.multi_processor_count, "driver": getattr(nvml, "driver", None), "nvml": nvml.source}
 
 
 def git_commit() -> dict:
@@ -375,6 +377,8 @@ def run_worker(args: dict, save=lambda part: None) -> dict:
 
     res = args["resolution"]
     part = {"resolution": res, "nvml_source": nvml.source, "runs": [], "budgets": []}
+    if cuda:
+        part["gpu_environment"] = gpu_environment(nvml)
     pipe, part["load"] = _load(args, sampler)
     part["structure"] = getattr(pipe.structure, "name", None)
     images = [Path(p) for p in args["images"]]
@@ -439,6 +443,7 @@ def _budget_run(pipe, args, sampler, nvml, image, glb, budget_gib, overhead):
     cap = budget_gib * GIB - (overhead or 0)
     # the GLB export runs on the host apart from its bake; its device peak is in the runs' glb_export rows
     row = {"budget_gib": budget_gib, "torch_cap_bytes": int(cap), "scope": "image to decoded mesh and voxels"}
+    done = []  # the stages that finished under the cap
     _release(pipe)
     if cap <= torch.cuda.memory_allocated():
         row.update({"passed": False, "failed_stage": "load",
@@ -459,10 +464,12 @@ def _budget_run(pipe, args, sampler, nvml, image, glb, budget_gib, overhead):
                         "wall_s_until_failure": time.perf_counter() - t0})
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
-        row["stages_done"] = [r["stage"] for r in rec.rows]
-        row["torch_peak_allocated_bytes"] = max([r["torch_peak_allocated_bytes"] or 0 for r in rec.rows] + [int(torch.cuda.max_memory_allocated())])
-    dev, _ = sampler.peaks()
-    row["nvml_peak_bytes"] = dev
+        done = rec.rows
+        row["stages_done"] = [r["stage"] for r in done]
+        row["torch_peak_allocated_bytes"] = max([r["torch_peak_allocated_bytes"] or 0 for r in done] + [int(torch.cuda.max_memory_allocated())])
+    dev, _ = sampler.peaks()  # the window of the stage that was running (or of the check above)
+    peaks = [p for p in [r["nvml_peak_bytes"] for r in done] + [dev] if p is not None]
+    row["nvml_peak_bytes"] = max(peaks) if peaks else None
     _release(pipe)
     _say(f"[bench {args['resolution']}] budget {budget_gib} GiB: {'pass' if row['passed'] else 'OOM in ' + str(row.get('failed_stage'))}")
     return row
@@ -527,6 +534,7 @@ def run_bench(preset=None, weights=None, resolutions=(1024,), images=(), runs=2,
         else:
             part = {"resolution": int(res), "error": f"worker exited with status {status}"}
         report["resolutions"].append(part)
+        report["environment"].update(part.get("gpu_environment", {}))
         job_path.unlink()
         write_report(report, out, say)  # what is done so far survives a later failure
         if stopped is not None:
