@@ -148,3 +148,28 @@ def test_infer_has_the_export_options_and_refuses_bad_ones(tmp_path):
     for bad in (["--texture-format", "jpg"], ["--export", "best"], ["--decimate", "5"]):
         r = CliRunner().invoke(main, ["infer", "--preset", "tiny", "--image", "examples/mug.png", "--output", str(out), *bad])
         assert r.exit_code == 2 and not out.exists(), (bad, r.output)
+
+
+def test_preview_shows_the_photo_side_in_front(tmp_path):
+    """Red where the grid frame faces the camera (+z), blue behind: the first view (the photo's side)
+    is red in the middle, the third (the back) blue; the corners are background."""
+    from PIL import Image
+
+    v, f, coords, _ = _asset(16)
+    centre = (coords + 0.5) / 16 - 0.5
+    red = (centre[:, 2] > 0)[:, None]
+    rgb = np.where(red, [[0.9, 0.1, 0.1]], [[0.1, 0.1, 0.9]])
+    attrs = np.concatenate([rgb, np.zeros((len(coords), 1)), np.ones((len(coords), 2))], 1).astype(np.float32)
+    r = Result(torch.from_numpy(v), torch.from_numpy(f), torch.from_numpy(coords), torch.from_numpy(attrs), 16)
+    png = tmp_path / "p.preview.png"
+    stats = r.save_glb(tmp_path / "p.glb", texture_size=128, preview=png)
+    assert stats["preview"] == str(png)
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    size = img.shape[0]
+    views = [img[:, k * size:(k + 1) * size] for k in range(img.shape[1] // size)]
+    assert len(views) == 4
+    mid = slice(size // 2 - 4, size // 2 + 4)
+    front, back = views[0][mid, mid].mean((0, 1)), views[2][mid, mid].mean((0, 1))
+    assert front[0] > 2 * front[2] and back[2] > 2 * back[0], (front, back)
+    for view in views:
+        assert (view[:3, :3] == 255).all()

@@ -137,6 +137,7 @@ def _check_source(weights, preset):
               help="Face count the mesh is simplified to (default: the --export mode's; tiny preset 20000).")
 @click.option("--texture-format", type=click.Choice(["png", "webp"]), default=None,
               help="Texture images: png (every viewer) or webp (EXT_texture_webp); default: the --export mode's.")
+@click.option("--preview", is_flag=True, help="Also write <output>.preview.png: four rendered views of the GLB.")
 @click.option("--engines", "engines_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Engine directory from `pixal3d-rt export`: its networks run as TensorRT engines (CUDA) or AOTInductor packages (the device they were built for).")
 @click.option("--backend", type=click.Choice(["eager", "cuda"]), default=None, help="Flow networks: eager reference, or the fast cuda backend (default on a GPU).")
@@ -144,7 +145,7 @@ def _check_source(weights, preset):
               help="Refuse input images with more pixels than this before decoding them (default 64,000,000).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output (errors and the summary only).")
 def infer(images, output_path, output_dir, weights, preset, resolution, seed, steps, fov_deg, device, export_mode, texture_size,
-          decimation_target, texture_format, engines_dir, backend, max_image_pixels, quiet):
+          decimation_target, texture_format, preview, engines_dir, backend, max_image_pixels, quiet):
     """Generate a textured 3D asset (GLB) from each image.
 
     Everything that can be checked is checked before a network is built: options, output paths,
@@ -195,7 +196,8 @@ def infer(images, output_path, output_dir, weights, preset, resolution, seed, st
         try:
             result = pipe.run(img, resolution=int(resolution), seed=seed, steps=steps, fov_deg=fov_deg, progress=say)
             stats = result.save_glb(out, texture_size=texture_size, decimation_target=decimation_target, progress=say,
-                                    export=export_mode, texture_format=texture_format)
+                                    export=export_mode, texture_format=texture_format,
+                                    preview=out.with_suffix(".preview.png") if preview else None)
         except Pixal3DError as e:
             if not batch:
                 _fail(str(e))
@@ -424,6 +426,8 @@ def _summary(pipe, result, stats, output_path, preset) -> str:
                      f"{stats.get('texels_per_voxel', 0.0):.2f} texels per voxel side"
                      + ("; closed" if stats.get("closed") else "; open") + ("; double-sided" if stats.get("double_sided") else "; single-sided"))
     lines.append(f"wrote {output_path}" + ("  (tiny preset: structural demo)" if preset else ""))
+    if stats.get("preview"):
+        lines.append(f"preview {stats['preview']}")
     return "\n".join(lines)
 
 

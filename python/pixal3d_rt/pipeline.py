@@ -56,9 +56,11 @@ class Result:
         """Simplify, unwrap, bake the PBR textures and write a GLB at `path` (atomically: the old file
         or the complete new one). Returns stats: faces, vertices, texture_size, bytes, timings.
         export: "fast" (default) or "upstream" (mesh/modes.py); texture_format "png" | "webp"; other
-        keyword arguments go to `export_glb` / `build_asset` (remesh, remesh_band, double_sided, ...)."""
+        keyword arguments go to `export_glb` / `build_asset` (remesh, remesh_band, double_sided, ...);
+        preview=PATH also writes rendered views of the GLB there as a PNG (mesh/preview.py)."""
         from .mesh.glb import export_glb
 
+        preview = options.pop("preview", None)
         args = self._export_args(texture_size, decimation_target, export, texture_format=texture_format, **options)
         t0 = time.perf_counter()
         say = as_progress(progress)
@@ -67,6 +69,13 @@ class Result:
             stats = dict(export_glb(Path(path), self.vertices, self.faces, self.voxel_coords, self.voxel_attrs, self.resolution,
                                     progress=say.note, **args))
         stats["glb_timings"] = stats.pop("timings", {})  # per step: clean, simplify, uv, bake, write
+        if preview is not None:
+            from .mesh.preview import write_preview
+
+            t = time.perf_counter()
+            write_preview(path, preview)
+            stats["glb_timings"]["preview"] = time.perf_counter() - t
+            stats["preview"] = str(preview)
         seconds = time.perf_counter() - t0
         stats["timings"] = [("glb_export", seconds, f"texture {args['texture_size']}²")]
         say.stage_done("glb_export", seconds)
