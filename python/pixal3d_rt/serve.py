@@ -298,4 +298,8 @@ def serve(weights, preset, host, port, device, backend, max_upload_mb, max_image
         why = "the port is in use (pick another with --port N)" if "empty port" in str(e) else str(e).splitlines()[0]
         _fail(f"cannot serve on {host}:{port}: {why}")
     finally:
+        for ev in list(server.running.values()):  # a run in flight stops at its next step, before the exit
+            ev.set()
+        if server.lock.acquire(timeout=60):
+            server.lock.release()
         shutil.rmtree(root, ignore_errors=True)
