@@ -111,3 +111,22 @@ def test_structure_replaces_the_networks_decisions_on_the_tiny_preset(resolution
     pipe.structure = None
     again = pipe.run(EXAMPLE, resolution=resolution, seed=3, steps=2)  # the normal path is untouched
     assert again.tokens == plain.tokens and torch.equal(again.faces, plain.faces)
+
+
+def test_reference_preset_builds_through_from_preset(monkeypatch):
+    """The reference build path (networks made on the device, drawn there, the structure attached),
+    run with the tiny networks in place of the full-size configs so it fits a CPU test."""
+    from pixal3d_rt import config as C
+    from pixal3d_rt import presets, reference_preset
+
+    monkeypatch.setattr(reference_preset, "REFERENCE_CONFIGS", presets.TINY_CONFIGS)
+    monkeypatch.setattr(reference_preset, "REFERENCE_DINO", presets.TINY_DINO)
+    monkeypatch.setattr(reference_preset, "REFERENCE_NAF", presets.TINY_NAF)
+    monkeypatch.setattr(reference_preset, "LATENT", presets.LATENT)
+    monkeypatch.setattr(C, "FULL", presets.TINY_GEOMETRY)
+    pipe = Pipeline.from_preset("reference", device="cpu")
+    assert isinstance(pipe.structure, ReferenceStructure) and pipe.load_seconds > 0
+    assert all(torch.isfinite(p).all() for p in pipe.models["shape_slat_flow_model_512"].parameters())
+    r = pipe.run(EXAMPLE, resolution=512, seed=1, steps=1)
+    assert r.tokens["shape_lr"] == ReferenceStructure().occupancy(r.resolution // 16).shape[0]
+    assert r.faces.shape[0] == ReferenceStructure().surface_mesh(r.resolution)[1].shape[0]
