@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import subprocess
