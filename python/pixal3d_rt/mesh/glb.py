@@ -559,9 +559,9 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
         dev = torch.device(device) if device is not None else attrs_t.device
         coords_t = torch.as_tensor(_to_numpy(voxel_coords, np.int64)).to(dev)
         proj = {}
-        if surface is not None:  # reach: the band's offset plus a voxel of contouring/simplification error
+        if surface is not None:  # reach: a voxel (simplification stays well inside), plus the band's offset
             proj = {"surface": tuple(torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in surface),
-                    "surface_cell": ((remesh_band if remesh else 0.5) + 1.0) / int(grid_size), "info": {}}
+                    "surface_cell": ((remesh_band if remesh else 0.0) + 1.0) / int(grid_size), "info": {}}
         maps, mask = bake_texture(torch.from_numpy(v[vmap]).to(dev), torch.from_numpy(f_uv).to(dev),
                                   torch.from_numpy(uvs).to(dev), coords_t, attrs_t.to(dev).float(), int(grid_size),
                                   int(texture_size), **proj)
