@@ -335,7 +335,15 @@ def test_cli_infer_refuses_gpu_engines_on_cpu(pkg_dir, tmp_path):
 
     from pixal3d_rt.cli import main
 
-    edit_manifest(pkg_dir, lambda m: m["networks"].update(tex_flow={"target": "tensorrt-rtx", "file": "tex_flow.engine"}))
+    import hashlib
+
+    trt = pytest.importorskip("tensorrt_rtx")
+    # an intact TensorRT-RTX entry (file, size, sha256, installed version): refused for the device alone
+    data = b"stand-in engine bytes"
+    (pkg_dir / "tex_flow.engine").write_bytes(data)
+    entry = {"target": "tensorrt-rtx", "file": "tex_flow.engine", "bytes": len(data), "device": "cuda",
+             "sha256": hashlib.sha256(data).hexdigest(), "tensorrt_module": "tensorrt_rtx", "tensorrt_version": trt.__version__}
+    edit_manifest(pkg_dir, lambda m: m["networks"].update(tex_flow={**next(iter(m["networks"].values())), **entry}))
     out = tmp_path / "mug.glb"
     r = CliRunner().invoke(main, ["infer", "--preset", "tiny", "--image", str(EXAMPLE), "--output", str(out),
                                   "--device", "cpu", "--engines", str(pkg_dir)])
