@@ -67,7 +67,9 @@ setup(
         "export": EXPORT,
         "bench": BENCH,
         "web": WEB,
-        "rembg": ["rembg"],
+        # background removal for RGB inputs; plain `rembg` exits at import without an onnxruntime flavour
+        "rembg": ["rembg[cpu]"],
+        "rembg-gpu": ["rembg[gpu]"],
     },
     entry_points={"console_scripts": ["pixal3d-rt=pixal3d_rt.cli:main"]},
 )

@@ -233,8 +233,9 @@ class Pipeline:
         # CPU runs the fp32 oracle; on CUDA the networks keep upstream's bf16/fp16 torsos
         dtype = "float32" if str(device) == "cpu" else None
         say.stage("load", f"{sum(r['bytes'] for r in checked) / 1e9:.2f} GB from {files.source} to {device}")
-        w = load_weights(files, device=device, dtype=dtype, need=need, checked=checked,
-                         progress=lambda key, nbytes, total: say.advance("load", nbytes, total))
+        with _memory_budget("load"):
+            w = load_weights(files, device=device, dtype=dtype, need=need, checked=checked,
+                             progress=lambda key, nbytes, total: say.advance("load", nbytes, total))
         pipe = cls(w, device=device, backend=backend)
         pipe.load_seconds = time.perf_counter() - t0
         say.stage_done("load", pipe.load_seconds)
