@@ -172,6 +172,8 @@ def test_page_in_a_real_browser(tmp_path):
         _set_number(a, "steps", 2)
         a.click("#texture input")
         a.get_by_role("option", name="128²").click()
+        a.locator("#texture-format").get_by_text("webp", exact=True).click()  # export settings reach save_glb
+        assert a.locator("#export-mode").get_by_text("upstream", exact=True).is_visible()
         _set_number(b, "steps", 50)
         for page in (a, b):
             _record_progress(page)
@@ -216,6 +218,7 @@ def test_page_in_a_real_browser(tmp_path):
         pbr = doc["materials"][0]["pbrMetallicRoughness"]
         assert "baseColorTexture" in pbr and "metallicRoughnessTexture" in pbr, doc["materials"]
         assert {(im["width"], im["height"]) for im in _images(glb, doc)} == {(128, 128)}
+        assert {im["mimeType"] for im in doc["images"]} == {"image/webp"} and "EXT_texture_webp" in doc["extensionsUsed"]
         assert glb.name == Path(glb_loads[-1][0]).name  # the file the viewer loaded
 
         # B runs now; Stop ends its run at the next step (the server says so) and the page says stopped

@@ -24,6 +24,7 @@ from pathlib import Path
 import click
 
 from .errors import Pixal3DError
+from .mesh.modes import DEFAULT_MODE, EXPORT_MODES
 from .progress import Progress
 
 WEB_INSTALL = "pip install 'pixal3d-rt[web]' (in a checkout: pip install -e '.[web]')"
@@ -125,7 +126,8 @@ class Server:
             ev.set()
         return "stopped"
 
-    def generate(self, image, resolution, seed, steps, fov, texture_size, faces, session_dir, request, bar):
+    def generate(self, image, resolution, seed, steps, fov, texture_size, faces, session_dir, request, bar,
+                 export="fast", texture_format=""):
         import gradio as gr
         import torch
 
@@ -151,7 +153,7 @@ class Server:
                     old.unlink(missing_ok=True)
                 out = out_dir / f"pixal3d_seed{int(seed)}_{uuid.uuid4().hex[:6]}.glb"
                 stats = result.save_glb(out, texture_size=int(texture_size) or None, decimation_target=int(faces) or None,
-                                        progress=say)
+                                        export=export or None, texture_format=texture_format or None, progress=say)
                 seconds = time.perf_counter() - t0
                 rows = [[n, f"{s:.2f}", d] for n, s, d in result.timings + stats["timings"]]
                 rows.append(["total", f"{seconds:.2f}", ""])
@@ -217,6 +219,11 @@ class Server:
                         faces = gr.Number(0, label="Faces (0: the default)", precision=0, minimum=0,
                                           maximum=10_000_000, elem_id="faces")
                     with gr.Row():
+                        export = gr.Radio(list(EXPORT_MODES), value=DEFAULT_MODE, label="Export",
+                                          info="upstream: remeshed, closed, 1M faces, 4096² webp", elem_id="export-mode")
+                        texture_format = gr.Radio([("mode's", ""), ("png", "png"), ("webp", "webp")], value="",
+                                                  label="Texture format", elem_id="texture-format")
+                    with gr.Row():
                         run = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop = gr.Button("Stop", elem_id="stop")
                     status = gr.Markdown("", elem_id="status")
@@ -229,14 +236,15 @@ class Server:
 
             upload.change(self.upload, [upload, session_dir], [crop, image, status, session_dir], concurrency_limit=2)
 
-            def generate(image, resolution, seed, steps, fov, texture, faces, session_dir, request: gr.Request,
-                         progress=gr.Progress()):
-                return self.generate(image, resolution, seed, steps, fov, texture, faces, session_dir, request, progress)
+            def generate(image, resolution, seed, steps, fov, texture, faces, export, texture_format, session_dir,
+                         request: gr.Request, progress=gr.Progress()):
+                return self.generate(image, resolution, seed, steps, fov, texture, faces, session_dir, request, progress,
+                                     export, texture_format)
 
             def stop_run(request: gr.Request):
                 return self.stop(request)
 
-            event = run.click(generate, [image, resolution, seed, steps, fov, texture, faces, session_dir],
+            event = run.click(generate, [image, resolution, seed, steps, fov, texture, faces, export, texture_format, session_dir],
                               [viewer, glb, summary, status, session_dir], concurrency_limit=1, concurrency_id="generate",
                               show_progress_on=[viewer])
             stop.click(stop_run, None, status, cancels=[event], queue=False)
