@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,9 @@ def test_recorder_takes_the_host_peak_of_each_stage():
         rec.stage("big")
         block = bytearray(400 << 20)  # touched pages count in RSS
         block[:: 4096] = b"\x01" * len(block[:: 4096])
+        seen = sampler.samples
+        while sampler.samples < seen + 3:  # the sampler thread sees RSS only while it holds the GIL
+            time.sleep(0.005)
         del block
         rec.stage_done("big", 0.1)
         rec.stage("small")
