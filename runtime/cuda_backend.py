@@ -32,9 +32,10 @@ rounding placement; tests/test_cuda_backend.py checks each against the eager pat
 
 Runtime parameters kept for the memory scheduler (only resident/unchunked is tuned): `residency`
 ("resident", or "streamed": the large block matrices live in pinned host memory and are copied
-block by block into two device slots on a side stream, one block ahead; no CUDA graphs then) and
-`token_chunk` (rows per chunk of the row-local work after attention: to_out, norms, cross-attention,
-MLP; attention itself sees all tokens).
+block by block to the device on a side stream, one block ahead, by runtime/residency.py's
+`WeightStreamer`; no CUDA graphs then) and `token_chunk` (rows per chunk of the row-local work after
+attention: to_out, norms, cross-attention, MLP; attention itself sees all tokens). `unload()` frees
+the backend's device copies between stages; the next call (or `load()`) makes them again.
 
 Unsupported inputs (several batch items, no QK-RMSNorm) run the wrapped eager model unchanged.
 """
@@ -55,6 +56,7 @@ from pixal3d_rt.models.sparse import SparseTensor
 
 from pixal3d_rt.kernels import flow_kernels as fk
 from .graphs import GraphRunner
+from .residency import RESIDENT, STREAMED, WeightStreamer, host_copy
 
 # measured on the H200 (benchmarks/flows.md): the attention used when `attention="auto"`
 DEFAULT_ATTENTION = {"cuda": "cudnn", "cpu": "math"}
@@ -65,7 +67,7 @@ ATTENTION_CHOICES = ("auto", "cudnn", "flash", "efficient", "math", "triton")
 class BackendOptions:
     attention: str = "auto"  # one of ATTENTION_CHOICES
     graphs: bool = True  # CUDA graphs (CUDA, resident weights only)
-    residency: str = "resident"  # "resident" | "streamed"
+    residency: str = RESIDENT  # RESIDENT | STREAMED (runtime/residency.py); per stage: unload()/load()
     token_chunk: int | None = None  # rows per chunk of the post-attention work (None: all rows)
     proj_cache_bytes: int = 12 << 30  # per condition; above it proj_linear runs every forward
     fused: bool | None = None  # Triton row kernels (None: on CUDA unless PIXAL3D_NO_TRITON=1)
@@ -99,46 +101,6 @@ def wrap_flow(model, stage_info=None, **options) -> "FlowBackend":
 def _rmsnorm_heads(z: torch.Tensor, gamma: torch.Tensor, dtype) -> torch.Tensor:
     """MultiHeadRMSNorm on [..., H, D]: fp32, x gamma x sqrt(D), rounded to the torso dtype."""
     return (F.normalize(z.float(), dim=-1) * gamma * z.shape[-1] ** 0.5).to(dtype)
-
-
-class _WeightStreamer:
-    """Large block matrices in (pinned) host memory, copied into two device slots one block ahead on
-    a side stream; events keep a slot from being overwritten before the block that reads it ran."""
-
-    def __init__(self, host_blocks: list[dict], device: torch.device):
-        self.host = host_blocks
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.slots = [{k: torch.empty(v.shape, dtype=v.dtype, device=device) for k, v in host_blocks[0].items()}
-                      for _ in range(2)]
-        if self.cuda:
-            self.stream = torch.cuda.Stream(device)
-            self.ready = [torch.cuda.Event(), torch.cuda.Event()]
-            self.free = [torch.cuda.Event(), torch.cuda.Event()]
-
-    def _issue(self, b: int) -> None:
-        s = b % 2
-        if not self.cuda:
-            for k, v in self.host[b].items():
-                self.slots[s][k].copy_(v)
-            return
-        self.free[s].record(torch.cuda.current_stream(self.device))  # after every kernel that read slot s
-        self.stream.wait_event(self.free[s])
-        with torch.cuda.stream(self.stream):
-            for k, v in self.host[b].items():
-                self.slots[s][k].copy_(v, non_blocking=True)
-            self.ready[s].record(self.stream)
-
-    def begin(self) -> None:
-        self._issue(0)
-
-    def get(self, b: int) -> SimpleNamespace:
-        s = b % 2
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.ready[s])
-        if b + 1 < len(self.host):
-            self._issue(b + 1)
-        return SimpleNamespace(**self.slots[s])
 
 
 class _CondSlot:
@@ -191,8 +153,8 @@ class FlowBackend:
         opts = options or BackendOptions()
         if opts.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention {opts.attention!r}: choose one of {ATTENTION_CHOICES}")
-        if opts.residency not in ("resident", "streamed"):
-            raise ValueError(f"residency {opts.residency!r}: 'resident' or 'streamed'")
+        if opts.residency not in (RESIDENT, STREAMED):
+            raise ValueError(f"residency {opts.residency!r}: {RESIDENT!r} or {STREAMED!r}")
         self.model = model
         self.name = name
         self.opts = opts
@@ -214,18 +176,37 @@ class FlowBackend:
         if self.attention == "triton" and not self.use_triton:
             self.attention = "math" if not self.cuda else "cudnn"
         self.v_copy = opts.v_copy if opts.v_copy is not None else os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE") == "1"
-        self.use_graphs = opts.graphs and self.cuda and opts.residency == "resident"
+        self.use_graphs = opts.graphs and self.cuda and opts.residency == RESIDENT
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._mod_cache: dict[float, torch.Tensor] = {}
         self._state: _TokenState | None = None
         self.stats = {"eager_forwards": 0, "graph_replays": 0, "graph_captures": 0, "capture_errors": [],
                       "slot_fills": 0, "fallback_calls": 0, "token_states": 0,
                       "eager_host_ms": [], "capture_host_ms": []}
-        self._load_weights()
+        self.loaded = False
+        self.load()
         self.gelu_epilogue = opts.gelu_epilogue if opts.gelu_epilogue is not None else self._check_gelu_epilogue()
 
     # ------------------------------------------------------------------------------------------
     # weights
+
+    def load(self) -> None:
+        """The device copies of the weights (after `unload`; calls load them when needed)."""
+        if not self.loaded:
+            self._load_weights()
+            self.loaded = True
+
+    def unload(self) -> None:
+        """Free the device copies of the weights this backend made, with the token state, condition
+        constants, graphs and timestep tables (`reset`); the next call loads them again. Tensors that
+        were the model's own (already on the device in the right dtype) stay the model's."""
+        self.reset()
+        if self.streamer is not None:
+            self.streamer.release_all()
+        self.t_embedder = self.adaLN = self.streamer = self._modulations = None
+        self.in_w = self.in_b = self.out_w = self.out_b = None
+        self.blocks = []
+        self.loaded = False
 
     def _load_weights(self) -> None:
         m, dev, dt = self.model, self.device, self.dtype
@@ -241,7 +222,7 @@ class FlowBackend:
         self.in_w, self.in_b = small(m.input_layer.weight), small(m.input_layer.bias)
         self.out_w, self.out_b = small(m.out_layer.weight), small(m.out_layer.bias)
         self.blocks, host = [], []
-        streamed = self.opts.residency == "streamed"
+        streamed = self.opts.residency == STREAMED
         for blk in m.blocks:
             sa = blk.self_attn
             cross = blk.cross_attn.cross_attn_block if isinstance(blk.cross_attn, ProjectAttention) else blk.cross_attn
@@ -265,15 +246,13 @@ class FlowBackend:
                 bp.src["proj_w"] = pl.weight
                 bp.proj_b = small(pl.bias, dt)
                 bp.bias_sum = (pl.bias.float() + cross.to_out.bias.float()).to(device=dev, dtype=dt)
-            if streamed:
-                pin = self.cuda
-                host.append({k: (v.detach().to("cpu", dt).pin_memory() if pin else v.detach().to("cpu", dt).clone())
-                             for k, v in big.items()})
+            if streamed:  # the model's host tensors themselves when they already are pinned, in dt
+                host.append({k: host_copy(v, dt, pin=self.cuda) for k, v in big.items()})
             else:
                 for k, v in big.items():
                     setattr(bp, k, small(v, dt))
             self.blocks.append(bp)
-        self.streamer = _WeightStreamer(host, self.device) if streamed else None
+        self.streamer = WeightStreamer(host, self.device, cyclic=True) if streamed else None
         self._modulations = torch.stack([bp.modulation for bp in self.blocks])  # [blocks, 6C] fp32
 
     def _precompute_weight(self, bp, name: str) -> torch.Tensor:
@@ -309,6 +288,7 @@ class FlowBackend:
     @torch.no_grad()
     def prepare_timesteps(self, t_values) -> None:
         """Precompute the modulation tables of these model times (1000 * t, as the sampler passes)."""
+        self.load()
         for t in t_values:
             self._mod_for(float(torch.tensor(float(t), dtype=torch.float32)))
 
@@ -321,6 +301,7 @@ class FlowBackend:
 
     @torch.no_grad()
     def __call__(self, x, t, cond, concat_cond=None, **kwargs):
+        self.load()
         plan = self._plan(x, t, [cond], concat_cond)
         if plan is None:
             self.stats["fallback_calls"] += 1
@@ -330,6 +311,7 @@ class FlowBackend:
     @torch.no_grad()
     def cfg_pair(self, x, t, cond, neg_cond, concat_cond=None, **kwargs):
         """(model(x, t, cond), model(x, t, neg_cond)) from one forward over 2 x N rows."""
+        self.load()
         plan = self._plan(x, t, [cond, neg_cond], concat_cond)
         if plan is None:
             self.stats["fallback_calls"] += 2
@@ -606,10 +588,8 @@ class FlowBackend:
         x = F.linear(st.in_buf, self.in_w, self.in_b).to(dt)  # [n, C]: both CFG halves start equal
         h = torch.empty(n * S, C, dtype=dt, device=self.device)
         fk.residual_norm(x, norm=fk.NORM_MOD, na=mod[0, 1], nb=mod[0, 0], h_out=h[:n], use_triton=tri)
-        if self.streamer is not None:
-            self.streamer.begin()
         for b, bp in enumerate(self.blocks):
-            W = self.streamer.get(b) if self.streamer is not None else bp
+            W = SimpleNamespace(**self.streamer.fetch(b)) if self.streamer is not None else bp
             T = x.shape[0]
             qkv = F.linear(h[:T], W.qkv_w, bp.qkv_b)
             a = self._self_attention(qkv, st, bp, T // n)
@@ -659,5 +639,8 @@ class FlowBackend:
                                      nb=mod[b + 1, 0], out_x=x[r0:r1], h_out=h[r0:r1], use_triton=tri)
                 else:
                     fk.residual_norm(x[r0:r1], y=y, gate=mod[b, 5], out_x=x[r0:r1], use_triton=tri)
+            if self.streamer is not None:  # this block's matrices are done with: at most two blocks on the device
+                del W
+                self.streamer.release(b)
         xf = x.float()
         return F.linear(F.layer_norm(xf, xf.shape[-1:]), self.out_w, self.out_b)

@@ -157,8 +157,11 @@ def compute_config(config: dict, dtype: str | None) -> dict:
     return {**config, "args": args}
 
 
-def load_network(base: Path, expect: set | None = None, device="cpu", dtype: str | None = None) -> tuple[nn.Module, dict]:
-    """Load `<base>.json` + `<base>.safetensors` strictly. Returns (module in eval mode, file config)."""
+def load_network(base: Path, expect: set | None = None, device="cpu", dtype: str | None = None,
+                 read: bool = True) -> tuple[nn.Module, dict]:
+    """Load `<base>.json` + `<base>.safetensors` strictly. Returns (module in eval mode, file config).
+    read=False: the file is checked but its tensors are left unread (allocated, uninitialised), for
+    a host weights store that reads them on first use (`read_network_file`)."""
     base = Path(base)
     cfg_path, st_path = base.parent / (base.name + ".json"), base.parent / (base.name + ".safetensors")
     config = _network_config(base, expect)
@@ -169,8 +172,19 @@ def load_network(base: Path, expect: set | None = None, device="cpu", dtype: str
     meta = _meta_network(run_config, cfg_path)
     _check_against(meta, header, st_path)  # before any allocation
     module = _materialise(meta, lambda: build_model(run_config), device)
-    _load_safetensors_into(module, st_path, header)
+    if read:
+        _load_safetensors_into(module, st_path, header)
     return module.eval(), config
+
+
+def read_network_file(module: nn.Module, base: Path) -> None:
+    """(Re-)read `<base>.safetensors` into a network built from `<base>.json` whose tensors are
+    allocated, strictly, casting to each tensor's dtype (runtime.residency re-reads dropped weights)."""
+    base = Path(base)
+    st_path = base.parent / (base.name + ".safetensors")
+    header = _safetensors_header(st_path)
+    _check_against(module, header, st_path)
+    _load_safetensors_into(module, st_path, header)
 
 
 def load_dinov3(directory: Path, device="cpu") -> tuple[nn.Module, dict]:
