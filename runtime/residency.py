@@ -285,12 +285,16 @@ class NetworkWeights:
         try:
             if self._resident or mode == RESIDENT:
                 if not self._resident:
-                    self._ensure_host()
-                    self._attach(self._entries)
+                    self.load_host()
+                    try:
+                        self._attach(self._entries)
+                    except BaseException:  # out of device memory half way: back on the host
+                        self._detach(self._entries)
+                        raise
                     self._resident = True
                 yield self
                 return
-            self._ensure_host()
+            self.load_host()
             streaming = None
             try:
                 self._attach(self._entries if mode == STAGE else self._rest)
@@ -332,7 +336,8 @@ class NetworkWeights:
         # empty, so any use of a dropped tensor fails on its shape instead of computing with garbage
         return torch.empty(0, dtype=e.tensor.dtype)
 
-    def _ensure_host(self) -> None:
+    def load_host(self) -> None:
+        """Read the host copies back from the file if they were dropped (placements do this)."""
         missing = [e for e in self._entries if e.master is None]
         if not missing:
             return
@@ -423,7 +428,7 @@ class HostWeightStore:
 
     def add(self, key: str, weights: NetworkWeights) -> NetworkWeights:
         self.networks[key] = weights
-        self._fit()
+        self.fit()
         return weights
 
     def held_bytes(self) -> int:
@@ -436,7 +441,7 @@ class HostWeightStore:
         self.networks.move_to_end(key)
         if not w.host_loaded and self.budget is not None:
             self._drop_until(self.budget - (w.bytes() - w.host_bytes()), keep=key)
-        w._ensure_host()
+        w.load_host()
         return w
 
     @contextmanager
@@ -446,9 +451,10 @@ class HostWeightStore:
             with w.placed(mode):
                 yield w
         finally:
-            self._fit()
+            self.fit()
 
-    def _fit(self) -> None:
+    def fit(self) -> None:
+        """Drop least recently used networks (not in use, with a file) until the copies fit the budget."""
         if self.budget is not None:
             self._drop_until(self.budget)
 

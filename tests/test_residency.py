@@ -145,7 +145,7 @@ def test_sparse_decoder_every_mode_matches_in_place(mode):
     w, _ = _check_modes(model, lambda m: _run_decoder(m, x), mode)
     # the levels' blocks are the units (a level is iterated, never called)
     assert [type(u).__name__ for u in w.units] == ["SparseConvNeXtBlock3d", "SparseResBlockC2S3d"] * 4
-    sizes = w._unit_nbytes
+    sizes = [sum(t.numel() * t.element_size() for t in [*u.parameters(), *u.buffers()]) for u in w.units]
     assert len(set(sizes)) > 1 and w.device_bytes(STREAMED) == w.rest_bytes() + max(a + b for a, b in zip(sizes, sizes[1:]))
 
 
@@ -259,7 +259,7 @@ def test_host_store_without_budget_keeps_everything_and_small_budget_drops_after
             pass
     assert reads == ["flow"] and store.held_bytes() == w.bytes()
     store.budget = w.bytes() // 2  # smaller than the network: read for each stage, dropped after it
-    store._fit()
+    store.fit()
     assert store.held_bytes() == 0
     for _ in range(2):
         with store.placed("flow", STAGE) as placed:
