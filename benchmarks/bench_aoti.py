@@ -58,7 +58,7 @@ def one(name: str, a) -> None:
     from pixal3d_rt.export.aoti_build import aoti_target
     from pixal3d_rt.export.modules import eager_outputs, example_inputs
     from pixal3d_rt.export.onnx_export import relative_errors
-    from pixal3d_rt.export.specs import build_specs
+    from pixal3d_rt.runtime.specs import build_specs
 
     if a.preset:
         from pixal3d_rt.export.trt_build import Source

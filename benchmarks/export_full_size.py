@@ -82,7 +82,7 @@ def one(name: str, precision: str, build_engine_too: bool, keep: str | None, max
 
     from pixal3d_rt import config as C
     from pixal3d_rt.export.onnx_export import export_onnx, param_bytes
-    from pixal3d_rt.export.specs import build_specs
+    from pixal3d_rt.runtime.specs import build_specs
     from pixal3d_rt.export.trt_build import RTX_COMPUTE_CAPABILITIES, build_engine, trt_module
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -139,7 +139,7 @@ def main():
         rec = one(a.one, a.precision, not a.no_engine, a.keep and str(Path(a.keep) / a.one), a.max_tokens)
         print("RESULT " + json.dumps(rec))
         return
-    from pixal3d_rt.export.specs import SPEC_NAMES
+    from pixal3d_rt.runtime.specs import SPEC_NAMES
 
     names = a.only.split(",") if a.only else list(SPEC_NAMES)
     records = []

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from pixal3d_rt.runtime.aoti_engine import cpu_isa, first_line
+from pixal3d_rt.runtime.specs import ExportSpec
 
 from .modules import export_module
 from .onnx_export import ExportError, dynamic_shapes, quiet_exporters, trace_inputs
-from .specs import ExportSpec
 
 AOTI_EXPORTER = "pixal3d-rt aoti 1 (torch.export + aoti_compile_and_package)"
 AOTI_PRECISIONS = ("bf16", "fp16", "fp32")

@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from pixal3d_rt.runtime.specs import ExportSpec
+
 from .modules import example_inputs, export_module
 from .onnx_export import ExportError, _require
-from .specs import ExportSpec
 
 E4M3_MAX = 448.0  # largest finite FLOAT8E4M3FN value
 FP8_KINDS = ("dense_flow", "sparse_flow")  # what fp8 applies to; the other networks stay bf16

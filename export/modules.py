@@ -17,7 +17,7 @@ from pixal3d_rt.models.dinov3 import extract_tokens
 from pixal3d_rt.models.flow_layers import DenseTokens, rope_cos_sin, rope_phases
 from pixal3d_rt.models.sparse import SparseTensor
 
-from .specs import ExportSpec
+from pixal3d_rt.runtime.specs import ExportSpec
 
 
 class DenseFlowExport(nn.Module):

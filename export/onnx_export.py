@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 
 from pixal3d_rt.errors import Pixal3DError
+from pixal3d_rt.runtime.specs import ExportSpec
 
 from .modules import eager_outputs, example_inputs, export_module
-from .specs import ExportSpec
 
 OPSET = 20
 EXTERNAL_DATA_BYTES = 1 << 30

@@ -36,11 +36,11 @@ import torch
 import torch.nn as nn
 
 from pixal3d_rt.files import atomic_write_bytes, private_dir, remove_stale
-from pixal3d_rt.runtime.tensorrt_engine import MANIFEST, MANIFEST_FORMAT, manifest_problem, sha256_file  # one definition of the format
+from pixal3d_rt.runtime.tensorrt_engine import MANIFEST, MANIFEST_FORMAT, EngineError, read_manifest, sha256_file  # one definition of the format
+from pixal3d_rt.runtime.specs import ExportSpec, build_specs
 
 from . import fp8
 from .onnx_export import OPSET, ExportError, export_onnx
-from .specs import ExportSpec, build_specs
 
 EXPORTER_VERSION = f"pixal3d-rt export 1 (torch.onnx dynamo, opset {OPSET})"
 TARGETS = ("tensorrt-rtx", "tensorrt", "aoti")
@@ -71,15 +71,12 @@ def trt_module(target: str):
 # files
 
 
-def read_manifest(engine_dir: Path) -> dict:
-    p = Path(engine_dir) / MANIFEST
-    if not p.is_file():
-        return {}
+def previous_manifest(engine_dir: Path) -> dict:
+    """The manifest of an earlier build in `engine_dir`, or {} when there is none the runtime would accept."""
     try:
-        m = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return read_manifest(engine_dir)
+    except EngineError:
         return {}  # a manifest we cannot read is rebuilt from scratch
-    return m if isinstance(m, dict) and m.get("format") == MANIFEST_FORMAT and manifest_problem(m) is None else {}
 
 
 def write_manifest(engine_dir: Path, manifest: dict) -> None:
@@ -381,7 +378,7 @@ def export_engines(source: Source, target: str, out_dir, precision: str = "bf16"
     out.mkdir(parents=True, exist_ok=True)
     remove_stale(out, ".build-")  # build folders of a killed export
     specs = build_specs(source.configs, source.dino_config, source.geometry, max_tokens=max_tokens, only=only)
-    entries = dict(read_manifest(out).get("networks", {}))
+    entries = dict(previous_manifest(out).get("networks", {}))
     rebuild = (f"pixal3d-rt export {source.cli_args} --target {target} --out {shlex.quote(str(out))} --precision {precision}"
                + (f" --max-tokens {max_tokens}" if max_tokens else "") + tgt.rebuild_args)
     manifest = {"format": MANIFEST_FORMAT, "target": target, **tgt.header, "precision": precision,
@@ -447,12 +444,12 @@ def verify_engines(source: Source, out_dir, precision: str | None = None, only: 
     """Run every engine of `out_dir` at its profile's opt shape and the eager network (same weights,
     same precision) on the same inputs; report relative errors and times. Needs a CUDA GPU, except
     for AOTInductor CPU packages (run on the CPU)."""
-    from pixal3d_rt.runtime.tensorrt_engine import engine_class, read_manifest as read_checked
+    from pixal3d_rt.runtime.tensorrt_engine import engine_class
 
     from .modules import eager_outputs, example_inputs
     from .onnx_export import relative_errors
 
-    m = read_checked(out_dir)
+    m = read_manifest(out_dir)
     nets = {n: e for n, e in sorted(m.get("networks", {}).items()) if not only or n in only}
     if any(e.get("device") != "cpu" for e in nets.values()) and not torch.cuda.is_available():
         raise ExportError("--verify runs each engine on this machine's NVIDIA GPU and none is visible; "

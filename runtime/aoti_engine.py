@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .engine import Engine
+from .specs import ExportSpec
 from .tensorrt_engine import EngineError, _remedy, check_entry
 
 # instruction-set flags of /proc/cpuinfo that compiled code can depend on (x86); on ARM every "Features" flag is one
@@ -87,8 +88,6 @@ class AOTIEngine(Engine):
 
     @classmethod
     def load(cls, engine_dir, name: str, device=None) -> "AOTIEngine":
-        from pixal3d_rt.export.specs import ExportSpec
-
         engine_dir = Path(engine_dir)
         m, e, path = cls.check(engine_dir, name)
         built = e.get("device")

@@ -1,7 +1,7 @@
 """The engine contract shared by every backend (DESIGN.md §4).
 
 An `Engine` runs one exported stage network: `run({input name: tensor}) -> {output name: tensor}`
-with the names, dtypes and dynamic axes of its export spec (`pixal3d_rt.export.specs`). The
+with the names, dtypes and dynamic axes of its export spec (`pixal3d_rt.runtime.specs`). The
 pipeline never calls `run` directly: `stage_module(engine)` wraps an engine into a drop-in
 replacement for the network it was exported from, with the same call signature:
 

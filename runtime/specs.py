@@ -3,6 +3,7 @@
 A spec names the network's inputs and outputs, their dtypes and shapes (ints are static, strings
 name a dynamic axis), and the optimisation profiles (min/opt/max per dynamic axis). ONNX export
 reads its dynamic axes from here, the TensorRT build its profiles, the engine runner its bindings.
+It lives in the runtime because both sides read it: export imports runtime, never the reverse.
 
 | spec            | network (pipeline key)          | dynamic axes            |
 |-----------------|---------------------------------|-------------------------|
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-# token counts of the reference object (issue 4): opt points of the dynamic-N profiles
+# token counts of the reference object: opt points of the dynamic-N profiles
 REFERENCE_TOKENS = {"shape_flow_lr": 4377, "shape_flow_hr": 17489, "tex_flow": 17489}
 # upper bound of N for the HR stages: 64k covers the heavy 1024 case (≈45k) and the 1536 cap (49,152)
 DEFAULT_MAX_TOKENS_HR = 65536

@@ -25,6 +25,7 @@ from pixal3d_rt.errors import Pixal3DError
 from pixal3d_rt.files import sha256_file  # one definition (export.trt_build imports it from here)
 
 from .engine import Engine, stage_module
+from .specs import ExportSpec
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1  # what pixal3d_rt.export.trt_build writes
@@ -170,8 +171,6 @@ class TensorRTEngine(Engine):
 
     @classmethod
     def load(cls, engine_dir, name: str, device=None) -> "TensorRTEngine":
-        from pixal3d_rt.export.specs import ExportSpec
-
         m, e, path = cls.check(engine_dir, name)
         engine_dir = Path(engine_dir)
         trt = importlib.import_module(e.get("tensorrt_module", m.get("tensorrt_module")))

@@ -17,7 +17,7 @@ import pytest
 from engine_dirs import edit_manifest, export_tiny, one_network_copy
 import torch
 
-from pixal3d_rt.export import specs as S
+from pixal3d_rt.runtime import specs as S
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mug.png"
 BUILT = list(S.SPEC_NAMES) if os.environ.get("PIXAL3D_AOTI_ALL") else ["ss_flow", "tex_flow", "ss_decoder", "dinov3_lr"]

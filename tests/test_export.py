@@ -13,8 +13,8 @@ from golden_fixtures import golden
 import torch
 
 from pixal3d_rt import config as C
-from pixal3d_rt.export import specs as S
 from pixal3d_rt.models.flow_layers import apply_rope, rope_cos_sin, rope_phases
+from pixal3d_rt.runtime import specs as S
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -15,8 +15,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from pixal3d_rt.export import fp8  # noqa: E402
-from pixal3d_rt.export import specs as S  # noqa: E402
 from pixal3d_rt.export.onnx_export import ExportError  # noqa: E402
+from pixal3d_rt.runtime import specs as S  # noqa: E402
 
 
 # fp8 error band of the tiny preset's flows against the unquantized network (rel L2). Measured with

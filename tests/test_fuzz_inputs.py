@@ -230,7 +230,7 @@ def test_checkpoint_json(tiny_weights, tmp_path):
 
 
 def _manifest(engine: bytes) -> dict:
-    from pixal3d_rt.export.specs import build_specs
+    from pixal3d_rt.runtime.specs import build_specs
     from pixal3d_rt.presets import build_preset
 
     w, geometry = build_preset("tiny")
