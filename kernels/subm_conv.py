@@ -18,6 +18,8 @@ A fast path that fails to load warns once and the reference runs instead.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import time
 import warnings
@@ -33,6 +35,23 @@ NEIGHBOR_OFFSETS = torch.tensor([[v // 9 - 1, (v // 3) % 3 - 1, v % 3 - 1] for v
 
 # rows gathered per chunk are sized so one gathered block [rows, 27*Ci] stays near this many bytes
 DEFAULT_CHUNK_BYTES = 256 << 20
+_CHUNK_BYTES = contextvars.ContextVar("subm_conv_chunk_bytes", default=DEFAULT_CHUNK_BYTES)
+
+
+def chunk_bytes() -> int:
+    """Bytes of one gathered chunk (DEFAULT_CHUNK_BYTES unless inside `gather_chunk_bytes`)."""
+    return _CHUNK_BYTES.get()
+
+
+@contextlib.contextmanager
+def gather_chunk_bytes(nbytes: int | None):
+    """Size the gathered chunks of the convs (and the decoders' row chunks) run inside the block to
+    about `nbytes` (None: the default): the memory planner's knob for the decoders' peak."""
+    token = _CHUNK_BYTES.set(int(nbytes) if nbytes else DEFAULT_CHUNK_BYTES)
+    try:
+        yield
+    finally:
+        _CHUNK_BYTES.reset(token)
 
 
 def build_neighbor_map_reference(coords: torch.Tensor) -> torch.Tensor:
@@ -71,7 +90,7 @@ def build_neighbor_map_reference(coords: torch.Tensor) -> torch.Tensor:
 def _rows_per_chunk(chunk: int | None, ci: int, itemsize: int) -> int:
     if chunk is not None:
         return max(1, int(chunk))
-    return max(1, DEFAULT_CHUNK_BYTES // max(1, KERNEL_VOLUME * ci * itemsize))
+    return max(1, chunk_bytes() // max(1, KERNEL_VOLUME * ci * itemsize))
 
 
 def _check_conv_args(feats: torch.Tensor, nmap: torch.Tensor, weight: torch.Tensor) -> None:

@@ -56,7 +56,7 @@ def test_tiny_preset_progress_and_summary(tiny_run):
     assert "structural demo" in text
     for stage in ("ss_flow", "shape_lr_flow", "shape_hr_flow", "tex_flow", "shape_decoder", "tex_decoder", "glb_export"):
         assert stage in text, stage
-    assert "tokens: ss 512" in text and "shape_hr" in text
+    assert "tokens: ss_flow 512" in text and "shape_hr_flow" in text
     assert "faces" in text and str(out) in text
 
 

@@ -26,7 +26,7 @@ def test_512_is_shape_only_and_exports_untextured(pipe, image, tmp_path):
     r = pipe.run(image, resolution=512, steps=2)
     assert r.voxel_attrs is None and r.voxel_coords is None
     assert r.resolution == 16 * 16  # LR grid 16 in the tiny preset, output ×16
-    assert "shape_hr" not in r.tokens and r.faces.shape[0] > 0
+    assert "shape_hr_flow" not in r.tokens and r.faces.shape[0] > 0
     out = tmp_path / "shape.glb"
     stats = pipe.export_glb(r, out)
     assert out.is_file() and stats["faces"] > 0
@@ -37,12 +37,12 @@ def test_512_is_shape_only_and_exports_untextured(pipe, image, tmp_path):
 def test_1536_lowers_the_grid_until_below_the_token_cap(pipe, image):
     full = pipe.run(image, resolution=1536, steps=1)
     assert full.resolution == 16 * 48
-    capped_geometry = replace(pipe.geometry, max_num_tokens=full.tokens["shape_hr"] - 1)
+    capped_geometry = replace(pipe.geometry, max_num_tokens=full.tokens["shape_hr_flow"] - 1)
     capped = Pipeline(pipe.w, geometry=capped_geometry, preset="tiny").run(image, resolution=1536, steps=1)
     # upstream lowers 1536 by 128 (here: one LR-grid quarter, ×16) while N_HR >= the cap, never below 1024
     assert capped.resolution < full.resolution and capped.resolution >= 16 * 32
     assert capped.resolution % 4 == 0
-    assert capped.tokens["shape_hr"] < full.tokens["shape_hr"]
+    assert capped.tokens["shape_hr_flow"] < full.tokens["shape_hr_flow"]
 
 
 def test_same_seed_same_asset_other_seed_differs(pipe, image):

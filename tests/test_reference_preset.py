@@ -96,12 +96,12 @@ def test_structure_replaces_the_networks_decisions_on_the_tiny_preset(resolution
     r = pipe.run(EXAMPLE, resolution=resolution, seed=3, steps=2)
     lr_grid = r.resolution // 16 * 512 // resolution  # tiny: 16
     lr = s.occupancy(lr_grid)
-    assert r.tokens["shape_lr"] == lr.shape[0] != plain.tokens["shape_lr"]
+    assert r.tokens["shape_lr_flow"] == lr.shape[0] != plain.tokens["shape_lr_flow"]
     if resolution == 512:
         base, grid = lr, lr_grid
     else:
         base, grid = quantize_hr_coords(_descend(s, lr, lr_grid, 4), lr_grid * 16, r.resolution // 16), r.resolution // 16
-        assert r.tokens["shape_hr"] == base.shape[0]
+        assert r.tokens["shape_hr_flow"] == base.shape[0]
     final = _descend(s, base, grid, 4)
     assert r.tokens["voxels"] == final.shape[0]
     if resolution == 512:  # the whole chain is the reference's own: its surface, face for face
@@ -128,5 +128,5 @@ def test_reference_preset_builds_through_from_preset(monkeypatch):
     assert isinstance(pipe.structure, ReferenceStructure) and pipe.load_seconds > 0
     assert all(torch.isfinite(p).all() for p in pipe.models["shape_slat_flow_model_512"].parameters())
     r = pipe.run(EXAMPLE, resolution=512, seed=1, steps=1)
-    assert r.tokens["shape_lr"] == ReferenceStructure().occupancy(r.resolution // 16).shape[0]
+    assert r.tokens["shape_lr_flow"] == ReferenceStructure().occupancy(r.resolution // 16).shape[0]
     assert r.faces.shape[0] == ReferenceStructure().surface_mesh(r.resolution)[1].shape[0]

@@ -100,6 +100,23 @@ def _outputs(images: list[Path], output_path, output_dir) -> list[Path]:
     return outs
 
 
+class Budget(click.ParamType):
+    """Device memory in GiB (a finite positive number) or "auto" (the device's free memory)."""
+
+    name = "GiB|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of GiB or 'auto'", param, ctx)
+        if not math.isfinite(v) or not 0.05 <= v <= 4096:
+            self.fail(f"{value} is not a memory budget between 0.05 and 4096 GiB", param, ctx)
+        return v
+
+
 def _source_options(f):
     f = click.option("--weights", metavar="DIR|HUB_ID", default=None,
                      help="Official weights: a directory in the official layout, or a Hugging Face id "
@@ -141,11 +158,15 @@ def _check_source(weights, preset):
 @click.option("--engines", "engines_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Engine directory from `pixal3d-rt export`: its networks run as TensorRT engines (CUDA) or AOTInductor packages (the device they were built for).")
 @click.option("--backend", type=click.Choice(["eager", "cuda"]), default=None, help="Flow networks: eager reference, or the fast cuda backend (default on a GPU).")
+@click.option("--vram-budget", type=Budget(), default=None,
+              help="GiB of GPU memory the run must stay inside (the whole process: CUDA context included); the weights stay "
+                   "on the host and each stage gets them resident, for its duration, or streamed block by block "
+                   "(see `pixal3d-rt plan`). 'auto': the free memory. Default: everything resident.")
 @click.option("--max-image-pixels", type=click.IntRange(1, 1 << 40), default=None,
               help="Refuse input images with more pixels than this before decoding them (default 64,000,000).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output (errors and the summary only).")
 def infer(images, output_path, output_dir, weights, preset, resolution, seed, steps, fov_deg, device, export_mode, texture_size,
-          decimation_target, texture_format, preview, engines_dir, backend, max_image_pixels, quiet):
+          decimation_target, texture_format, preview, engines_dir, backend, vram_budget, max_image_pixels, quiet):
     """Generate a textured 3D asset (GLB) from each image.
 
     Everything that can be checked is checked before a network is built: options, output paths,
@@ -183,7 +204,9 @@ def infer(images, output_path, output_dir, weights, preset, resolution, seed, st
         device = _check_device(device)  # torch is imported from here on
         if engines_dir is not None:
             _check_engines(engines_dir, device)
-        pipe = _load_pipeline(weights, preset, device, int(resolution), backend, engines_dir, say)
+        pipe = _load_pipeline(weights, preset, device, int(resolution), backend, engines_dir, say, vram_budget)
+        if vram_budget is not None:  # no plan fits: say so before any image runs
+            say.note("plan:\n" + _plan_text(pipe.plan(int(resolution), vram_budget)))
     except Pixal3DError as e:
         _fail(str(e))
     except KeyboardInterrupt:
@@ -242,20 +265,65 @@ def _check_engines(engines_dir, device):
               "(TensorRT engines and cuda AOTInductor packages)")
 
 
-def _load_pipeline(weights, preset, device, resolution, backend, engines_dir, say):
+def _load_pipeline(weights, preset, device, resolution, backend, engines_dir, say, vram_budget=None):
     from .pipeline import Pipeline
 
     if preset:
         say.note(f"[pixal3d-rt] preset '{preset}': every network is small with seeded random weights; "
                  "the asset is a structural demo, not a reconstruction of the image.")
-        pipe = Pipeline.from_preset(preset, device=device, progress=say, backend=backend)
+        pipe = Pipeline.from_preset(preset, device=device, progress=say, backend=backend, vram_budget=vram_budget)
+        if vram_budget is not None and not pipe.stage_costs:
+            say.note(f"[pixal3d-rt] measuring the '{preset}' networks' stage costs on {device} for the plan")
+            from .pipeline import calibration_image
+
+            pipe.calibrate(calibration_image(), resolution, steps=2)
     else:
-        pipe = Pipeline.from_pretrained(weights, device=device, progress=say, resolution=resolution, backend=backend)
+        pipe = Pipeline.from_pretrained(weights, device=device, progress=say, resolution=resolution, backend=backend,
+                                        vram_budget=vram_budget)
     if engines_dir is not None:
         from pixal3d_rt.runtime.tensorrt_engine import use_engines
 
         use_engines(pipe, engines_dir, progress=say.note)
     return pipe
+
+
+def _plan_text(plan) -> str:
+    from .runtime.planner import format_plan
+
+    return format_plan(plan)
+
+
+@main.command("plan")
+@click.option("--vram-budget", type=Budget(), required=True, help="GiB of GPU memory for the whole process ('auto': the free memory).")
+@click.option("--resolution", type=click.Choice(["512", "1024", "1536"]), default="1024", show_default=True)
+@click.option("--tokens", type=click.IntRange(1, 1 << 20), default=None,
+              help="HR token count to plan for (default: the measured reference object's, scaled with the resolution).")
+@click.option("--preset", type=click.Choice(["reference", "tiny"]), default="reference", show_default=True,
+              help="reference: the official networks' sizes (the official weights have them); tiny: the tiny preset's, "
+                   "its stage costs measured now on this machine's CPU.")
+@click.option("--backend", type=click.Choice(["cuda", "eager"]), default="cuda", show_default=True)
+@click.option("--overhead", type=click.FloatRange(0, 64), default=None,
+              help="GiB the process holds outside torch (CUDA context, libraries); default: measured on this GPU, "
+                   "else 0.5 GiB (0 for the tiny preset on the CPU).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the plan as JSON.")
+def plan_cmd(vram_budget, resolution, tokens, preset, backend, overhead, json_path):
+    """Print the memory plan of a run: per stage, where each network's weights are (resident on the
+    device, loaded for the stage, or streamed block by block), how its work is chunked, the predicted
+    peak device memory and time. Stages marked * have no measured cost on this device."""
+    import json
+
+    from .pipeline import plan_offline
+
+    try:
+        plan = plan_offline(preset, int(resolution), vram_budget, backend=backend, tokens=tokens, overhead_gib=overhead)
+    except Pixal3DError as e:
+        _fail(str(e))
+    text = _plan_text(plan)
+    if json_path is not None:
+        from .files import atomic_write
+
+        atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(plan.to_dict(), indent=2)))
+    click.echo(text)
 
 
 @main.command()

@@ -17,6 +17,10 @@ class BudgetError(Pixal3DError):
     """A request does not fit the resources it was given."""
 
 
+class StageOutOfMemory(BudgetError):
+    """A stage ran out of memory (the pipeline may plan it again under a tighter budget)."""
+
+
 class OutputError(Pixal3DError):
     """The output path cannot be written."""
 

@@ -21,7 +21,9 @@ import torch
 
 from . import config as C
 from .checkpoints import HIRES_ONLY, Weights, load_weights
-from .errors import BudgetError, InputImageError
+from .errors import BudgetError, InputImageError, StageOutOfMemory
+from .kernels.subm_conv import gather_chunk_bytes
+from .runtime.stages import networks_for, stages_for
 from .models.sparse import SparseTensor
 from .progress import as_progress
 
@@ -40,6 +42,8 @@ class Result:
     tokens: dict = field(default_factory=dict)
     latents: dict = field(default_factory=dict)  # shape_slat / tex_slat SparseTensors (for tests and tools)
     export_defaults: dict = field(default_factory=dict)  # texture_size, decimation_target, device of the bake
+    plan: object = None  # runtime.planner.Plan the run executed (None: unbudgeted, everything resident)
+    stage_peaks: list = field(default_factory=list)  # with a memory probe: per stage start/peak bytes
 
     def _export_args(self, texture_size, decimation_target, export=None, **options) -> dict:
         from .mesh.modes import export_settings
@@ -120,8 +124,10 @@ def _memory_budget(stage: str):
 
 
 class _Stopwatch:
-    def __init__(self, device, progress):
-        self.device, self.progress, self.rows = device, progress, []
+    """Times each stage (and, with a memory probe, its peak: rows of `peaks`)."""
+
+    def __init__(self, device, progress, probe=None):
+        self.device, self.progress, self.rows, self.probe, self.peaks = device, progress, [], probe, []
 
     def __call__(self, name: str, detail: str = ""):
         sw = self
@@ -129,18 +135,24 @@ class _Stopwatch:
         class _Span:
             def __enter__(self):
                 sw.progress.stage(name, detail)
+                if sw.probe is not None:
+                    self.start = sw.probe.live()
+                    sw.probe.begin()
                 self.t = time.perf_counter()
                 return self
 
             def __exit__(self, *exc):
                 oom = out_of_memory(exc[1], name) if exc[1] is not None else None
                 if oom is not None:
-                    raise oom from None
+                    raise StageOutOfMemory(str(oom)) from None
                 if exc[0] is None:
                     if str(sw.device).startswith("cuda"):
                         torch.cuda.synchronize()
                     seconds = time.perf_counter() - self.t
                     sw.rows.append((name, seconds, detail))
+                    if sw.probe is not None:
+                        transient = sw.probe.end()
+                        sw.peaks.append({"stage": name, "start": self.start, "peak": self.start + transient, "seconds": seconds})
                     sw.progress.stage_done(name, seconds, detail)
 
         return _Span()
@@ -181,7 +193,16 @@ class Pipeline:
         if self.backend == "cuda":
             from .runtime.cuda_backend import wrap_flow
 
-            self.flows = {k: wrap_flow(m, k) for k, m in self.flows.items()}
+            # networks already on the device are wrapped now; ones on the host when their stage needs them
+            self.flows = {k: wrap_flow(m, k) if _on(m, self.device) else m for k, m in self.flows.items()}
+        # memory planning (runtime/planner.py): None runs everything resident, with no plan
+        self.vram_budget: float | None = None  # GiB
+        # stage -> planner.StageCost, measured (calibrate); on a GPU the full-size networks' H200 costs
+        self.stage_costs: dict = dict(_default_costs(self.device))
+        self.probe = None  # runtime.memory.StagePeak: per-stage peaks recorded into Result.stage_peaks
+        self.last_plan = None
+        self._placements: dict = {}  # network -> residency.NetworkWeights
+        self._stage_flow = None
         self.conditioner = ImageConditioner(weights.dinov3, weights.naf)
         args = weights.pipeline_args
         self.shape_norm = {k: torch.tensor(args["shape_slat_normalization"][k], dtype=torch.float32) for k in ("mean", "std")}
@@ -217,11 +238,13 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, weights="TencentARC/Pixal3D", device=None, resolution: int = 1024, backend: str | None = None,
-                        progress=None) -> "Pipeline":
+                        progress=None, vram_budget: float | str | None = None) -> "Pipeline":
         """Load the official weights: a directory in the official layout or a Hugging Face id
         (downloaded on first use into the Hugging Face cache). Every file is checked before a tensor
         is read. device: "cuda" or "cpu" (default: cuda when available; the CPU runs fp32).
-        resolution 512 loads only the networks a shape-only run needs."""
+        resolution 512 loads only the networks a shape-only run needs. vram_budget: GiB of device
+        memory every run must stay inside ("auto": the free memory less a margin; None: no plan,
+        everything resident); with a number the weights stay on the host and move per stage."""
         from .checkpoints import check_weights, locate_weights
 
         device = device or default_device()
@@ -232,17 +255,21 @@ class Pipeline:
         checked = check_weights(files, need)  # every file, before a tensor is read
         # CPU runs the fp32 oracle; on CUDA the networks keep upstream's bf16/fp16 torsos
         dtype = "float32" if str(device) == "cpu" else None
-        say.stage("load", f"{sum(r['bytes'] for r in checked) / 1e9:.2f} GB from {files.source} to {device}")
+        # under a budget the weights load to the host (in the device's dtypes) and the plan moves them
+        where = "cpu" if isinstance(vram_budget, (int, float)) and str(device) != "cpu" else device
+        say.stage("load", f"{sum(r['bytes'] for r in checked) / 1e9:.2f} GB from {files.source} to {where}")
         with _memory_budget("load"):
-            w = load_weights(files, device=device, dtype=dtype, need=need, checked=checked,
+            w = load_weights(files, device=where, dtype=dtype, need=need, checked=checked,
                              progress=lambda key, nbytes, total: say.advance("load", nbytes, total))
         pipe = cls(w, device=device, backend=backend)
+        pipe.vram_budget = vram_budget
         pipe.load_seconds = time.perf_counter() - t0
         say.stage_done("load", pipe.load_seconds)
         return pipe
 
     @classmethod
-    def from_preset(cls, name: str, device=None, progress=None, backend: str | None = None) -> "Pipeline":
+    def from_preset(cls, name: str, device=None, progress=None, backend: str | None = None,
+                    vram_budget: float | str | None = None) -> "Pipeline":
         """An embedded preset (`tiny`: every network small with seeded random weights; a structural
         demo whose asset does not depict the image)."""
         from .presets import build_preset, preset_structure
@@ -252,6 +279,9 @@ class Pipeline:
         w, geometry = build_preset(name, device=device)
         pipe = cls(w, device=device, geometry=geometry, preset=name, backend=backend)
         pipe.structure = preset_structure(name)
+        pipe.vram_budget = vram_budget
+        if name != "reference":
+            pipe.stage_costs = {}  # the full-size costs do not describe small networks: calibrate
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 
@@ -259,142 +289,203 @@ class Pipeline:
 
     @torch.no_grad()
     def run(self, image, resolution: int = 1024, seed: int = 42, steps: int | None = None,
-            fov_deg: float | None = None, progress=None, preprocess: bool = True) -> Result:
+            fov_deg: float | None = None, progress=None, preprocess: bool = True, vram_budget: float | None = None) -> Result:
         """Image → decoded mesh and PBR voxels. `image`: a path, a PIL image or an HxWx3/4 uint8
         array (RGBA with the background removed, or RGB when rembg is installed). resolution 512 is
         shape only; 1024/1536 are cascades with texture. seed: noise drawn as upstream after
         manual_seed(seed). steps: per stage (default 12). fov_deg: the photo's horizontal FOV.
-        progress: a progress.Progress or a callable taking one line. Returns a Result."""
-        from .conditioning import Camera
-        from .models.sc_vae import quantize_hr_coords
-        from .models.ss_decoder import occupancy_to_coords
-        from .preprocess import as_image, preprocess_image, to_tensor
-
+        progress: a progress.Progress or a callable taking one line. vram_budget: device memory
+        (GiB) the run must stay inside (default: this pipeline's `vram_budget`; None: everything
+        resident, no plan). Returns a Result."""
         if resolution not in (512, 1024, 1536):
             raise ValueError(f"resolution must be 512, 1024 or 1536, not {resolution}")
         if resolution != 512 and not all(k in self.models for k in HIRES_ONLY):
             raise BudgetError(f"resolution {resolution} needs the 1024 shape/texture models, which were not loaded")
-        dev, g, m, cond = self.device, self.geometry, self.models, self.conditioner
         progress = as_progress(progress)
-        sw = _Stopwatch(dev, progress)
-        fov = math.radians(fov_deg) if fov_deg is not None else C.DEFAULT_FOV_RAD
-        cam = Camera.from_fov(fov, mesh_scale=C.MESH_SCALE)  # inference.py: distance from the FOV
-        args = self.w.pipeline_args
-        result_tokens = {}
-
-        with sw("preprocess"):
-            img = as_image(image)
-            img = preprocess_image(img) if preprocess else img
-            img_lr = to_tensor(img, g.lr_image).to(dev)
-            img_hr = to_tensor(img, g.hr_image).to(dev) if resolution != 512 else None
-
-        with sw("dinov3", f"{g.lr_image}px" + (f" + {g.hr_image}px" if img_hr is not None else "")):
-            enc_lr = cond.encode(img_lr)
-            enc_hr = cond.encode(img_hr) if img_hr is not None else None
-
-        gen = torch.Generator().manual_seed(seed)  # upstream: torch.manual_seed(seed), noise drawn on the CPU
-
-        # ---- stage 1: sparse structure --------------------------------------------------------
-        ss_flow = self.flows["sparse_structure_flow_model"]
-        R = ss_flow.resolution
-        with sw("ss_flow", f"{R ** 3} tokens"):
-            proj = cond.project_dense(enc_lr, R, cam, image_size=g.lr_image)
-            c = {"global": enc_lr.global_tokens, "proj": proj}
-            neg = {k: torch.zeros_like(v) for k, v in c.items()}
-            noise = torch.randn(1, ss_flow.in_channels, R, R, R, generator=gen).to(dev)
-            z = self.sampler.sample(ss_flow, noise, c, neg, **C.sampler_params("sparse_structure", args, steps),
-                       progress=_sampler_progress(progress, "ss_flow"))
-            del proj, c, neg
-            self._release(ss_flow)
-        with sw("ss_decoder"):
-            logits = m["sparse_structure_decoder"](z)  # decoders cast to their own torso dtype
-            lr_grid = logits.shape[-1] // 2  # upstream pools the 64³ occupancy to 32³
-            coords = occupancy_to_coords(logits.float(), pool=True).to(dev)
-            del logits
-            if self.structure is not None:
-                coords = self.structure.occupancy(lr_grid, dev)
-        if coords.shape[0] == 0:
-            raise InputImageError("the sparse-structure stage found no occupied voxel for this image")
-        result_tokens["ss"] = R ** 3
-        result_tokens["shape_lr"] = int(coords.shape[0])
-
-        # ---- stage 2: shape at the LR grid ------------------------------------------------------
-        with sw("shape_lr_cond", f"NAF {g.naf_target('shape_lr')}px + projection"):  # NAF is evaluated at the projected texels
-            naf_lr = cond.naf_sampler(img_lr, enc_lr, g.naf_target("shape_lr"))
-            c_lr = self._proj_cond(enc_lr, naf_lr, coords, lr_grid, cam, g.lr_image, None)
-            del naf_lr
-        with sw("shape_lr_flow", f"{coords.shape[0]} tokens @{lr_grid}³"):
-            lr_slat = self._sample_shape(self.flows["shape_slat_flow_model_512"], c_lr, coords, gen, args, steps, progress,
-                                         "shape_lr_flow")
-            del c_lr
-
-        shape_dec = m["shape_slat_decoder"]
-        shape_dec.structure = self.structure
-        if resolution == 512:
-            res = lr_grid * 16
-            shape_slat = lr_slat
-        else:
-            # ---- stage 3a: LR → HR token set ---------------------------------------------------
-            with sw("upsample"):
-                r_dec = lr_grid * 16  # upstream: the literal 512
-                shape_dec.set_resolution(r_dec)  # the grid the upsampled coordinates are at
-                hr_coords = shape_dec.upsample(lr_slat, upsample_times=4)
-                res = lr_grid * 16 * resolution // 512
-                floor_res = lr_grid * 16 * 2  # 1024: no cap
-                step = lr_grid * 4  # 128 at full size
-                while True:
-                    hr_unique = quantize_hr_coords(hr_coords, r_dec, res // 16)
-                    if hr_unique.shape[0] < g.max_num_tokens or res <= floor_res:
-                        break
-                    res -= step
-                hr_grid = res // 16
-                del hr_coords
-            result_tokens["shape_hr"] = int(hr_unique.shape[0])
-            # ---- stage 3b: shape at the HR grid -----------------------------------------------
-            with sw("shape_hr_cond", f"NAF {g.naf_target('shape_hr')}px + projection"):
-                naf_hr = cond.naf_sampler(img_hr, enc_hr, g.naf_target("shape_hr"))
-                c_hr = self._proj_cond(enc_hr, naf_hr, hr_unique, hr_grid, cam, g.hr_image, None)
-                del naf_hr
-            with sw("shape_hr_flow", f"{hr_unique.shape[0]} tokens @{hr_grid}³"):
-                shape_slat = self._sample_shape(self.flows["shape_slat_flow_model_1024"], c_hr, hr_unique, gen, args, steps,
-                                                progress, "shape_hr_flow")
-                del c_hr
-            # ---- stage 4: texture -----------------------------------------------------------------
-            with sw("tex_cond", f"NAF {g.naf_target('tex')}px + projection"):
-                naf_tex = cond.naf_sampler(img_hr, enc_hr, g.naf_target("tex"))
-                c_tex = self._proj_cond(enc_hr, naf_tex, shape_slat.coords, hr_grid, cam, g.hr_image, None)
-                del naf_tex
-            with sw("tex_flow", f"{shape_slat.coords.shape[0]} tokens"):
-                tex_slat = self._sample_tex(self.flows["tex_slat_flow_model_1024"], c_tex, shape_slat, gen, args, steps, progress)
-                del c_tex
-
-        # ---- decode ---------------------------------------------------------------------------------
-        with sw("shape_decoder", f"@{res}³"):
-            shape_dec.set_resolution(res)
-            dec_cache = {}
-            h, subs = shape_dec(shape_slat, return_subs=True, cache=dec_cache)  # cache: neighbour maps reused below
-            result_tokens["voxels"] = int(h.coords.shape[0])
-        with sw("mesh_extraction", f"{h.coords.shape[0]:,} voxels"):
-            if self.structure is not None:
-                h = self.structure.mesh_fields(h, res)
-            vertices, faces = shape_dec.extract_meshes(h)[0]  # batch of one
-            del h
-        voxel_coords = voxel_attrs = None
+        budget = vram_budget if vram_budget is not None else self.vram_budget  # "auto": the device's free memory
+        v = {"image": image, "resolution": resolution, "steps": steps, "preprocess": preprocess,
+             "camera": self._camera(fov_deg), "generator": torch.Generator().manual_seed(seed),  # upstream: noise on the CPU
+             "tokens": {}}
+        sw = _Stopwatch(self.device, progress, self.probe)
+        plan = self.plan(resolution, budget) if budget is not None else None
+        self.last_plan = plan
+        for st in stages_for(resolution):
+            self._run_stage(st, v, sw, plan, progress)
+            for name in st.frees:
+                v.pop(name, None)
+            if plan is not None and st.name == "upsample":  # the HR count is known now: plan the rest again
+                plan = self.plan(resolution, budget, v["tokens"], fixed={p.stage: p for p in plan.stages[:plan.stages.index(plan[st.name]) + 1]})
+                self.last_plan = plan
+        self._release_placements()
+        latents = {"shape_slat": v["shape_latent"]}
         if resolution != 512:
-            with sw("tex_decoder"):
-                tex_dec = m["tex_slat_decoder"]
-                t = tex_dec(tex_slat, guide_subs=subs, cache=dec_cache)
-                voxel_coords = t.coords[:, 1:].int().cpu()
-                voxel_attrs = (t.feats.float() * 0.5 + 0.5).cpu()
-                del t
-        del subs, dec_cache
-        latents = {"shape_slat": shape_slat}
-        if resolution != 512:
-            latents["tex_slat"] = tex_slat
+            latents["tex_slat"] = v["tex_latent"]
+        vertices, faces = v["mesh"]
+        voxel_coords, voxel_attrs = v.get("pbr_voxels", (None, None))
         small = self.preset is not None
         defaults = {"texture_size": 256 if small else 2048, "decimation_target": 20_000 if small else 200_000,
                     "device": self.device if self.device.type == "cuda" else None}
-        return Result(vertices.cpu(), faces.cpu(), voxel_coords, voxel_attrs, res, sw.rows, result_tokens, latents, defaults)
+        return Result(vertices.cpu(), faces.cpu(), voxel_coords, voxel_attrs, v["res"], sw.rows, v["tokens"], latents,
+                      defaults, plan=plan, stage_peaks=sw.peaks)
+
+    def _camera(self, fov_deg):
+        from .conditioning import Camera
+
+        fov = math.radians(fov_deg) if fov_deg is not None else C.DEFAULT_FOV_RAD
+        return Camera.from_fov(fov, mesh_scale=C.MESH_SCALE)  # inference.py: distance from the FOV
+
+    def _stage_detail(self, name: str, v: dict) -> str:
+        g, t = self.geometry, v["tokens"]
+        return {
+            "dinov3_lr": f"{g.lr_image}px", "dinov3_hr": f"{g.hr_image}px",
+            "ss_flow": f"{self.flows['sparse_structure_flow_model'].resolution ** 3} tokens",
+            "shape_lr_cond": f"NAF {g.naf_target('shape_lr')}px + projection",
+            "shape_lr_flow": f"{t.get('shape_lr_flow', 0)} tokens @{v.get('lr_grid', 0)}³",
+            "shape_hr_cond": f"NAF {g.naf_target('shape_hr')}px + projection",
+            "shape_hr_flow": f"{t.get('shape_hr_flow', 0)} tokens @{v.get('hr_grid', 0)}³",
+            "tex_cond": f"NAF {g.naf_target('tex')}px + projection",
+            "tex_flow": f"{t.get('tex_flow', 0)} tokens",
+            "shape_decoder": f"@{v.get('res', 0)}³",
+            "mesh_extraction": f"{t.get('voxels', 0):,} voxels",
+        }.get(name, "")
+
+    def _run_stage(self, st, v: dict, sw, plan, progress) -> None:
+        """One stage under its plan; out of memory inside it frees the stage, plans it again under a
+        tighter budget and retries (at most twice)."""
+        fn = getattr(self, "_stage_" + st.name)
+        for attempt in range(MAX_OOM_RETRIES + 1):
+            sp = plan[st.name] if plan is not None else None
+            try:
+                with sw(st.name, self._stage_detail(st.name, v)), self._placed(st, sp), \
+                        gather_chunk_bytes(sp.decoder_chunk_bytes if sp is not None else None):
+                    fn(v, sp, progress)
+                return
+            except StageOutOfMemory as e:
+                if plan is None or attempt == MAX_OOM_RETRIES:
+                    raise
+                self._release_placements(everything=True)
+                _free_device_cache(self.device)
+                tighter = plan.budget * OOM_RETRY_SHRINK
+                progress.note(f"{st.name}: out of memory under the plan ({e}); planning it again inside "
+                              f"{tighter / 2**30:.2f} GiB (retry {attempt + 1} of {MAX_OOM_RETRIES})")
+                done = {p.stage: p for p in plan.stages[:plan.stages.index(sp)]}
+                plan = self.plan(v["resolution"], tighter / 2**30, v["tokens"], fixed=done)
+                self.last_plan = plan
+
+    # ---- the stages ------------------------------------------------------------------------
+
+    def _stage_preprocess(self, v, sp, progress):
+        from .preprocess import as_image, preprocess_image, to_tensor
+
+        g = self.geometry
+        img = as_image(v["image"])
+        img = preprocess_image(img) if v["preprocess"] else img
+        v["image_lr"] = to_tensor(img, g.lr_image).to(self.device)
+        if v["resolution"] != 512:
+            v["image_hr"] = to_tensor(img, g.hr_image).to(self.device)
+
+    def _stage_dinov3_lr(self, v, sp, progress):
+        v["features_lr"] = self.conditioner.encode(v["image_lr"])
+
+    def _stage_dinov3_hr(self, v, sp, progress):
+        v["features_hr"] = self.conditioner.encode(v["image_hr"])
+
+    def _stage_ss_flow(self, v, sp, progress):
+        cond, dev = self.conditioner, self.device
+        flow = self._flow("sparse_structure_flow_model", sp)
+        R = flow.resolution
+        v["tokens"]["ss_flow"] = R ** 3
+        proj = cond.project_dense(v["features_lr"], R, v["camera"], image_size=self.geometry.lr_image)
+        c = {"global": v["features_lr"].global_tokens, "proj": proj}
+        neg = {k: torch.zeros_like(t) for k, t in c.items()}
+        noise = torch.randn(1, flow.in_channels, R, R, R, generator=v["generator"]).to(dev)
+        v["ss_latent"] = self.sampler.sample(flow, noise, c, neg, **C.sampler_params("sparse_structure", self.w.pipeline_args, v["steps"]),
+                                             progress=_sampler_progress(progress, "ss_flow"), batched_cfg=_batched(sp))
+        del proj, c, neg
+        self._release(flow)
+
+    def _stage_ss_decoder(self, v, sp, progress):
+        from .models.ss_decoder import occupancy_to_coords
+
+        logits = self.models["sparse_structure_decoder"](v["ss_latent"])  # decoders cast to their own torso dtype
+        lr_grid = logits.shape[-1] // 2  # upstream pools the 64³ occupancy to 32³
+        coords = occupancy_to_coords(logits.float(), pool=True).to(self.device)
+        del logits
+        if self.structure is not None:
+            coords = self.structure.occupancy(lr_grid, self.device)
+        if coords.shape[0] == 0:
+            raise InputImageError("the sparse-structure stage found no occupied voxel for this image")
+        v["coords_lr"], v["lr_grid"] = coords, lr_grid
+        v["tokens"]["shape_lr_flow"] = int(coords.shape[0])
+
+    def _stage_shape_lr_cond(self, v, sp, progress):
+        g = self.geometry
+        naf = self.conditioner.naf_sampler(v["image_lr"], v["features_lr"], g.naf_target("shape_lr"))  # evaluated at the projected texels
+        v["cond_lr"] = self._proj_cond(v["features_lr"], naf, v["coords_lr"], v["lr_grid"], v["camera"], g.lr_image, None)
+
+    def _stage_shape_lr_flow(self, v, sp, progress):
+        v["shape_latent_lr"] = self._sample_shape(self._flow("shape_slat_flow_model_512", sp), v["cond_lr"], v["coords_lr"],
+                                                  v["generator"], v["steps"], progress, "shape_lr_flow", sp)
+        if v["resolution"] == 512:
+            v["shape_latent"], v["res"] = v["shape_latent_lr"], v["lr_grid"] * 16
+            v["tokens"]["shape_latent"] = v["tokens"]["shape_lr_flow"]
+
+    def _stage_upsample(self, v, sp, progress):
+        from .models.sc_vae import quantize_hr_coords
+
+        g, lr_grid, resolution = self.geometry, v["lr_grid"], v["resolution"]
+        shape_dec = self._decoder("shape_slat_decoder", sp)
+        r_dec = lr_grid * 16  # upstream: the literal 512
+        shape_dec.set_resolution(r_dec)  # the grid the upsampled coordinates are at
+        hr_coords = shape_dec.upsample(v["shape_latent_lr"], upsample_times=4)
+        res = lr_grid * 16 * resolution // 512
+        floor_res = lr_grid * 16 * 2  # 1024: no cap
+        step = lr_grid * 4  # 128 at full size
+        while True:
+            hr_unique = quantize_hr_coords(hr_coords, r_dec, res // 16)
+            if hr_unique.shape[0] < g.max_num_tokens or res <= floor_res:
+                break
+            res -= step
+        v["coords_hr"], v["hr_grid"], v["res"] = hr_unique, res // 16, res
+        v["tokens"]["shape_hr_flow"] = v["tokens"]["tex_flow"] = v["tokens"]["shape_latent"] = int(hr_unique.shape[0])
+
+    def _stage_shape_hr_cond(self, v, sp, progress):
+        g = self.geometry
+        naf = self.conditioner.naf_sampler(v["image_hr"], v["features_hr"], g.naf_target("shape_hr"))
+        v["cond_hr"] = self._proj_cond(v["features_hr"], naf, v["coords_hr"], v["hr_grid"], v["camera"], g.hr_image, None)
+
+    def _stage_shape_hr_flow(self, v, sp, progress):
+        v["shape_latent"] = self._sample_shape(self._flow("shape_slat_flow_model_1024", sp), v["cond_hr"], v["coords_hr"],
+                                               v["generator"], v["steps"], progress, "shape_hr_flow", sp)
+
+    def _stage_tex_cond(self, v, sp, progress):
+        g = self.geometry
+        naf = self.conditioner.naf_sampler(v["image_hr"], v["features_hr"], g.naf_target("tex"))
+        v["cond_tex"] = self._proj_cond(v["features_hr"], naf, v["shape_latent"].coords, v["hr_grid"], v["camera"], g.hr_image, None)
+
+    def _stage_tex_flow(self, v, sp, progress):
+        v["tex_latent"] = self._sample_tex(self._flow("tex_slat_flow_model_1024", sp), v["cond_tex"], v["shape_latent"],
+                                           v["generator"], v["steps"], progress, sp)
+
+    def _stage_shape_decoder(self, v, sp, progress):
+        shape_dec = self._decoder("shape_slat_decoder", sp)
+        shape_dec.set_resolution(v["res"])
+        v["decoder_cache"] = {}  # neighbour maps, reused by the texture decoder
+        h, v["subdivisions"] = shape_dec(v["shape_latent"], return_subs=True, cache=v["decoder_cache"])
+        v["mesh_fields"] = h
+        v["tokens"]["voxels"] = int(h.coords.shape[0])
+
+    def _stage_mesh_extraction(self, v, sp, progress):
+        h = v.pop("mesh_fields")
+        if self.structure is not None:
+            h = self.structure.mesh_fields(h, v["res"])
+        v["mesh"] = self.models["shape_slat_decoder"].extract_meshes(h)[0]  # batch of one
+        if v["resolution"] == 512:
+            v.pop("subdivisions", None), v.pop("decoder_cache", None)
+
+    def _stage_tex_decoder(self, v, sp, progress):
+        t = self._decoder("tex_slat_decoder", sp)(v["tex_latent"], guide_subs=v["subdivisions"], cache=v.pop("decoder_cache"))
+        v["pbr_voxels"] = (t.coords[:, 1:].int().cpu(), (t.feats.float() * 0.5 + 0.5).cpu())
 
     @staticmethod
     def _release(flow):
@@ -410,31 +501,275 @@ class Pipeline:
         neg = {"global": torch.zeros_like(c["global"]), "proj": SparseTensor(torch.zeros_like(proj), coords)}
         return c, neg
 
-    def _sample_shape(self, flow, cond, coords, gen, args, steps, progress, name):
+    def _sample_shape(self, flow, cond, coords, gen, steps, progress, name, sp):
         c, neg = cond  # from _proj_cond
         noise = SparseTensor(torch.randn(coords.shape[0], flow.in_channels, generator=gen).to(self.device), coords)
-        slat = self.sampler.sample(flow, noise, c, neg, **C.sampler_params("shape_slat", args, steps), progress=_sampler_progress(progress, name))
+        slat = self.sampler.sample(flow, noise, c, neg, **C.sampler_params("shape_slat", self.w.pipeline_args, steps),
+                                   progress=_sampler_progress(progress, name), batched_cfg=_batched(sp))
         self._release(flow)
         n = self.shape_norm
         return slat.replace(slat.feats * n["std"].to(slat.feats) + n["mean"].to(slat.feats))
 
-    def _sample_tex(self, flow, cond, shape_slat, gen, args, steps, progress):
+    def _sample_tex(self, flow, cond, shape_slat, gen, steps, progress, sp):
         coords = shape_slat.coords
         c, neg = cond  # from _proj_cond
         n = self.shape_norm
         shape_norm = shape_slat.replace((shape_slat.feats - n["mean"].to(shape_slat.feats)) / n["std"].to(shape_slat.feats))
         noise = shape_slat.replace(torch.randn(coords.shape[0], flow.in_channels - shape_slat.feats.shape[1], generator=gen).to(self.device))
-        slat = self.sampler.sample(flow, noise, c, neg, concat_cond=shape_norm, **C.sampler_params("tex_slat", args, steps),
-                      progress=_sampler_progress(progress, "tex_flow"))
+        slat = self.sampler.sample(flow, noise, c, neg, concat_cond=shape_norm, **C.sampler_params("tex_slat", self.w.pipeline_args, steps),
+                                   progress=_sampler_progress(progress, "tex_flow"), batched_cfg=_batched(sp))
         self._release(flow)
         t = self.tex_norm
         return slat.replace(slat.feats * t["std"].to(slat.feats) + t["mean"].to(slat.feats))
+
+    # ----------------------------------------------------------------------------------------
+    # plans: where the weights are and how each stage is chunked (runtime/planner.py)
+
+    def network(self, name: str):
+        """A network of the stage table by name: a pipeline model key, "dinov3" or "naf"."""
+        if name == "dinov3":
+            return self.w.dinov3
+        if name == "naf":
+            return self.w.naf
+        return self.models[name]
+
+    def memory_model(self):
+        """The planner's model of this pipeline on its device: network sizes, measured stage costs,
+        the device's non-torch overhead."""
+        return memory_model_for(self.w, self.stage_costs, self.backend, device_overhead(self.device))
+
+    def calibrate(self, image, resolution: int = 1024, seed: int = 42, steps: int | None = None, **run_args) -> dict:
+        """Measure, in one unbudgeted run on this device, each stage's carried bytes (values earlier
+        stages left alive), transient bytes (its own allocations at their peak) and seconds, as the
+        planner's stage costs (`stage_costs`, merged). On the CPU the bytes are counted by
+        runtime.memory.LiveBytes. Returns the costs of this run."""
+        from .runtime.memory import LiveBytes, StagePeak
+        from .runtime.planner import fit_costs
+        from .runtime.stages import BY_NAME
+
+        tracker = LiveBytes() if self.device.type != "cuda" else None
+        probe, saved = StagePeak(self.device, tracker), (self.probe, self.vram_budget)
+        self.probe, self.vram_budget = probe, None
+        try:
+            with tracker if tracker is not None else contextlib.nullcontext():
+                base = probe.live()
+                r = self.run(image, resolution, seed=seed, steps=steps, **run_args)
+        finally:
+            self.probe, self.vram_budget = saved
+        rows = [{"stage": p["stage"], "units": r.tokens.get(BY_NAME[p["stage"]].tokens, 0) if BY_NAME[p["stage"]].tokens else 0,
+                 "carried": p["start"] - base, "transient": p["peak"] - p["start"], "seconds": p["seconds"]}
+                for p in r.stage_peaks]
+        costs = fit_costs([rows], source=f"calibrated on {device_name(self.device)}")
+        self.stage_costs.update(costs)
+        return costs
+
+    def plan(self, resolution: int = 1024, vram_budget: float | None = None, tokens: dict | None = None, fixed: dict | None = None):
+        """The plan for a run at `resolution` inside `vram_budget` GiB (None: the device's free
+        memory less a margin). Raises BudgetError naming the smallest budget that fits when none does."""
+        from .runtime.planner import GIB, PlanError
+
+        budget = default_budget(self.device) if vram_budget in (None, "auto") else int(float(vram_budget) * GIB)
+        try:
+            return self.memory_model().plan(budget, resolution, tokens, fixed=fixed)
+        except PlanError as e:
+            raise BudgetError(f"{e}; the smallest budget that fits is {math.ceil(e.needed / GIB * 10) / 10:.1f} GiB "
+                              f"(--vram-budget {math.ceil(e.needed / GIB * 10) / 10:.1f})") from None
+
+    def _flow(self, key: str, sp):
+        """The flow network as the sampler calls it under this stage plan."""
+        from .runtime.planner import RESIDENT, STREAMED
+
+        if self.backend != "cuda":
+            return self.flows[key]  # eager: its weights are placed by _placed
+        from .runtime.cuda_backend import BackendOptions, FlowBackend, wrap_flow
+
+        mode = sp.weights.get(key, RESIDENT) if sp is not None else RESIDENT
+        cache = BackendOptions.proj_cache_bytes if sp is None or sp.proj_cache else 0
+        chunk = sp.token_chunk if sp is not None else None
+        if mode == RESIDENT:
+            flow = self.flows[key]
+            if not isinstance(flow, FlowBackend):  # weights on the host: copied to the device once
+                flow = self.flows[key] = wrap_flow(self.models[key], key, device=str(self.device))
+            flow.opts.token_chunk, flow.opts.proj_cache_bytes = chunk, cache  # read at each forward
+            return flow
+        # built for this stage only: its device copies leave with it
+        self._stage_flow = wrap_flow(self.models[key], key, device=str(self.device), graphs=sp.graphs, token_chunk=chunk,
+                                     residency="streamed" if mode == STREAMED else "resident", proj_cache_bytes=cache)
+        return self._stage_flow
+
+    def _decoder(self, key: str, sp):
+        dec = self.models[key]  # its chunking is set around the stage (gather_chunk_bytes)
+        if key == "shape_slat_decoder":
+            dec.structure = self.structure  # the reference shape's subdivisions, when set
+        return dec
+
+    @contextlib.contextmanager
+    def _placed(self, st, sp):
+        """The stage's networks where its plan puts them, for the duration of the stage."""
+        if sp is None:
+            yield
+            return
+        from .runtime.residency import RESIDENT, NetworkWeights
+
+        with contextlib.ExitStack() as stack:
+            for net, mode in sp.weights.items():
+                if self.backend == "cuda" and net in self.flows:
+                    continue  # the backend holds its own device copies (_flow)
+                nw = self._placements.get(net)
+                if nw is None and mode == RESIDENT and _on(self.network(net), self.device):
+                    continue  # already where it computes (loaded there): nothing to move
+                if nw is None:
+                    nw = self._placements[net] = NetworkWeights(self.network(net), self.device)
+                stack.enter_context(nw.placed(mode))
+            try:
+                yield
+            finally:
+                flow, self._stage_flow = self._stage_flow, None
+                if flow is not None:
+                    flow.reset()
+                    del flow
+
+    def _release_placements(self, everything: bool = False) -> None:
+        """Drop stage-built backends; with `everything`, resident device copies too."""
+        self._stage_flow = None
+        if everything:
+            for nw in self._placements.values():
+                nw.to_host()
+            self._placements.clear()
 
     # ----------------------------------------------------------------------------------------
 
     def export_glb(self, result: Result, path, texture_size: int | None = None, decimation_target: int | None = None, progress=None) -> dict:
         """Same as `result.save_glb(...)`."""
         return result.save_glb(path, texture_size=texture_size, decimation_target=decimation_target, progress=progress)
+
+
+MAX_OOM_RETRIES = 2
+OOM_RETRY_SHRINK = 0.8  # each retry plans inside this share of the previous budget
+BUDGET_MARGIN = 512 << 20  # left free under the default budget (other processes, allocator slack)
+
+
+def _default_costs(device) -> dict:
+    if torch.device(device).type != "cuda":
+        return {}
+    from .runtime.stage_costs import H200_COSTS
+
+    return H200_COSTS
+
+
+def _on(module, device) -> bool:
+    p = next(module.parameters(), None)
+    return p is None or p.device == torch.device(device)
+
+
+def _batched(sp) -> bool | None:
+    """The sampler's batched_cfg for a stage plan (None: the model decides)."""
+    return None if sp is None or sp.cfg_batched else False
+
+
+def _free_device_cache(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def device_overhead(device) -> int:
+    """Device memory this process holds outside torch's allocator (CUDA context, libraries): what a
+    budget loses before any tensor. 0 on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, total - free - torch.cuda.memory_reserved(device))
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def default_budget(device) -> int:
+    """Bytes a run may use when no budget is given: the device's free memory plus what this process's
+    allocator already holds, less a margin (CPU: the available host memory)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(0, free + torch.cuda.memory_reserved(device) - BUDGET_MARGIN)
+    import psutil
+
+    return max(0, psutil.virtual_memory().available - BUDGET_MARGIN)
+
+
+DEFAULT_OVERHEAD_GIB = 0.5  # CUDA context + cuBLAS/cuDNN handles, when no GPU is here to measure them
+
+
+def calibration_image():
+    """An RGBA image (a lit disc on transparency) for measuring stage costs when no input is at hand;
+    the presets' structure does not depend on the image."""
+    import numpy as np
+
+    y, x = np.mgrid[:256, :256]
+    r = np.hypot(x - 128, y - 128)
+    img = np.zeros((256, 256, 4), np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = 200 - r / 2, 120, 60 + r / 3
+    img[..., 3] = np.where(r < 100, 255, 0)
+    return img
+
+
+def plan_offline(preset: str, resolution: int, vram_budget, backend: str = "cuda", tokens: int | None = None,
+                 overhead_gib: float | None = None):
+    """A plan without loading weights: the reference (official) networks built on the meta device with
+    the H200 stage costs, or the tiny preset with its costs measured now on the CPU."""
+    from .runtime.planner import GIB, PlanError
+
+    if preset == "reference":
+        from .reference_preset import build_reference
+
+        w, _ = build_reference("meta")
+        costs = _default_costs("cuda") if backend == "cuda" else {}
+        overhead = overhead_gib if overhead_gib is not None else (
+            device_overhead("cuda") / GIB if torch.cuda.is_available() else DEFAULT_OVERHEAD_GIB)
+    else:
+        pipe = Pipeline.from_preset(preset, device="cpu")
+        pipe.calibrate(calibration_image(), resolution, steps=2)
+        w, costs, backend = pipe.w, pipe.stage_costs, "eager"
+        overhead = overhead_gib or 0.0
+    model = memory_model_for(w, costs, backend, int(overhead * GIB))
+    budget = default_budget("cuda" if torch.cuda.is_available() else "cpu") if vram_budget == "auto" else int(float(vram_budget) * GIB)
+    try:
+        return model.plan(budget, resolution, {"shape_hr_flow": tokens} if tokens else None)
+    except PlanError as e:
+        raise BudgetError(f"{e}; the smallest budget that fits is {math.ceil(e.needed / GIB * 10) / 10:.1f} GiB") from None
+
+
+def memory_model_for(weights: Weights, costs: dict, backend: str, overhead: int):
+    """A planner.MemoryModel of these networks (on any device, meta included)."""
+    from .runtime.planner import MemoryModel, network_size
+
+    modules = {"dinov3": weights.dinov3, "naf": weights.naf, **weights.models}
+    nets = {n: network_size(modules[n]) for n in networks_for(1536) if n in modules}
+    flow_knobs = backend == "cuda"
+    return MemoryModel(nets, dict(costs), flow_shapes=_flow_shapes(weights.models) if flow_knobs else {},
+                       overhead=overhead, flow_knobs=flow_knobs)
+
+
+def _flow_shapes(models: dict) -> dict:
+    """planner.FlowShape per flow stage: what the backend's knobs change (its projection cache, the
+    row-local share of a row's activations) from the network's widths."""
+    from .runtime.planner import FlowShape
+    from .runtime.stages import STAGES
+
+    out = {}
+    for st in STAGES:
+        if not st.sampled:
+            continue
+        m = models.get(st.networks[0])
+        if m is None or getattr(m, "image_attn_mode", None) != "proj":
+            continue
+        C_, mlp = m.model_channels, m.blocks[0].mlp.mlp[0].out_features
+        # per row: attention holds q, k, v and its output (4C); the row-local work the MLP hidden
+        # layer, the residual and norms (mlp + 3C), which a token chunk bounds
+        out[st.name] = FlowShape(len(m.blocks), C_, torch.finfo(m.dtype).bits // 8, (mlp + 3 * C_) / (mlp + 7 * C_))
+    return out
 
 
 def default_device() -> str:

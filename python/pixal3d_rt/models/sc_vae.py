@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixal3d_rt.kernels.layernorm import layer_norm
-from pixal3d_rt.kernels.subm_conv import DEFAULT_CHUNK_BYTES, build_neighbor_map, conv_workspace_bytes_per_row, subm_conv3d
+from pixal3d_rt.kernels.subm_conv import build_neighbor_map, chunk_bytes, conv_workspace_bytes_per_row, subm_conv3d
 from pixal3d_rt.mesh.fdg import flexible_dual_grid_to_mesh
 from pixal3d_rt.models.sparse import SparseTensor
 
@@ -40,7 +40,7 @@ def neighbor_map(x: SparseTensor) -> torch.Tensor:
 def _chunk_rows(chunk_size: int | None, row_bytes: int) -> int:
     if chunk_size is not None:
         return max(1, int(chunk_size))
-    return max(1, DEFAULT_CHUNK_BYTES // max(1, row_bytes))
+    return max(1, chunk_bytes() // max(1, row_bytes))
 
 
 class LayerNorm32(nn.LayerNorm):

@@ -1,0 +1,90 @@
+"""Memory probes: the peak bytes a stage allocates above what was live when it started.
+
+On CUDA this is torch's allocator peak (`max_memory_allocated`, reset per stage). On the CPU no
+allocator keeps a peak, so `LiveBytes` counts it at the operator level: every tensor storage an op
+creates is added when it appears and taken off when Python frees it (weakref finalizers), which is
+exact for what torch code allocates (kernel-internal scratch is not seen).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveBytes(TorchDispatchMode):
+    """Inside `with LiveBytes() as lb:` `lb.live` / `lb.peak` are the bytes of storages created inside
+    the block that are still alive / were alive at once at most. `reset_peak()` starts a new peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _track(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":
+            return
+        st = t.untyped_storage()
+        key = id(st)  # torch keeps one Python object per live storage, so its id is stable
+        if key in self._sizes:
+            return
+        n = st.nbytes()
+        self._sizes[key] = n
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(st, self._untrack, key)
+
+    def _untrack(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+class StagePeak:
+    """Per stage: bytes allocated at the peak above the bytes live at the stage's start.
+    `begin()` before a stage, `end()` after it returns that stage's peak (bytes)."""
+
+    def __init__(self, device, cpu_tracker: LiveBytes | None = None):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.tracker = cpu_tracker
+        self._start = 0
+
+    @property
+    def available(self) -> bool:
+        return self.cuda or self.tracker is not None
+
+    def live(self) -> int:
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device)
+        return self.tracker.live if self.tracker is not None else 0
+
+    def begin(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.tracker is not None:
+            self.tracker.reset_peak()
+        self._start = self.live()
+
+    def end(self) -> int | None:
+        if self.cuda:
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
+        if self.tracker is not None:
+            return max(0, self.tracker.peak - self._start)
+        return None
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, as stored."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))

@@ -1,0 +1,50 @@
+"""Stage costs of the full-size networks on a CUDA GPU, from H200 measurements in
+benchmarks/results/ (the planner's default until `Pipeline.calibrate` measures the GPU at hand).
+
+Each entry names the file it comes from. Flow stages: the eager forward's activation bytes per row
+(call peaks at 4,377 and 17,489 tokens, batch 1) times the two rows of the batched CFG pair, plus the
+cuda backend's projection cache (30 blocks x 1536 channels x bf16 per token and condition); their
+carried bytes are the projected condition and its zero twin (2048 fp32 channels each per token).
+Seconds: the cuda backend's sampling times (12 steps), fitted a·n + b·n² through the two shape
+stages. Stages no file measures are left out: the planner marks them and counts their weights and
+carried values only.
+"""
+from __future__ import annotations
+
+from .planner import StageCost
+
+_EAGER_ROW_BYTES = (863_108_096 - 216_214_528) / (17_489 - 4_377)  # eager_baseline_h200.json
+_PROJ_CACHE_BYTES = 30 * 1536 * 2 * 2
+_COND_BYTES = 2048 * 4 * 2
+# flows_h200.json sampling.fast_s: shape_lr 0.522 s @ 4,377, shape_hr 3.478 s @ 17,489
+_A = 9.27e-5
+_B = 6.07e-9
+_TEX_SCALE = 2.074 / 3.478  # tex_flow's 3.478 → 2.074 s at the same count (fewer guided steps)
+
+
+def _flow(at: int, source: str, scale: float = 1.0) -> StageCost:
+    return StageCost(carried_per_unit=_COND_BYTES, transient_fixed=2_300_000,
+                     transient_per_unit=2 * _EAGER_ROW_BYTES + _PROJ_CACHE_BYTES,
+                     seconds_per_unit=_A * scale, seconds_per_unit2=_B * scale, measured_at=at, source=source)
+
+
+_FLOWS = "eager_baseline_h200.json (bytes), flows_h200.json (seconds)"
+_DECODE = "sparse_conv_h200.json: decode peak 3.30 GB − 1.14 GB resident, 216 ms warm, at 17,489 latent tokens"
+H200_COSTS = {
+    "ss_flow": _flow(4096, _FLOWS),
+    "shape_lr_flow": _flow(4377, _FLOWS),
+    "shape_hr_flow": _flow(17_489, _FLOWS),
+    "tex_flow": _flow(17_489, _FLOWS, _TEX_SCALE),
+    # back-projection (Triton) 144 MB @ 17,489 / 322 MB @ 39,000 tokens; NAF lazy map 359 MB, 0.357 s at T=1024
+    "shape_hr_cond": StageCost(transient_fixed=144_391_168 - 17_489 * 8_280 + 359_437_824, transient_per_unit=8_280,
+                               seconds_fixed=0.357, measured_at=17_489,
+                               source="conditioning_h200.json (back-projection + NAF lazy map at T=1024)"),
+    "tex_cond": StageCost(transient_fixed=144_391_168 - 17_489 * 8_280 + 359_437_824, transient_per_unit=8_280,
+                          seconds_fixed=0.357, measured_at=17_489,
+                          source="conditioning_h200.json (back-projection + NAF lazy map at T=1024)"),
+    "shape_decoder": StageCost(transient_per_unit=(3_296_782_848 - 1_139_666_944) / 17_489,
+                               seconds_per_unit=0.216 / 17_489, measured_at=17_489, source=_DECODE),
+    # the texture decoder runs the same widths over the same levels (guided by the shape's subdivisions)
+    "tex_decoder": StageCost(transient_per_unit=(3_296_782_848 - 1_139_666_944) / 17_489,
+                             seconds_per_unit=0.216 / 17_489, measured_at=17_489, source=_DECODE + " (shape decoder)"),
+}
