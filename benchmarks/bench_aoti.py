@@ -7,7 +7,7 @@ package with the export command's own build step, load it, time it, and report i
 against eager. The cuda backend's numbers are bench_flows.py's; this script answers whether the
 aoti target runs on this machine and what it costs there.
 
-    python benchmarks/bench_aoti.py [--preset tiny] [--device cpu|cuda] [--only ss_flow,shape_flow_hr]
+    python benchmarks/bench_aoti.py [--preset tiny] [--device cpu|cuda] [--only ss_flow,shape_hr_flow]
                                     [--precision bf16] [--tokens 17489] [--name aoti_h200]
 
 Writes benchmarks/results/<name>.json (and $OUT/<name>.json).
@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ensure_package, environment, write_result  # noqa: E402
 
-DEFAULT_ONLY = "ss_flow,shape_flow_hr"
+DEFAULT_ONLY = "ss_flow,shape_hr_flow"
 
 
 def _timed(fn, device: str, reps: int) -> tuple[object, float]:

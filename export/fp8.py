@@ -50,7 +50,7 @@ FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 CALIBRATION_POINTS = 4  # timesteps of the stage's 12-step schedule, evenly spread, first and last included
 CALIBRATION_MAX_TOKENS = 4096  # sparse flows: N of the calibration inputs (min(opt, this)); CPU time
 CALIBRATION_SEED = 0
-STAGE_OF_SPEC = {"ss_flow": "sparse_structure", "shape_flow_lr": "shape_slat", "shape_flow_hr": "shape_slat",
+STAGE_OF_SPEC = {"ss_flow": "sparse_structure", "shape_lr_flow": "shape_slat", "shape_hr_flow": "shape_slat",
                  "tex_flow": "tex_slat"}
 UNCOND_INPUTS = ("cond_global", "cond_proj")  # zero in the unconditional CFG half (pipeline neg_cond)
 

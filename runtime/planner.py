@@ -420,8 +420,8 @@ def format_plan(plan: Plan, model: MemoryModel | None = None) -> str:
 
 
 SHORT_NAMES = {"sparse_structure_flow_model": "ss_flow", "sparse_structure_decoder": "ss_dec",
-               "shape_slat_flow_model_512": "shape_flow_lr", "shape_slat_flow_model_1024": "shape_flow_hr",
-               "tex_slat_flow_model_1024": "tex_flow", "shape_slat_decoder": "shape_dec", "tex_slat_decoder": "tex_dec"}
+               "shape_slat_flow_model_512": "shape_flow_512", "shape_slat_flow_model_1024": "shape_flow_1024",
+               "tex_slat_flow_model_1024": "tex_flow_1024", "shape_slat_decoder": "shape_dec", "tex_slat_decoder": "tex_dec"}
 
 
 def _short(net: str) -> str:

@@ -8,8 +8,8 @@ It lives in the runtime because both sides read it: export imports runtime, neve
 | spec            | network (pipeline key)          | dynamic axes            |
 |-----------------|---------------------------------|-------------------------|
 | ss_flow         | sparse_structure_flow_model     | B (1..2: CFG halves)    |
-| shape_flow_lr   | shape_slat_flow_model_512 @32³  | B, N (tokens)           |
-| shape_flow_hr   | shape_slat_flow_model_1024 @64³/@96³ | B, N               |
+| shape_lr_flow   | shape_slat_flow_model_512 @32³  | B, N (tokens)           |
+| shape_hr_flow   | shape_slat_flow_model_1024 @64³/@96³ | B, N               |
 | tex_flow        | tex_slat_flow_model_1024        | B, N                    |
 | ss_decoder      | sparse_structure_decoder        | -                       |
 | dinov3_lr/_hr   | DINOv3 at the LR / HR image size (512 / 1024) | -         |
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 # token counts of the reference object: opt points of the dynamic-N profiles
-REFERENCE_TOKENS = {"shape_flow_lr": 4377, "shape_flow_hr": 17489, "tex_flow": 17489}
+REFERENCE_TOKENS = {"shape_lr_flow": 4377, "shape_hr_flow": 17489, "tex_flow": 17489}
 # upper bound of N for the HR stages: 64k covers the heavy 1024 case (≈45k) and the 1536 cap (49,152)
 DEFAULT_MAX_TOKENS_HR = 65536
 MIN_TOKENS = 1  # thin objects can have very few active voxels; an engine must still run them
@@ -183,7 +183,7 @@ def dinov3_spec(name: str, dino_config: dict, image_size: int) -> ExportSpec:
     )
 
 
-SPEC_NAMES = ("ss_flow", "shape_flow_lr", "shape_flow_hr", "tex_flow", "ss_decoder", "dinov3_lr", "dinov3_hr")
+SPEC_NAMES = ("ss_flow", "shape_lr_flow", "shape_hr_flow", "tex_flow", "ss_decoder", "dinov3_lr", "dinov3_hr")
 
 
 def build_specs(configs: dict, dino_config: dict, geometry, max_tokens: int | None = None,
@@ -196,14 +196,14 @@ def build_specs(configs: dict, dino_config: dict, geometry, max_tokens: int | No
     specs = []
     if "sparse_structure_flow_model" in configs:
         specs.append(ss_flow_spec(configs["sparse_structure_flow_model"], g))
-    sparse = [("shape_flow_lr", "shape_slat_flow_model_512"), ("shape_flow_hr", "shape_slat_flow_model_1024"),
+    sparse = [("shape_lr_flow", "shape_slat_flow_model_512"), ("shape_hr_flow", "shape_slat_flow_model_1024"),
               ("tex_flow", "tex_slat_flow_model_1024")]
     for name, key in sparse:
         if key not in configs:
             continue
         grid = int(configs[key]["args"]["resolution"])
         # the LR stage cannot exceed its grid; the HR stages run at grid (1024) or 1.5·grid (1536)
-        hi = grid ** 3 if name == "shape_flow_lr" else min(DEFAULT_MAX_TOKENS_HR, (grid * 3 // 2) ** 3)
+        hi = grid ** 3 if name == "shape_lr_flow" else min(DEFAULT_MAX_TOKENS_HR, (grid * 3 // 2) ** 3)
         hi = min(hi, max_tokens) if max_tokens else hi
         opt = min(REFERENCE_TOKENS[name], hi)
         specs.append(sparse_flow_spec(name, key, configs[key], g, (min(MIN_TOKENS, hi), opt, hi)))

@@ -88,7 +88,7 @@ def test_full_size_specs():
     ss = specs["ss_flow"]
     assert ss.input_shapes({"B": 2}) == {"x": (2, 8, 16, 16, 16), "t": (2,), "cond_global": (2, 5, 1024), "cond_proj": (2, 4096, 1024)}
     assert ss.profiles[0].axes == {"B": (1, 2, 2)}
-    lr, hr, tex = specs["shape_flow_lr"], specs["shape_flow_hr"], specs["tex_flow"]
+    lr, hr, tex = specs["shape_lr_flow"], specs["shape_hr_flow"], specs["tex_flow"]
     assert lr.profiles[0].axes["N"] == (1, 4377, 32 ** 3)
     assert hr.profiles[0].axes["N"] == (1, 17489, 65536) == tex.profiles[0].axes["N"]
     assert tex.input_shapes({"B": 1, "N": 100}) == {
@@ -103,7 +103,7 @@ def test_full_size_specs():
     # --max-tokens caps N (and keeps opt inside the range)
     capped = {s.name: s for s in S.build_specs(configs, dino, C.FULL, max_tokens=20000)}
     assert capped["tex_flow"].profiles[0].axes["N"] == (1, 17489, 20000)
-    assert capped["shape_flow_lr"].profiles[0].axes["N"] == (1, 4377, 20000)
+    assert capped["shape_lr_flow"].profiles[0].axes["N"] == (1, 4377, 20000)
     # round trip through the manifest's JSON
     for s in specs.values():
         assert S.ExportSpec.from_json(json.loads(json.dumps(s.to_json()))).to_json() == s.to_json()
@@ -187,7 +187,7 @@ def test_stage_adapters_are_drop_in(onnx_files):
     c1, c2 = random_coords(23, 16, g), random_coords(31, 16, g)
     c2[:, 0] = 1
     coords = torch.cat([c1, c2])
-    for name, key in (("shape_flow_lr", None), ("tex_flow", "concat")):
+    for name, key in (("shape_lr_flow", None), ("tex_flow", "concat")):
         m, net = mods[name]
         assert m.in_channels == net.in_channels
         cx = net.in_channels - (8 if key else 0)

@@ -20,7 +20,7 @@ from pixal3d_rt.runtime import specs as S  # noqa: E402
 
 
 # fp8 error band of the tiny preset's flows against the unquantized network (rel L2). Measured with
-# onnxruntime: 0.031-0.040 (ss_flow, shape_flow_lr, tex_flow; B = 1 and 2); E4M3 keeps 3 mantissa bits,
+# onnxruntime: 0.031-0.040 (ss_flow, shape_lr_flow, tex_flow; B = 1 and 2); E4M3 keeps 3 mantissa bits,
 # so each quantized GEMM operand carries ~2-3 % rounding noise. Above 0.1 something is wrong (a scale on
 # the wrong axis, a clipped activation); below 0.005 nothing was quantized.
 FP8_BAND = (0.005, 0.1)
@@ -61,7 +61,7 @@ def test_calibration_records_the_linear_inputs(tiny):
     cond_proj, whose row 1 is the all-zero unconditional condition."""
     from pixal3d_rt.export.modules import example_inputs
 
-    spec = _spec(tiny, "shape_flow_lr")
+    spec = _spec(tiny, "shape_lr_flow")
     net = tiny.load(spec, "fp8")
     cal = fp8.calibrate(spec, net, points=2, max_tokens=300, seed=7)
     assert cal.settings["dims"] == {"B": 2, "N": 300} and cal.settings["forwards"] == 2
@@ -289,7 +289,7 @@ def fp8_built(tiny, tmp_path_factory):
     if not HAVE_RTX:
         pytest.skip("tensorrt-rtx is not installed (pip install tensorrt-rtx)")
     return export_tiny(tiny, tmp_path_factory, "fp8_engines", "tensorrt-rtx", "fp8",
-                       ["ss_flow", "shape_flow_lr", "ss_decoder"], keep_onnx=True)
+                       ["ss_flow", "shape_lr_flow", "ss_decoder"], keep_onnx=True)
 
 
 @needs_rtx
@@ -306,8 +306,8 @@ def test_tensorrt_rtx_fp8_engines(fp8_built, tiny):
     assert on_disk["precision"] == "fp8" and on_disk["compute_capabilities"] == ["8.9", "12.0"]
     assert "--precision fp8" in on_disk["rebuild_command"]
     nets = on_disk["networks"]
-    assert set(nets) == {"ss_flow", "shape_flow_lr", "ss_decoder"}
-    for name in ("ss_flow", "shape_flow_lr"):
+    assert set(nets) == {"ss_flow", "shape_lr_flow", "ss_decoder"}
+    for name in ("ss_flow", "shape_lr_flow"):
         e = nets[name]
         assert e["precision"] == "fp8" and e["compute_capabilities"] == ["8.9", "12.0"]
         q = e["fp8"]
@@ -330,7 +330,7 @@ def test_tensorrt_rtx_fp8_engines(fp8_built, tiny):
         quant = fp8.quantize_linears(net, fp8.Calibration({n: s["input_amax"] for n, s in q["scales"].items()}, {}))
         _graph_checks(d / "onnx" / f"{name}.onnx", quant, TP.BFLOAT16)
     assert nets["ss_flow"]["fp8"]["calibration"]["dims"] == {"B": 2}
-    assert nets["shape_flow_lr"]["fp8"]["calibration"]["dims"] == {"B": 2, "N": 4096}
+    assert nets["shape_lr_flow"]["fp8"]["calibration"]["dims"] == {"B": 2, "N": 4096}
     # the SS decoder stays bf16, and says so
     dec = nets["ss_decoder"]
     assert dec["precision"] == "bf16" and "fp8" not in dec and "bf16" in dec["precision_note"]
@@ -359,5 +359,5 @@ def test_fp8_engines_up_to_date(fp8_built, tiny):
 
     d, manifest, _ = fp8_built
     log = []
-    export_engines(tiny, "tensorrt-rtx", d, precision="fp8", only=["ss_flow", "shape_flow_lr", "ss_decoder"], progress=log.append)
+    export_engines(tiny, "tensorrt-rtx", d, precision="fp8", only=["ss_flow", "shape_lr_flow", "ss_decoder"], progress=log.append)
     assert sum("up to date" in line for line in log) == 3, log

@@ -380,7 +380,7 @@ def check(weights, preset, resolution, images, output_path):
                    "DINOv3 stay bf16).")
 @click.option("--max-tokens", type=click.IntRange(1, 1 << 22), default=None,
               help="Upper bound of the token count N of the sparse flows' profiles (default: the grid, 65,536 for the HR stages).")
-@click.option("--only", default=None, help="Comma-separated networks: ss_flow, shape_flow_lr, shape_flow_hr, tex_flow, ss_decoder, dinov3_lr, dinov3_hr.")
+@click.option("--only", default=None, help="Comma-separated networks: ss_flow, shape_lr_flow, shape_hr_flow, tex_flow, ss_decoder, dinov3_lr, dinov3_hr.")
 @click.option("--compute-capability", "ccs", default=None, help="TensorRT-RTX: comma-separated compute capabilities (default 8.0,8.6,8.9,12.0; 8.9,12.0 with --precision fp8).")
 @click.option("--force", is_flag=True, help="Rebuild engines even when they are up to date.")
 @click.option("--keep-onnx", is_flag=True, help="Keep the ONNX files under OUT/onnx/.")
@@ -530,12 +530,21 @@ main.add_command(serve)
 @click.option("--gpu-profile", "profiles", multiple=True, type=click.Choice(["rtx3060-12gb", "rtx4070-12gb", "rtx4080-16gb", "rtx4090-24gb", "rtx5090-32gb"]),
               help="Run at that card's memory and add a roofline projection of each stage's time (labelled projection).")
 @click.option("--glb-runs", type=click.IntRange(0, 100), default=None, help="How many runs per resolution go on to the GLB export (default: all).")
+@click.option("--quality", is_flag=True, help="Also run the fp32 eager path and each fast path once and report each stage "
+              "output's relative error and the mesh's Chamfer distance and F-score against fp32 eager (extra runs).")
+@click.option("--quality-engines", "quality_engines", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --quality: an engine directory (pixal3d-rt export) whose networks make the `engines` path.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"), show_default=True,
               help="Folder for bench.json, bench.md and the charts.")
-def bench_cmd(preset, weights, resolutions, images, runs, backend, device, seed, steps, budgets, profiles, glb_runs, out_dir):
+def bench_cmd(preset, weights, resolutions, images, runs, backend, device, seed, steps, budgets, profiles, glb_runs, quality,
+              quality_engines, out_dir):
     """Time and measure every stage from image to GLB (cold, warm, memory budgets); JSON, Markdown, charts."""
     if (preset is None) == (weights is None):
         _fail("give --preset reference|tiny or --weights DIR")
+    if quality_engines is not None:
+        if not quality:
+            _fail("--quality-engines is the engines path of --quality: give --quality too")
+        _check_engines(quality_engines, _check_device(device))
     try:
         budget_list = [float(b) for b in budgets.replace(" ", "").split(",") if b]
     except ValueError:
@@ -549,7 +558,7 @@ def bench_cmd(preset, weights, resolutions, images, runs, backend, device, seed,
                    "structure; timings and memory are real, the assets are not generations.", err=True)
     report = run_bench(preset=preset, weights=weights, resolutions=[int(r) for r in resolutions] or [1024], images=images,
                        runs=runs, backend=backend, out_dir=out_dir, device=device, seed=seed, steps=steps,
-                       budgets_gib=budget_list, gpu_profiles=profiles, glb_runs=glb_runs)
+                       budgets_gib=budget_list, gpu_profiles=profiles, glb_runs=glb_runs, quality=quality, engines=quality_engines)
     click.echo((out_dir / "bench.md").read_text())
     failed = [p["resolution"] for p in report["resolutions"] if "error" in p]
     click.echo(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}" + "".join(f", {out_dir / c}" for c in report.get("charts", [])))
