@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from pixal3d_rt.bench import MemorySampler, NvmlProbe, OpCounter, StageRecorder, roofline
+from pixal3d_rt.runtime.stages import stages_for
 
 CLI = [shutil.which("pixal3d-rt", path=str(Path(sys.executable).parent)) or shutil.which("pixal3d-rt") or "pixal3d-rt"]
-STAGES_1024 = ["preprocess", "dinov3", "ss_flow", "ss_decoder", "shape_lr_cond", "shape_lr_flow", "upsample", "shape_hr_cond",
-               "shape_hr_flow", "tex_cond", "tex_flow", "shape_decoder", "mesh_extraction", "tex_decoder", "glb_export"]
+STAGES_1024 = [s.name for s in stages_for(1024, with_glb=True)]
 GLB_STEPS = {"glb_clean", "glb_simplify", "glb_uv", "glb_bake", "glb_write"}
 
 
@@ -34,7 +34,7 @@ def tiny_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     res = subprocess.run(CLI + ["bench", "--preset", "tiny", "--resolution", "1024", "--runs", "2", "--device", "cpu",
-                                "--steps", "3", "--out", str(out)], capture_output=True, text=True, env=env, timeout=900)
+                                "--steps", "3", "--quality", "--out", str(out)], capture_output=True, text=True, env=env, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
     return out, res
 
@@ -67,7 +67,7 @@ def test_bench_json_has_every_stage_with_positive_times_and_memory(tiny_bench):
             assert s["wall_s"] >= 0 and s["part_of"] == "glb_export"
         _positive(run["total_wall_s"], "total_wall_s")
         assert run["total_wall_s"] >= sum(r["wall_s"] for r in run["stages"][1:])  # stages lie within the run
-        for key in ("ss", "shape_lr", "shape_hr", "voxels"):
+        for key in ("ss_flow", "shape_lr_flow", "shape_hr_flow", "tex_flow", "voxels"):
             _positive(run["tokens"][key], key)
         _positive(run["mesh_faces"], "mesh_faces")
         _positive(run["glb_faces"], "glb_faces")
@@ -85,6 +85,78 @@ def test_bench_markdown_and_charts(tiny_bench):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, name
     assert "bench.json" in res.stdout
+
+
+# every stage of the 1024 cascade that computes a tensor the quality column compares
+QUALITY_STAGES = {"dinov3_lr", "dinov3_hr", "ss_flow", "ss_decoder", "shape_lr_cond", "shape_lr_flow", "shape_hr_cond",
+                  "shape_hr_flow", "tex_cond", "tex_flow", "shape_decoder", "tex_decoder"}
+BF16_BOUND = 0.05  # bf16 flows / fp16 decoders on the tiny preset measure ~1e-2 and below
+
+
+def _quality(out):
+    (part,) = json.loads((out / "bench.json").read_text())["resolutions"]
+    q = part["quality"]
+    return q, {p["path"]: p for p in q["paths"]}
+
+
+def test_quality_paths_on_the_cpu(tiny_bench):
+    q, paths = _quality(tiny_bench[0])
+    assert q["reference"] == "fp32_eager" and q["resolution"] == 1024
+    assert set(paths) == {"fp32_eager_repeat", "bf16_eager", "fp8_simulated"}
+    assert {u["path"] for u in q["unavailable"]} == {"cuda", "engines"}
+    for name, p in paths.items():
+        assert "error" not in p, (name, p.get("error"))
+        assert p["finite"] is True
+        assert {r["stage"] for r in p["outputs"]} == QUALITY_STAGES, name
+        for r in p["outputs"]:
+            assert isinstance(r["rel_l2"], float) and 0 <= r["rel_l2"] < float("inf"), (name, r)
+            if "coord_iou" in r:  # the paths follow the reference's structure: the same voxels
+                assert r["coord_iou"] == 1.0, (name, r)
+        for key in ("chamfer", "f_score", "precision", "recall"):
+            assert isinstance(p["mesh"][key], float), (name, key)
+        _positive(p["mesh"]["faces"], name + " faces")
+    floor = q["mesh_metric"]["sampling_floor"]
+    assert 0 < floor["chamfer"] < 0.01 and floor["f_score"] > 0.99
+
+
+def test_quality_of_the_reference_path_against_itself_is_exact(tiny_bench):
+    _, paths = _quality(tiny_bench[0])
+    same = paths["fp32_eager_repeat"]
+    assert all(r["rel_l2"] == 0.0 for r in same["outputs"]), same["outputs"]
+    assert same["mesh"]["chamfer"] == 0.0 and same["mesh"]["f_score"] == 1.0
+    flips = same["structure_flips"]
+    assert flips["occupancy"]["coord_iou"] == 1.0 and flips["subdivision_decisions_changed"] == 0
+    assert flips["subdivision_decisions"] > 0
+
+
+def test_quality_of_bf16_is_a_small_nonzero_error(tiny_bench):
+    _, paths = _quality(tiny_bench[0])
+    bf16 = {r["stage"]: r["rel_l2"] for r in paths["bf16_eager"]["outputs"]}
+    for stage in ("ss_flow", "shape_lr_flow", "shape_hr_flow", "tex_flow", "shape_decoder", "tex_decoder"):
+        assert 0 < bf16[stage] < BF16_BOUND, (stage, bf16[stage])
+    assert bf16["dinov3_lr"] == 0.0  # DINOv3 runs in fp32 on every path
+    mesh = paths["bf16_eager"]["mesh"]
+    assert 0 < mesh["chamfer"] < 0.01 and 0.9 < mesh["f_score"] <= 1.0
+    fp8 = {r["stage"]: r["rel_l2"] for r in paths["fp8_simulated"]["outputs"]}
+    assert bf16["shape_hr_flow"] < fp8["shape_hr_flow"] < 1.0  # E4M3 rounds coarser than bf16
+
+
+def test_quality_table_in_the_markdown(tiny_bench):
+    md = (tiny_bench[0] / "bench.md").read_text()
+    assert "### quality against the fp32 eager path" in md
+    assert "| stage | output | fp32_eager_repeat | bf16_eager | fp8_simulated |" in md
+    for row in ("| mesh_extraction | mesh Chamfer |", "| mesh_extraction | mesh F-score@0.01 |", "| tex_flow | texture latent |"):
+        assert row in md
+    assert "- cuda: not run" in md and "- engines: not run" in md
+
+
+def test_quality_engines_needs_quality_and_an_engine_directory(tmp_path):
+    base = CLI + ["bench", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path)]
+    res = subprocess.run(base + ["--quality-engines", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "give --quality too" in res.stderr
+    res = subprocess.run(base + ["--quality", "--quality-engines", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "engine directory not found" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bench.json").exists()
 
 
 def test_bench_refuses_budgets_on_the_cpu(tmp_path):
@@ -136,3 +208,77 @@ def _sampler():
 def test_roofline_takes_the_slower_of_compute_and_memory():
     assert roofline(2e12, 1e9, tflops=100, gbs=1000) == pytest.approx(0.02)
     assert roofline(1e9, 4e9, tflops=100, gbs=1000) == pytest.approx(0.004)
+
+
+# ---------------------------------------------------------------------------------------------
+# the quality metrics (tools/metrics.py)
+
+
+def _square(z=0.0, size=1.0):
+    v = torch.tensor([[0, 0, z], [size, 0, z], [size, size, z], [0, size, z]], dtype=torch.float64)
+    return v, torch.tensor([[0, 1, 2], [0, 2, 3]])
+
+
+def test_rel_l2_and_rows_matched_by_coordinates():
+    from pixal3d_rt.tools.metrics import match_rows, rel_l2, sparse_rel_l2
+
+    x = torch.randn(50, 4)
+    assert rel_l2(x, x) == 0.0 and rel_l2(1.01 * x, x) == pytest.approx(0.01, rel=1e-5)
+    coords = torch.randint(0, 64, (400, 4)).unique(dim=0)
+    feats = torch.randn(coords.shape[0], 3)
+    perm = torch.randperm(coords.shape[0])
+    ia, ib = match_rows(coords[perm], coords)
+    assert torch.equal(coords[perm][ia], coords[ib]) and ia.numel() == coords.shape[0]
+    same = sparse_rel_l2(coords[perm], feats[perm], coords, feats)  # order does not matter
+    assert same["rel_l2"] == 0.0 and same["coord_iou"] == 1.0
+    half = sparse_rel_l2(coords[perm][: coords.shape[0] // 2], 2 * feats[perm][: coords.shape[0] // 2], coords, feats)
+    assert half["coord_iou"] == pytest.approx(0.5, abs=0.01) and half["rel_l2"] == pytest.approx(1.0)
+
+
+def test_surface_samples_are_area_weighted_and_seeded():
+    from pixal3d_rt.tools.metrics import sample_surface
+
+    v = torch.tensor([[0, 0, 0], [3, 0, 0], [0, 1, 0], [0, 0, 5], [1, 0, 5], [0, 1, 5]], dtype=torch.float64)
+    f = torch.tensor([[0, 1, 2], [3, 4, 5]])  # areas 1.5 and 0.5
+    p = sample_surface(v, f, 20_000, seed=3)
+    assert torch.equal(p, sample_surface(v, f, 20_000, seed=3)) and not torch.equal(p, sample_surface(v, f, 20_000, seed=4))
+    share = float((p[:, 2] < 1).double().mean())
+    assert share == pytest.approx(0.75, abs=0.02)
+    low = p[p[:, 2] < 1]
+    assert (low[:, 0] / 3 + low[:, 1] <= 1 + 1e-9).all()  # inside the triangle
+
+
+def test_chamfer_and_fscore_of_a_shifted_surface():
+    from pixal3d_rt.tools.metrics import _nearest_torch, mesh_distance, nearest_distances
+
+    v, f = _square()
+    same = mesh_distance(v, f, v, f, n=5_000)
+    assert same["chamfer"] == 0.0 and same["f_score"] == 1.0
+    near = mesh_distance(_square(z=0.005)[0], f, v, f, n=5_000)  # within tau: every point counts
+    assert near["chamfer"] == pytest.approx(0.005, rel=0.01) and near["f_score"] == 1.0
+    far = mesh_distance(_square(z=0.02)[0], f, v, f, n=5_000)  # beyond tau: none does
+    assert far["chamfer"] == pytest.approx(0.02, rel=0.01) and far["f_score"] == 0.0
+    a, b = torch.randn(3000, 3), torch.randn(2000, 3)
+    assert torch.allclose(nearest_distances(a, b), _nearest_torch(a.double(), b.double()), atol=1e-12)
+
+
+def test_quality_engines_path_with_a_cpu_package(tmp_path):
+    """The `engines` quality path on an AOTInductor CPU package of the tiny SS flow (the one engine
+    kind a CPU runs), built by `pixal3d-rt export` as a user builds it."""
+    engines, out = tmp_path / "engines", tmp_path / "bench"
+    built = subprocess.run(CLI + ["export", "--preset", "tiny", "--target", "aoti", "--device", "cpu", "--only", "ss_flow",
+                                  "--precision", "fp32", "--out", str(engines)], capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stderr[-2000:]
+    res = subprocess.run(CLI + ["bench", "--preset", "tiny", "--resolution", "512", "--runs", "1", "--glb-runs", "0", "--device", "cpu",
+                                "--steps", "2", "--quality", "--quality-engines", str(engines), "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    q, paths = _quality(out)
+    eng = paths["engines"]
+    assert "error" not in eng and eng["engines"]["replaced"] == ["sparse_structure_flow_model"]
+    assert eng["engines"]["target"] == "aoti" and eng["engines"]["networks"]["ss_flow"]["precision"] == "fp32"
+    errors = {r["stage"]: r["rel_l2"] for r in eng["outputs"]}
+    assert 0 < errors["ss_flow"] < 1e-4  # an fp32 package: rounding-level differences from the eager network
+    assert all(e < 1e-4 for e in errors.values()) and eng["mesh"]["f_score"] == 1.0
+    assert "engines" not in {u["path"] for u in q["unavailable"]}
+    assert "| engines |" in (out / "bench.md").read_text()

@@ -400,6 +400,21 @@ def run_worker(args: dict, save=lambda part: None) -> dict:
     if args.get("count"):
         part["counted"] = _count_pass(pipe, args, sampler, load_image(images[0]), glb)
         save(part)
+    if args.get("upstream"):
+        from .bench_upstream import upstream_pass
+        from .errors import first_line
+
+        try:
+            part["upstream"] = upstream_pass(pipe, args, load_image(images[0]), args["upstream"],
+                                             say=lambda m: _say(f"[bench {res}] {m}"))
+        except Exception as e:  # what failed is reported; the other phases still run
+            part["upstream"] = {"dir": args["upstream"], "error": f"{type(e).__name__}: {first_line(e)}"}
+        save(part)
+    if args.get("quality"):  # last: it builds fp32 and bf16 copies of the networks
+        from .bench_quality import quality_pass
+
+        part["quality"] = quality_pass(pipe, args, load_image(images[0]), say=lambda m: _say(f"[bench {res}] {m}"))
+        save(part)
     sampler.stop()
     part["sampler_samples"] = sampler.samples
     return part
@@ -490,7 +505,8 @@ def _say(msg):
 
 
 def run_bench(preset=None, weights=None, resolutions=(1024,), images=(), runs=2, backend=None, out_dir="bench-out",
-              device=None, seed=42, steps=None, budgets_gib=(), gpu_profiles=(), glb_runs=None, say=_say) -> dict:
+              device=None, seed=42, steps=None, budgets_gib=(), gpu_profiles=(), glb_runs=None, quality=False,
+              engines=None, upstream=None, say=_say) -> dict:
     """Run every resolution in its own worker process and write bench.json, bench.md and charts to
     out_dir. Returns the report dict."""
     import torch
@@ -504,7 +520,9 @@ def run_bench(preset=None, weights=None, resolutions=(1024,), images=(), runs=2,
     budgets = sorted(set(budgets), reverse=True)
     settings = {"preset": preset, "weights": str(weights) if weights else None, "resolutions": list(resolutions),
                 "images": images, "runs": runs, "backend": backend, "device": device, "seed": seed, "steps": steps,
-                "budgets_gib": budgets, "gpu_profiles": list(gpu_profiles), "glb_runs": glb_runs}
+                "budgets_gib": budgets, "gpu_profiles": list(gpu_profiles), "glb_runs": glb_runs, "quality": bool(quality),
+                "engines": str(Path(engines).resolve()) if engines else None,
+                "upstream": str(Path(upstream).resolve()) if upstream else None}
     report = {"kind": "bench", "environment": environment(device), "settings": settings, "resolutions": []}
     if preset == "reference":
         report["note"] = ("reference preset: full-size networks with seeded random weights and a reference shape's "
@@ -638,6 +656,15 @@ def markdown(report: dict) -> str:
             for b in part["budgets"]:
                 lines.append(f"| {b['budget_gib']} | {'pass' if b['passed'] else 'OOM'} | {b.get('failed_stage') or ''} | "
                              f"{_gb(b.get('nvml_peak_bytes'))} | {_gb(b.get('torch_peak_allocated_bytes'))} |")
+        if part.get("upstream"):
+            from .bench_upstream import markdown as upstream_markdown
+
+            up = part["upstream"]
+            lines += ["", f"### side by side with upstream's modules: failed: {up['error']}"] if "error" in up else upstream_markdown(up)
+        if part.get("quality"):
+            from .bench_quality import markdown as quality_markdown
+
+            lines += quality_markdown(part["quality"])
     for p in report.get("projections", []):
         mem = p["memory_budget"]
         fits = "–" if mem is None else ("fits" if mem["passed"] else f"does not fit today (OOM in {mem.get('failed_stage')})")
