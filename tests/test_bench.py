@@ -159,6 +159,81 @@ def test_quality_engines_needs_quality_and_an_engine_directory(tmp_path):
     assert not (tmp_path / "bench.json").exists()
 
 
+# ---------------------------------------------------------------------------------------------
+# --upstream: the refusal, and the plumbing on a stand-in package (upstream's source is never in the
+# repository; the real comparison is a GPU run with its source)
+
+STAND_IN = {  # upstream's module layout, each module re-exporting this project's definition
+    "pixal3d/__init__.py": "raise ImportError(\"upstream's __init__ imports its whole pipeline: the benchmark must not run it\")\n",
+    "pixal3d/models/__init__.py": "from pixal3d_rt.models.flow import SLatFlowModel, SparseStructureFlowModel  # noqa: F401\n"
+                                  "from pixal3d_rt.models.sc_vae import FlexiDualGridVaeDecoder, SparseUnetVaeDecoder  # noqa: F401\n"
+                                  "from pixal3d_rt.models.ss_decoder import SparseStructureDecoder  # noqa: F401\n",
+    "pixal3d/models/sc_vaes/__init__.py": "",
+    "pixal3d/models/sc_vaes/sparse_unet_vae.py": "from pixal3d_rt.models.sc_vae import SparseUnetVaeDecoder  # noqa: F401\n",
+    "pixal3d/modules/sparse/__init__.py": "from pixal3d_rt.models.sparse import SparseTensor  # noqa: F401\n",
+    "pixal3d/modules/image_feature_extractor.py": "from pixal3d_rt.models.dinov3 import extract_tokens\n\n\n"
+                                                  "class DinoV3FeatureExtractor:\n    def __call__(self, image):\n"
+                                                  "        return extract_tokens(self.model, image)\n",
+}
+UPSTREAM_COMPARED = {"dinov3_lr", "dinov3_hr", "ss_flow", "ss_decoder", "shape_lr_flow", "upsample", "shape_hr_flow", "tex_flow",
+                     "shape_decoder", "tex_decoder"}
+
+
+def _write_stand_in(root: Path) -> Path:
+    for rel, text in STAND_IN.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_upstream_refuses_a_folder_without_an_importable_package(tmp_path):
+    base = CLI + ["bench", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "out")]
+    res = subprocess.run(base + ["--upstream", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "--upstream" in res.stderr and "no upstream package here" in res.stderr
+    broken = tmp_path / "broken"
+    (broken / "pixal3d" / "models").mkdir(parents=True)
+    (broken / "pixal3d" / "models" / "__init__.py").write_text("import flex_gemm_that_is_not_installed\n")
+    res = subprocess.run(base + ["--upstream", str(broken)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "does not import here: ModuleNotFoundError" in res.stderr
+    assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_upstream_side_by_side_plumbing_on_a_stand_in_package(tmp_path):
+    """A stand-in made of this project's own modules in upstream's layout: every compared stage must
+    give upstream's output equal to ours (same recorded inputs, same weights), positive times and
+    ratio = ours / upstream; the stages upstream cannot run here are marked, not estimated."""
+    import importlib.util
+
+    out = tmp_path / "out"
+    res = subprocess.run(CLI + ["bench", "--preset", "tiny", "--resolution", "1024", "--runs", "1", "--glb-runs", "0", "--device", "cpu",
+                                "--steps", "2", "--upstream", str(_write_stand_in(tmp_path / "up")), "--out", str(out)],
+                         capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (part,) = json.loads((out / "bench.json").read_text())["resolutions"]
+    up = part["upstream"]
+    assert "error" not in up, up.get("error")
+    assert [r["stage"] for r in up["stages"]] == STAGES_1024
+    for r in up["stages"]:
+        if r["stage"] not in UPSTREAM_COMPARED:
+            assert r["not_run"] and "ours_s" not in r, r
+            continue
+        assert "not_run" not in r, r
+        _positive(r["ours_s"], r["stage"] + " ours_s")
+        _positive(r["upstream_s"], r["stage"] + " upstream_s")
+        assert r["ratio_ours_over_upstream"] == pytest.approx(r["ours_s"] / r["upstream_s"])
+        if r["stage"] == "upsample":
+            assert r["coord_iou_upstream_vs_ours"] == 1.0
+        else:
+            assert r["rel_l2_upstream_vs_ours"] == 0.0, r
+    assert set(up["compared_total"]["stages"]) == UPSTREAM_COMPARED
+    if importlib.util.find_spec("o_voxel") is None:
+        assert any(s.startswith("o_voxel") for s in up["stand_ins"])
+    md = (out / "bench.md").read_text()
+    assert "### side by side with upstream's modules" in md and "| mesh_extraction | – | – | not run |" in md
+
+
 def test_bench_refuses_budgets_on_the_cpu(tmp_path):
     res = subprocess.run(CLI + ["bench", "--preset", "tiny", "--device", "cpu", "--vram-budget", "8", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)

@@ -534,10 +534,13 @@ main.add_command(serve)
               "output's relative error and the mesh's Chamfer distance and F-score against fp32 eager (extra runs).")
 @click.option("--quality-engines", "quality_engines", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With --quality: an engine directory (pixal3d-rt export) whose networks make the `engines` path.")
+@click.option("--upstream", "upstream_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A folder holding upstream's `pixal3d` package (never part of this repository): also run its modules "
+              "stage by stage on the same inputs and weights and report ours/upstream per stage.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"), show_default=True,
               help="Folder for bench.json, bench.md and the charts.")
 def bench_cmd(preset, weights, resolutions, images, runs, backend, device, seed, steps, budgets, profiles, glb_runs, quality,
-              quality_engines, out_dir):
+              quality_engines, upstream_dir, out_dir):
     """Time and measure every stage from image to GLB (cold, warm, memory budgets); JSON, Markdown, charts."""
     if (preset is None) == (weights is None):
         _fail("give --preset reference|tiny or --weights DIR")
@@ -545,6 +548,12 @@ def bench_cmd(preset, weights, resolutions, images, runs, backend, device, seed,
         if not quality:
             _fail("--quality-engines is the engines path of --quality: give --quality too")
         _check_engines(quality_engines, _check_device(device))
+    if upstream_dir is not None:
+        from .bench_upstream import check as check_upstream
+
+        reason = check_upstream(upstream_dir)  # in a fresh process: importing it here would leave it in this one
+        if reason:
+            _fail(f"--upstream: {reason}")
     try:
         budget_list = [float(b) for b in budgets.replace(" ", "").split(",") if b]
     except ValueError:
@@ -558,7 +567,8 @@ def bench_cmd(preset, weights, resolutions, images, runs, backend, device, seed,
                    "structure; timings and memory are real, the assets are not generations.", err=True)
     report = run_bench(preset=preset, weights=weights, resolutions=[int(r) for r in resolutions] or [1024], images=images,
                        runs=runs, backend=backend, out_dir=out_dir, device=device, seed=seed, steps=steps,
-                       budgets_gib=budget_list, gpu_profiles=profiles, glb_runs=glb_runs, quality=quality, engines=quality_engines)
+                       budgets_gib=budget_list, gpu_profiles=profiles, glb_runs=glb_runs, quality=quality, engines=quality_engines,
+                       upstream=upstream_dir)
     click.echo((out_dir / "bench.md").read_text())
     failed = [p["resolution"] for p in report["resolutions"] if "error" in p]
     click.echo(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}" + "".join(f", {out_dir / c}" for c in report.get("charts", [])))
