@@ -319,14 +319,17 @@ class MemoryModel:
         for net in sp.weights:
             if sp.weights[net] != RESIDENT and self.networks[net].units:
                 steps.append(("stream", net))
-        applied = []
+        first: dict = {}  # knob -> its value before any turn (in the order first turned)
         for key, value in steps:
-            applied.append((key, value, self._turn(sp, key, value)))
+            before = self._turn(sp, key, value)
+            first.setdefault(key if key != "stream" else ("stream", value), before)
             if self.peak(sp, resident) <= budget:
-                for k, v, before in reversed(applied[:-1]):  # undo what the last knob made unnecessary
-                    self._turn(sp, k, before)
+                # undo every earlier knob the last one made unnecessary (each back to its start)
+                for knob in reversed(list(first)[:-1]):
+                    name = knob if not isinstance(knob, tuple) else "stream"
+                    now = self._turn(sp, name, first[knob])
                     if self.peak(sp, resident) > budget:
-                        self._turn(sp, k, v)
+                        self._turn(sp, name, now)
                 return True
         return False
 

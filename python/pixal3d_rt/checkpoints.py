@@ -418,16 +418,17 @@ def check_weights(files: WeightFiles, need: set | None = None) -> list[dict]:
 
 
 def load_weights(weights, device="cpu", dtype: str | None = None, need: set | None = None, progress=None,
-                 checked: list | None = None) -> Weights:
+                 checked: list | None = None, read: bool = True) -> Weights:
     """Load a weights set (directory, Hub id or WeightFiles) after checking all of it (`check_weights`;
     pass its rows as `checked` when already done). `need` limits which pipeline models load;
-    `progress(name, bytes, total_bytes)` is told after each network."""
+    `progress(name, bytes, total_bytes)` is told after each network. read=False: the pipeline
+    networks are checked but their tensors left unread (a host weights store reads them per stage)."""
     files = locate_weights(weights, need)
     size = {r["network"]: r["bytes"] for r in (checked if checked is not None else check_weights(files, need))}
     total = sum(size.values())
     models, configs = {}, {}
     for key in wanted_models(need):
-        models[key], configs[key] = load_network(files.models[key], PIPELINE_MODELS[key], device, dtype)
+        models[key], configs[key] = load_network(files.models[key], PIPELINE_MODELS[key], device, dtype, read=read)
         if progress:
             progress(key, size[key], total)
     dino, dino_cfg = load_dinov3(files.dinov3_dir, device)

@@ -202,6 +202,7 @@ class Pipeline:
         self.probe = None  # runtime.memory.StagePeak: per-stage peaks recorded into Result.stage_peaks
         self.last_plan = None
         self._placements: dict = {}  # network -> residency.NetworkWeights
+        self.host_store = None  # residency.HostWeightStore under a host budget (use_host_store)
         self._stage_flow = None
         self.conditioner = ImageConditioner(weights.dinov3, weights.naf)
         args = weights.pipeline_args
@@ -238,13 +239,15 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, weights="TencentARC/Pixal3D", device=None, resolution: int = 1024, backend: str | None = None,
-                        progress=None, vram_budget: float | str | None = None) -> "Pipeline":
+                        progress=None, vram_budget: float | str | None = None, host_budget: float | None = None) -> "Pipeline":
         """Load the official weights: a directory in the official layout or a Hugging Face id
         (downloaded on first use into the Hugging Face cache). Every file is checked before a tensor
         is read. device: "cuda" or "cpu" (default: cuda when available; the CPU runs fp32).
         resolution 512 loads only the networks a shape-only run needs. vram_budget: GiB of device
         memory every run must stay inside ("auto": the free memory less a margin; None: no plan,
-        everything resident); with a number the weights stay on the host and move per stage."""
+        everything resident); with a number the weights stay on the host and move per stage.
+        host_budget: GiB of host memory for the flow and decoder weights under a vram_budget: they are
+        read from their (memory-mapped) files per stage, kept while they fit, re-read otherwise."""
         from .checkpoints import check_weights, locate_weights
 
         device = device or default_device()
@@ -258,11 +261,14 @@ class Pipeline:
         # under a budget the weights load to the host (in the device's dtypes) and the plan moves them
         where = "cpu" if isinstance(vram_budget, (int, float)) and str(device) != "cpu" else device
         say.stage("load", f"{sum(r['bytes'] for r in checked) / 1e9:.2f} GB from {files.source} to {where}")
+        stored = host_budget is not None and where == "cpu" and vram_budget is not None
         with _memory_budget("load"):
-            w = load_weights(files, device=where, dtype=dtype, need=need, checked=checked,
+            w = load_weights(files, device=where, dtype=dtype, need=need, checked=checked, read=not stored,
                              progress=lambda key, nbytes, total: say.advance("load", nbytes, total))
         pipe = cls(w, device=device, backend=backend)
         pipe.vram_budget = vram_budget
+        if stored:
+            pipe.use_host_store(int(host_budget * 2**30), files)
         pipe.load_seconds = time.perf_counter() - t0
         say.stage_done("load", pipe.load_seconds)
         return pipe
@@ -536,7 +542,12 @@ class Pipeline:
     def memory_model(self):
         """The planner's model of this pipeline on its device: network sizes, measured stage costs,
         the device's non-torch overhead."""
-        return memory_model_for(self.w, self.stage_costs, self.backend, device_overhead(self.device))
+        from .runtime.planner import NetworkSize
+
+        model = memory_model_for(self.w, self.stage_costs, self.backend, device_overhead(self.device))
+        for net, nw in self._placements.items():  # sizes as stored (a store's unread networks hold nothing yet)
+            model.networks[net] = NetworkSize(nw.bytes(), nw.unit_bytes(), nw.rest_bytes(), len(nw.units))
+        return model
 
     def calibrate(self, image, resolution: int = 1024, seed: int = 42, steps: int | None = None, **run_args) -> dict:
         """Measure, in one unbudgeted run on this device, each stage's carried bytes (values earlier
@@ -620,7 +631,10 @@ class Pipeline:
                     continue  # already where it computes (loaded there): nothing to move
                 if nw is None:
                     nw = self._placements[net] = NetworkWeights(self.network(net), self.device)
-                stack.enter_context(nw.placed(mode))
+                if self.host_store is not None and net in self.host_store.networks:
+                    stack.enter_context(self.host_store.placed(net, mode))
+                else:
+                    stack.enter_context(nw.placed(mode))
             try:
                 yield
             finally:
@@ -629,13 +643,27 @@ class Pipeline:
                     flow.reset()
                     del flow
 
+    def use_host_store(self, budget_bytes: int, files) -> None:
+        """Keep the pipeline networks' host copies in a store under `budget_bytes`: read from their
+        files on first use, the least recently used dropped and re-read when the budget is short."""
+        from functools import partial
+
+        from .checkpoints import read_network_file
+        from .runtime.residency import HostWeightStore, NetworkWeights
+
+        self.host_store = HostWeightStore(budget_bytes)
+        for key, module in self.models.items():
+            self._placements[key] = self.host_store.add(key, NetworkWeights(
+                module, self.device, reader=partial(read_network_file, base=files.models[key]), host_loaded=False))
+
     def _release_placements(self, everything: bool = False) -> None:
         """Drop stage-built backends; with `everything`, resident device copies too."""
         self._stage_flow = None
         if everything:
             for nw in self._placements.values():
                 nw.to_host()
-            self._placements.clear()
+            if self.host_store is None:
+                self._placements.clear()
 
     # ----------------------------------------------------------------------------------------
 
