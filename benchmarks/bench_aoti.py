@@ -4,7 +4,7 @@ Per network, in its own subprocess (a package that crashes torch on load is repo
 build the network (the tiny preset, or full size with random weights from the golden schemas),
 time the eager path at the spec's opt shape (or `--tokens N` for the sparse flows), compile the
 package with the export command's own build step, load it, time it, and report its relative error
-against eager. The cuda backend's numbers are bench_flows.py's; this script answers whether the
+against eager. The cuda backend's numbers are the flows section's (`pixal3d-rt bench --section flows`); this script answers whether the
 aoti target runs on this machine and what it costs there.
 
     python benchmarks/bench_aoti.py [--preset tiny] [--device cpu|cuda] [--only ss_flow,shape_hr_flow]

@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ensure_package, environment, write_result  # noqa: E402
-from eager_baseline import default_schema_dir, load_config  # noqa: E402  (maps the package too)
+from common import REPO, default_schema_dir, ensure_package, environment, load_config, write_result  # noqa: E402
 
 SCHEMA = default_schema_dir()
 SCHEMA_FILES = {  # pipeline key -> schema file

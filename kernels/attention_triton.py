@@ -9,7 +9,7 @@ by `kernels.flow_kernels.qk_prologue` (normalising them per query block would re
 N / BLOCK_M times) and values are read in place from the qkv projection.
 
 The reference is `torch.nn.functional.scaled_dot_product_attention` on prologue-processed inputs;
-whether this kernel or an SDPA backend runs in the fast path is decided by `benchmarks/bench_flows.py`
+whether this kernel or an SDPA backend runs in the fast path is decided by `pixal3d-rt bench --section flows`
 on the GPU (benchmarks/flows.md).
 """
 from __future__ import annotations

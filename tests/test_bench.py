@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pixal3d_rt.bench import MemorySampler, NvmlProbe, OpCounter, StageRecorder, roofline
+from pixal3d_rt.bench_sections import SECTIONS
 from pixal3d_rt.runtime.stages import stages_for
 
 CLI = [shutil.which("pixal3d-rt", path=str(Path(sys.executable).parent)) or shutil.which("pixal3d-rt") or "pixal3d-rt"]
@@ -232,6 +233,111 @@ def test_upstream_side_by_side_plumbing_on_a_stand_in_package(tmp_path):
         assert any(s.startswith("o_voxel") for s in up["stand_ins"])
     md = (out / "bench.md").read_text()
     assert "### side by side with upstream's modules" in md and "| mesh_extraction | – | – | not run |" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# --section: the kernel and network micro-benchmarks, each in its own process
+
+CUDA_SECTIONS = sorted(n for n, s in SECTIONS.items() if s.cuda)
+GPU_SECTION_ARGS = {  # the shortest run of each CUDA section
+    "flows": ["--quick", "--sections=matmul,kernels"],
+    "eager_baseline": ["--networks=ss_flow", "--rounds=1"],
+    "sparse_conv": ["--decode-only"],
+    "conditioning": [],
+    "first_call": ["--variants=default"],
+    "sustained": ["--seconds=0.2"],
+    "attention_engines": ["--reps=2"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECTIONS))
+def test_every_section_lists_its_options_on_any_machine(name, tmp_path):
+    res = subprocess.run(CLI + ["bench", "--section", name, "--section-arg=--help", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"usage: pixal3d-rt bench --section {name}" in res.stdout and "--out" in res.stdout
+
+
+def test_every_cuda_section_has_a_gpu_test_run():
+    assert set(GPU_SECTION_ARGS) == set(CUDA_SECTIONS)
+
+
+@pytest.mark.parametrize("name", CUDA_SECTIONS)
+def test_cuda_sections_refuse_the_cpu_in_one_line(name, tmp_path):
+    res = subprocess.run(CLI + ["bench", "--section", name, "--device", "cpu", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert f"section {name} needs a CUDA GPU" in res.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", CUDA_SECTIONS)
+def test_cuda_section_runs_on_a_gpu(name, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip(f"section {name} measures CUDA kernels: it runs on a machine with a CUDA GPU")
+    args = [f"--section-arg={a}" for a in GPU_SECTION_ARGS[name]]
+    res = subprocess.run(CLI + ["bench", "--section", name, *args, "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=3000)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (path,) = tmp_path.glob(f"{SECTIONS[name].kind}_*.json")
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict) and not data.get("errors"), data.get("errors")
+    assert f"section {name}: {path}" in res.stdout
+
+
+def test_sparse_conv_section_checks_its_code_on_the_cpu(tmp_path):
+    res = subprocess.run(CLI + ["bench", "--section", "sparse_conv", "--section-arg=--smoke", "--device", "cpu", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "sparse_conv_cpu_smoke.json").read_text())
+    assert data["settings"]["smoke"] is True and not data["errors"]
+    for tag, d in data["decode"].items():
+        assert "error" not in d and d["out_finite"] is True, (tag, d)
+        assert d["level_counts"] == data["settings"]["counts"]
+    assert data["decode"]["cold_cache"]["rel_l2_vs_reference"] < 1e-2  # the Triton decode against the torch one
+    assert [lv["level"] for lv in data["levels"]] == [0, 1, 2]
+    for lv in data["levels"]:
+        for conv in lv["convs"]:
+            assert conv["variants"]["table"]["rel_l2_vs_fp32"] < 1e-2, conv
+
+
+def test_export_modes_section_on_the_cpu(tmp_path):
+    res = subprocess.run(CLI + ["bench", "--section", "export_modes", "--section-arg=--grid=32", "--section-arg=--modes=fast",
+                                "--section-arg=--texture-size=128", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "export_cpu.json").read_text())
+    fast = data["runs"]["fast"]
+    assert data["grid"] == 32 and fast["closed"] is True and fast["texture_size"] == 128
+    _positive(fast["faces"], "faces")
+    _positive(fast["steps"]["total"], "total")
+
+
+def test_section_options_are_refused_where_they_do_not_apply(tmp_path):
+    def run(*args):
+        return subprocess.run(CLI + ["bench", *args, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+
+    res = run("--section", "export_modes", "--preset", "tiny")
+    assert res.returncode == 2 and "leave out --preset/--weights" in res.stderr
+    res = run("--section-arg=--grid=32", "--preset", "tiny")
+    assert res.returncode == 2 and "name the section" in res.stderr
+    res = run("--section", "export_modes", "--upstream", str(tmp_path))
+    assert res.returncode == 2 and "--upstream with --section is for" in res.stderr
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_kernel_calls_are_counted_and_restored(monkeypatch):
+    import pixal3d_rt.bench as bench
+    from pixal3d_rt.tools import metrics
+
+    monkeypatch.setattr(bench, "CUSTOM_KERNELS", {"pixal3d_rt.tools.metrics": "rel_l2"})
+    original = metrics.rel_l2
+    x = torch.ones(3)
+    with bench.KernelCalls() as calls:
+        metrics.rel_l2(x, x), metrics.rel_l2(x, x)
+    assert calls.counts == {"rel_l2": 2} and metrics.rel_l2 is original
+    with bench.KernelCalls(enabled=False) as off:
+        metrics.rel_l2(x, x)
+    assert off.counts == {}
 
 
 def test_bench_refuses_budgets_on_the_cpu(tmp_path):

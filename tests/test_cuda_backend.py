@@ -4,7 +4,7 @@ Small random models of awkward sizes (head dim 20: 3 RoPE frequencies per axis +
 token counts that are no tile multiple). The backend's CPU path runs the same code as on CUDA with
 the pure-torch references of its fused kernels; the Triton kernels themselves are checked against
 those references in interpreter mode (TRITON_INTERPRET=1; the interpreter's bf16 products are not
-exact, so the attention kernel is checked in fp32 here and in bf16 by benchmarks/bench_flows.py).
+exact, so the attention kernel is checked in fp32 here and in bf16 by `pixal3d-rt bench --section flows`).
 CUDA graphs and the GPU kernels are exercised by the last tests when a GPU is present.
 """
 from __future__ import annotations

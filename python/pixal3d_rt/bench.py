@@ -40,6 +40,10 @@ GPU_PROFILES = {
 }
 # stages that run on the host (their time does not scale with the GPU)
 HOST_STAGES = {"preprocess"}
+# the custom GPU kernels whose calls a CUDA run counts (that the fast paths are the ones that ran);
+# their callers look them up in these modules at call time
+CUSTOM_KERNELS = {"pixal3d_rt.kernels.sparse_conv_triton": "subm_conv3d_triton",
+                  "pixal3d_rt.kernels.backproject_triton": "backproject", "pixal3d_rt.kernels.na2d_triton": "na2d_at_triton"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +197,36 @@ class StageRecorder(Progress):
     def failed_stage(self):
         """The stage that was running when an exception left the pipeline (None if none was)."""
         return next(reversed(self.open), None) if self.open else None
+
+
+class KernelCalls:
+    """Counts the calls of CUSTOM_KERNELS while entered (their module attributes wrapped)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.counts, self.saved = enabled, {}, []
+
+    def __enter__(self):
+        import importlib
+
+        if not self.enabled:
+            return self
+        for module_name, fn_name in CUSTOM_KERNELS.items():
+            module = importlib.import_module(module_name)
+            fn = getattr(module, fn_name)
+            self.counts[fn_name] = 0
+
+            def counted(*args, _fn=fn, _name=fn_name, **kwargs):
+                self.counts[_name] += 1
+                return _fn(*args, **kwargs)
+
+            self.saved.append((module, fn_name, fn))
+            setattr(module, fn_name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for module, fn_name, fn in self.saved:
+            setattr(module, fn_name, fn)
+        self.saved = []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +420,10 @@ def run_worker(args: dict, save=lambda part: None) -> dict:
         image = images[i % len(images)]
         rec = StageRecorder(device, sampler)
         glb_runs = args.get("glb_runs")
-        run = _one_run(pipe, rec, load_image(image), res, args["seed"], args["steps"], glb, glb=glb_runs is None or i < glb_runs)
+        with KernelCalls(enabled=cuda) as calls:
+            run = _one_run(pipe, rec, load_image(image), res, args["seed"], args["steps"], glb, glb=glb_runs is None or i < glb_runs)
+        if cuda:
+            run["custom_kernel_calls"] = calls.counts
         run.update({"index": i, "image": str(image), "kind": "cold" if i == 0 else "warm"})
         part["runs"].append(run)
         _say(f"[bench {res}] run {i} ({run['kind']}): {run['total_wall_s']:.2f} s, {run['mesh_faces']:,} faces")
@@ -643,8 +680,10 @@ def markdown(report: dict) -> str:
         for run in part["runs"]:
             tok = ", ".join(f"{k} {v:,}" for k, v in run["tokens"].items())
             glb = f"GLB {run['glb_faces']:,}" if run["glb_faces"] is not None else "GLB export not run"
-            lines += ["", f"### run {run['index']} ({run['kind']}): {run['total_wall_s']:.2f} s; {tok}; mesh {run['mesh_faces']:,} faces → {glb}",
-                      "", "| stage | wall s | GPU s | torch peak GB | NVML peak GB | host RSS GB | detail |", "|---|---:|---:|---:|---:|---:|---|"]
+            lines += ["", f"### run {run['index']} ({run['kind']}): {run['total_wall_s']:.2f} s; {tok}; mesh {run['mesh_faces']:,} faces → {glb}"]
+            if run.get("custom_kernel_calls"):
+                lines += ["", "custom kernels called: " + ", ".join(f"{k} {v:,}" for k, v in run["custom_kernel_calls"].items())]
+            lines += ["", "| stage | wall s | GPU s | torch peak GB | NVML peak GB | host RSS GB | detail |", "|---|---:|---:|---:|---:|---:|---|"]
             for r in waterfall(run):
                 indent = "  ↳ " if r.get("part_of") else ""
                 gpu = "–" if r.get("gpu_s") is None else f"{r['gpu_s']:.3f}"

@@ -351,7 +351,7 @@ def quality_pass(pipe, args: dict, image, say=lambda msg: None, points: int = DE
         _free()
 
     take("fp32_eager_repeat", lambda: ref_pipe, context=lambda p: strict_fp32())
-    del ref_pipe
+    ref_pipe = None  # its fp32 copies of the networks go before the other paths run
     _free()
     take("bf16_eager", lambda: variant(pipe, "eager", "upstream"))
     fp8_record = {}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from .bench_sections import SECTIONS as BENCH_SECTIONS
 from .errors import Pixal3DError
 
 
@@ -537,11 +538,22 @@ main.add_command(serve)
 @click.option("--upstream", "upstream_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A folder holding upstream's `pixal3d` package (never part of this repository): also run its modules "
               "stage by stage on the same inputs and weights and report ours/upstream per stage.")
+@click.option("--section", "sections", multiple=True, type=click.Choice(list(BENCH_SECTIONS)),
+              help="Instead of the pipeline, run a micro-benchmark section (repeatable), each in a fresh process, writing "
+              "OUT/<kind>_<gpu>.json: " + "; ".join(f"{s.name}: {s.about}" for s in BENCH_SECTIONS.values()) + ".")
+@click.option("--section-arg", "section_args", multiple=True, metavar="ARG",
+              help="An option passed to the sections named (repeatable), e.g. --section-arg=--quick; --section-arg=--help lists them.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"), show_default=True,
               help="Folder for bench.json, bench.md and the charts.")
 def bench_cmd(preset, weights, resolutions, images, runs, backend, device, seed, steps, budgets, profiles, glb_runs, quality,
-              quality_engines, upstream_dir, out_dir):
-    """Time and measure every stage from image to GLB (cold, warm, memory budgets); JSON, Markdown, charts."""
+              quality_engines, upstream_dir, sections, section_args, out_dir):
+    """Time and measure every stage from image to GLB (cold, warm, memory budgets); JSON, Markdown, charts.
+    With --section: a micro-benchmark section instead."""
+    if section_args and not sections:
+        _fail("--section-arg passes options to a --section: name the section")
+    if sections:
+        _bench_sections(sections, section_args, preset or weights, device, upstream_dir, out_dir)
+        return
     if (preset is None) == (weights is None):
         _fail("give --preset reference|tiny or --weights DIR")
     if quality_engines is not None:
@@ -574,6 +586,37 @@ def bench_cmd(preset, weights, resolutions, images, runs, backend, device, seed,
     click.echo(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}" + "".join(f", {out_dir / c}" for c in report.get("charts", [])))
     if failed:
         _fail(f"resolution {', '.join(map(str, failed))} failed (see above)", 1)
+
+
+def _bench_sections(names, section_args, source, device, upstream_dir, out_dir):
+    from .bench_sections import refusal, run_section
+
+    if source:
+        _fail("--section runs a section instead of the pipeline: leave out --preset/--weights")
+    if upstream_dir is not None:
+        if not any(BENCH_SECTIONS[n].upstream for n in names):
+            _fail(f"--upstream with --section is for {', '.join(n for n, s in BENCH_SECTIONS.items() if s.upstream)}")
+        from .bench_upstream import check as check_upstream
+
+        reason = check_upstream(upstream_dir)
+        if reason:
+            _fail(f"--upstream: {reason}")
+    import torch
+
+    cuda = device != "cpu" and torch.cuda.is_available()
+    for name in names:
+        reason = refusal(BENCH_SECTIONS[name], section_args, cuda)
+        if reason:
+            _fail(reason)
+    failed = []
+    for name in names:
+        r = run_section(BENCH_SECTIONS[name], out_dir, section_args, upstream_dir)
+        click.echo(f"section {name}: " + (", ".join(r["files"]) or "no result file written")
+                   + ("" if r["status"] == 0 else f" (exited with status {r['status']})"))
+        if r["status"] != 0:
+            failed.append(name)
+    if failed:
+        _fail(f"section {', '.join(failed)} failed (see above)", 1)
 
 
 if __name__ == "__main__":

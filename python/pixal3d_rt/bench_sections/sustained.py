@@ -1,7 +1,7 @@
 """Per-call time of the 17,489-token attention and GEMMs when run for seconds, with the SM clock
-and board power logged alongside (nvidia-smi every 100 ms): does the in-situ attention of a forward
-(3.4 ms a call in the profile) lose to the isolated one (3.0 ms) because the GPU slows down under a
-sustained load, or for another reason?
+and board power logged alongside (nvidia-smi every 100 ms): when the in-situ attention of a forward
+is slower than the isolated one, is it because the GPU slows down under a sustained load, or for
+another reason? (`pixal3d-rt bench --section sustained`)
 
 Phases, each ~2 s of back-to-back calls, timed per call with CUDA events:
   attention   cuDNN SDPA, B=1, 17,489 tokens, 12 heads x 128 (the backend's layout)
@@ -10,23 +10,22 @@ Phases, each ~2 s of back-to-back calls, timed per call with CUDA events:
   forward     the backend's batch-1 forward of shape_flow_1024 (random full-size weights, graph replay)
   idle        1 s of nothing between phases (clock recovers?)
 
-    python benchmarks/bench_sustained.py [--schema-dir DIR] [--name sustained_h200]
+    pixal3d-rt bench --section sustained [--section-arg=--schema-dir=DIR] [--out DIR]   (DIR/sustained_<gpu>.json;
+                                                   the forward phase runs with --schema-dir)
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_call_times, environment, write_result  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from .common import cuda_call_times, environment, gpu_slug, set_output, write_result
 
 N, H, D, C = 17489, 12, 128, 1536
 
@@ -45,12 +44,18 @@ def summary(ms: list[float]) -> dict:
             "last_tenth_median_ms": statistics.median(ms[-k:]), "median_ms": statistics.median(ms)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="pixal3d-rt bench --section sustained", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schema-dir", type=Path, default=None)
-    p.add_argument("--name", default="sustained_h200")
+    p.add_argument("--out", default="bench-out", help="folder of the result file")
+    p.add_argument("--name", default=None, help="result file name (default sustained_<gpu>)")
     p.add_argument("--seconds", type=float, default=2.0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the sustained section needs a CUDA GPU")
+    set_output(args.out)
+    args.name = args.name or f"sustained_{gpu_slug()}"
     torch.set_grad_enabled(False)
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -72,7 +77,7 @@ def main() -> None:
 
     phases = [("attention", attention), ("gemm", gemm), ("mixed", mixed)]
     if args.schema_dir is not None:
-        import bench_flows as bf
+        from . import flows as bf
         from pixal3d_rt.runtime import cuda_backend
 
         cfg, model = bf.build("shape_flow_1024", args.schema_dir, 1)

@@ -1,4 +1,5 @@
-"""The `cuda` backend of the flow transformers against this project's eager bf16 path (issue 4).
+"""The `cuda` backend of the flow transformers against this project's eager bf16 path
+(`pixal3d-rt bench --section flows`).
 
 One GPU run, everything measured in the same process:
 
@@ -19,46 +20,35 @@ One GPU run, everything measured in the same process:
 With `--upstream DIR` (a folder holding upstream's `pixal3d` package, never part of this repository)
 the sampling section also runs upstream's own modules, with the same weights, inputs and sampler.
 
-    python benchmarks/bench_flows.py [--schema-dir DIR] [--quick] [--upstream DIR]
+    pixal3d-rt bench --section flows [--upstream DIR] [--section-arg=--quick] [--section-arg=--sections=...] [--out DIR]
 
-Writes benchmarks/results/<name>.json and benchmarks/flows.md (copies under $OUT).
+Writes DIR/flows_<gpu>.json and DIR/flows_<gpu>.md (benchmarks/flows.md is the recorded H200 run).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import statistics
-import os
-import sys
 import time
 import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, cuda_time, environment, peak_memory, write_result  # noqa: E402
-from eager_baseline import (  # noqa: E402  (ensure_package() runs on import)
-    ATTN_FLOP_PER_N2,
-    default_schema_dir,
-    Upstream,
-    kernel_profile,
-    load_config,
-    randomize_,
-    rel_err,
-    shell_coords,
-)
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from pixal3d_rt import config as C
+from pixal3d_rt.bench_upstream import Upstream, UpstreamFlow
+from pixal3d_rt.kernels import flow_kernels as fk
+from pixal3d_rt.models.flow_layers import rope_phases
+from pixal3d_rt.models.registry import build_model
+from pixal3d_rt.models.sparse import SparseTensor
+from pixal3d_rt.runtime import cuda_backend
+from pixal3d_rt.sampler import FlowEulerGuidanceIntervalSampler
 
-from pixal3d_rt import config as C  # noqa: E402
-from pixal3d_rt.models.registry import build_model  # noqa: E402
-from pixal3d_rt.models.flow_layers import rope_phases  # noqa: E402
-from pixal3d_rt.models.sparse import SparseTensor  # noqa: E402
-from pixal3d_rt.runtime import cuda_backend  # noqa: E402
-from pixal3d_rt.kernels import flow_kernels as fk  # noqa: E402
-from pixal3d_rt.sampler import FlowEulerGuidanceIntervalSampler  # noqa: E402
+from .common import cuda_time, default_schema_dir, environment, gpu_slug, load_config, peak_memory, rel_err, set_output, write_result
+from .eager_baseline import ATTN_FLOP_PER_N2, kernel_profile, randomize_, shell_coords
 
 DEV = "cuda"
 GLOBAL_TOKENS = 5
@@ -511,34 +501,6 @@ def bench_forward(name: str, cfg, model, n: int, attention: str, rate: float, se
 # 5. sampling
 
 
-class UpstreamFlow:
-    """Upstream's own module of a stage network, with our model's weights, behind the sampler's model
-    interface: what upstream's pipeline runs, for a same-run comparison (sequential CFG, as eager).
-    Upstream's sampler keeps one SparseTensor per stage and `replace`s its features each step (its
-    caches carry over); so does this adapter, and the conditions are converted once."""
-
-    def __init__(self, upstream: Upstream, cfg: dict, model):
-        self.module = upstream.build(cfg, model.state_dict())
-        self.sp = upstream.sp
-        self.dense = cfg["name"] == "SparseStructureFlowModel"
-        self._x = None
-        self._conds = {}
-
-    def _sparse(self, s):
-        return self.sp.SparseTensor(s.feats, s.coords)
-
-    def __call__(self, x, t, cond, concat_cond=None):
-        if self.dense:
-            return self.module(x, t, cond)
-        key = id(cond)
-        if key not in self._conds:  # the dict itself is kept so that its id stays its own
-            self._conds[key] = (cond, {"global": cond["global"], "proj": self._sparse(cond["proj"])},
-                                None if concat_cond is None else self._sparse(concat_cond))
-        _, c, cc = self._conds[key]
-        self._x = self._sparse(x) if self._x is None else self._x.replace(x.feats)
-        return x.replace(self.module(self._x, t, c, concat_cond=cc).feats)
-
-
 def bench_sampling(models: dict, attention: str, seed: int, upstream: Upstream | None = None) -> dict:
     sampler = FlowEulerGuidanceIntervalSampler(sigma_min=C.SIGMA_MIN)
     stages = []
@@ -554,7 +516,7 @@ def bench_sampling(models: dict, attention: str, seed: int, upstream: Upstream |
             eager_ms.append(t)
         up_ms, up_err = [], None
         if upstream is not None:  # upstream's own modules, same weights, inputs and sampler
-            up_model = UpstreamFlow(upstream, cfg, model)
+            up_model = UpstreamFlow(upstream, upstream.build(cfg, model.state_dict(), DEV), dense=cfg["name"] == "SparseStructureFlowModel")
             for _ in range(SAMPLING_REPS):
                 up_out, t = timed_call(lambda: sampler.sample(up_model, noise, cond, neg, **params, **kw))
                 up_ms.append(t)
@@ -629,7 +591,7 @@ def bench_sampling(models: dict, attention: str, seed: int, upstream: Upstream |
 def render_markdown(d: dict) -> str:
     env = d["environment"]
     rate = d.get("matmul", {}).get("tflops")
-    L = ["# Flow transformers: `cuda` backend vs eager bf16 (benchmarks/bench_flows.py)", "",
+    L = ["# Flow transformers: `cuda` backend vs eager bf16 (`pixal3d-rt bench --section flows`)", "",
          f"{env.get('gpu')} · driver {env.get('driver')} · torch {env.get('torch')} · CUDA {env.get('torch_cuda')} · "
          f"triton {env.get('triton')} · commit {str(env.get('commit'))[:10]} · {env.get('date_utc')}", "",
          "Full-size random weights (bf16 torso, fp32 norms), random inputs, the all-zero unconditional "
@@ -762,10 +724,12 @@ def check_targets(d: dict) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="pixal3d-rt bench --section flows", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schema-dir", type=Path, default=default_schema_dir())
-    p.add_argument("--name", default="flows_h200")
+    p.add_argument("--out", default="bench-out", help="folder of the result files")
+    p.add_argument("--name", default=None, help="result file name (default flows_<gpu>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     p.add_argument("--attention", default=None, help="force the backend's attention instead of the measured choice")
@@ -773,9 +737,11 @@ def main() -> None:
                    help="folder holding upstream's `pixal3d` package (never part of this repository): its own "
                         "modules are also timed in the sampling section")
     p.add_argument("--sections", default="matmul,kernels,rowkernels,attention,forward,sampling")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench_flows needs a CUDA GPU")
+        raise SystemExit("the flows section needs a CUDA GPU")
+    set_output(args.out)
+    args.name = args.name or f"flows_{gpu_slug()}"
     torch.backends.cuda.matmul.allow_tf32 = False
     want = set(args.sections.split(","))
     run = Run(args.name, args)
@@ -834,9 +800,7 @@ def main() -> None:
     d["targets_check"] = check_targets(d)
     run.save()
     md = render_markdown(d)
-    (REPO / "benchmarks" / "flows.md").write_text(md + "\n")
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / "flows.md").write_text(md + "\n")
+    (Path(args.out) / f"{args.name}.md").write_text(md + "\n")
     print(md, flush=True)
 
 

@@ -1,4 +1,5 @@
-"""Which cuDNN attention engine is fastest for the flow transformers' self-attention (issue 4).
+"""Which cuDNN attention engine is fastest for the flow transformers' self-attention
+(`pixal3d-rt bench --section attention_engines`).
 
 torch's cuDNN SDPA builds one plan per shape with heuristics mode A and runs the first plan it gets.
 This script asks the cuDNN frontend (pip `nvidia-cudnn-frontend`, when installed) for every plan of
@@ -6,21 +7,17 @@ the same bf16 attention (heuristics A, B and fallback), times each one, checks e
 cuDNN output, and compares: torch SDPA cuDNN with BSHD inputs (the backend's layout) and with BHSD
 inputs, flash, and every frontend plan. All in one process, medians of CUDA-event timings.
 
-    python benchmarks/bench_attention_engines.py [--name attention_engines_h200]
+    pixal3d-rt bench --section attention_engines [--out DIR]        (writes DIR/attention_engines_<gpu>.json)
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_time, environment, write_result  # noqa: E402
-from eager_baseline import rel_err  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from .common import cuda_time, environment, gpu_slug, rel_err, set_output, write_result
 
 CASES = [(4377, 1), (4377, 2), (17489, 1), (17489, 2)]
 H, D = 12, 128  # the 1.3B flows: 1536 channels, 12 heads
@@ -75,11 +72,17 @@ def frontend_plans(q, k, v, reps: int) -> list[dict]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", default="attention_engines_h200")
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="pixal3d-rt bench --section attention_engines", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench-out", help="folder of the result file")
+    p.add_argument("--name", default=None, help="result file name (default attention_engines_<gpu>)")
     p.add_argument("--reps", type=int, default=20)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the attention_engines section needs a CUDA GPU")
+    set_output(args.out)
+    args.name = args.name or f"attention_engines_{gpu_slug()}"
     torch.set_grad_enabled(False)
     data = {"benchmark": "attention_engines", "environment": environment(), "heads": H, "head_dim": D, "cases": []}
     try:

@@ -1,5 +1,5 @@
-"""Conditioning kernels on a CUDA GPU (issue 3, items 1, 2 and 5): correctness at full size, time
-and peak memory, all ratios from one run.
+"""Conditioning kernels on a CUDA GPU (`pixal3d-rt bench --section conditioning`): correctness at
+full size, time and peak memory, all ratios from one run.
 
 (a) back-projection at R=64, N=17,489 and R=96, N=39,000 (a voxelised sphere shell), DINOv3 map
     64×64×1024 and a NAF map T×T×1024 (T = 512 and 1024, channels-last as NAF returns it):
@@ -13,42 +13,37 @@ and peak memory, all ratios from one run.
     our full map (T×T output, no upsampled K/V) and upstream's full map (upsampled K and V
     materialised, as natten is fed).
 
-    python benchmarks/bench_conditioning.py        (writes benchmarks/results/conditioning_h200.json)
+    pixal3d-rt bench --section conditioning [--out DIR]        (writes DIR/conditioning_<gpu>.json)
 """
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_time, ensure_package, environment, format_table, gb, peak_memory, write_result  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-ensure_package()
+from pixal3d_rt.conditioning import Camera, ImageConditioner, NAFSampler, dense_coords, project_voxels, sample_features
+from pixal3d_rt.kernels import backproject_triton as bp
+from pixal3d_rt.kernels import na2d_triton as nt
+from pixal3d_rt.kernels.na2d import na2d_at_reference
+from pixal3d_rt.models.naf import NAF, nearest_exact_index
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from eager_baseline import shell_coords  # noqa: E402
-from pixal3d_rt.conditioning import Camera, ImageConditioner, NAFSampler, dense_coords, project_voxels, sample_features  # noqa: E402
-from pixal3d_rt.kernels import backproject_triton as bp  # noqa: E402
-from pixal3d_rt.kernels import na2d_triton as nt  # noqa: E402
-from pixal3d_rt.kernels.na2d import na2d_at_reference  # noqa: E402
-from pixal3d_rt.models.naf import NAF, nearest_exact_index  # noqa: E402
+from .common import cuda_time, environment, format_table, gb, gpu_slug, peak_memory, set_output, write_result
+from .eager_baseline import shell_coords
 
 DEV = "cuda"
 FOV = 0.8575560450553894  # inference.py's default camera_angle_x
 S = 1024  # the HR stages' encoder image size
 P = 64  # DINOv3 patch grid at 1024 px
-NAME = "conditioning_h200"
 BP_TS = (512, 1024)  # NAF map sizes sampled by the back-projection
 BP_CASES = ((64, 17_489), (96, 39_000))  # (R, N)
 NA2D_TS = (512, 1024)
 TEX_CASE = (1024, 64, 17_489)  # (T, R, N) of the texture stage
 SWEEP_T = 512
 SWEEP_CONFIGS = ((32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 128, 8), (16, 256, 4), (64, 256, 8), (128, 64, 4))
-RESULT: dict = {"env": environment(), "sections": {}, "errors": {}}
+RESULT: dict = {"sections": {}, "errors": {}}
 TABLE: list[list] = []
 
 
@@ -66,7 +61,7 @@ def errors(got: torch.Tensor, want: torch.Tensor) -> dict:
 
 
 def save():
-    write_result(NAME, RESULT)
+    write_result(f"conditioning_{gpu_slug()}", RESULT)
 
 
 def channels_last_map(C, h, w, gen):
@@ -282,9 +277,15 @@ def section_texture_naf():
     return row
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="pixal3d-rt bench --section conditioning", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench-out", help="folder of the result file")
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU")
+        raise SystemExit("the conditioning section needs a CUDA GPU")
+    set_output(args.out)
+    RESULT["env"] = environment()
     RESULT["settings"] = {"fov": FOV, "image_size": S, "patch_grid": P, "shell": "eager_baseline.shell_coords",
                           "timing": "CUDA events, warm, median", "memory": "torch.cuda.max_memory_allocated above resident"}
     for name, fn in (("backprojection", section_backprojection), ("texture_naf", section_texture_naf),

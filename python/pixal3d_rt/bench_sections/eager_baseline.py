@@ -1,4 +1,4 @@
-"""Eager baseline of the three flow-stage networks on a CUDA GPU (issue 2, item 8).
+"""Eager baseline of the three flow-stage networks on a CUDA GPU (`pixal3d-rt bench --section eager_baseline`).
 
 Every later speed-up is measured against this: the `models/` definitions at full size with random
 weights, bf16 torso as upstream (block Linears bf16, norms fp32, RoPE fp32, SDPA attention), batch 1,
@@ -9,69 +9,43 @@ one forward at the stage's token count:
 * shape flow 1024 sparse, 17,489 tokens (the same on the 64^3 grid)
 
 It records ms per forward (CUDA events, warm, median of several), the forward's peak memory and the
-weight memory, achieved TFLOP/s (pixal3d.md §9.3 FLOP counts), and the upstream reference numbers.
-With `--upstream DIR` (a folder holding upstream's `pixal3d` package, which is never part of this
-repository) upstream's own modules run in the same process on the same weights and inputs, so the
-comparison and the output difference come from one run.
+weight memory, and achieved TFLOP/s (pixal3d.md §9.3 FLOP counts). With `--upstream DIR` (a folder
+holding upstream's `pixal3d` package, which is never part of this repository) upstream's own modules
+run in the same process on the same weights and inputs, so the comparison and the output difference
+come from one run.
 
-    python benchmarks/eager_baseline.py [--upstream .upstream_bench] [--schema-dir DIR]
+    pixal3d-rt bench --section eager_baseline [--upstream DIR] [--section-arg=--profile] [--section-arg=--diagnostics]
+        [--out DIR]        (writes DIR/eager_baseline_<gpu>.json)
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import math
-import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    REPO,
-    cuda_time,
-    ensure_package,
-    environment,
-    format_table,
-    gb,
-    module_bytes,
-    peak_memory,
-    summarize_ms,
-    write_result,
-)
+import torch
+import torch.nn as nn
 
-ensure_package()
+from pixal3d_rt.bench_upstream import Upstream
+from pixal3d_rt.models.registry import build_model
+from pixal3d_rt.models.sparse import SparseTensor
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-from pixal3d_rt.models.registry import build_model  # noqa: E402
-from pixal3d_rt.models.sparse import SparseTensor  # noqa: E402
+from .common import (cuda_time, default_schema_dir, environment, format_table, gb, gpu_slug, load_config, module_bytes,
+                     peak_memory, rel_err, set_output, summarize_ms, write_result)
 
 # pixal3d.md §9.3: linear GFLOP per token per forward, and self-attention FLOP = 184,320 * N^2
 ATTN_FLOP_PER_N2 = 184_320
 DEVICE = "cuda"  # module-level so a CPU smoke test can swap it
 GLOBAL_COND_TOKENS = 5  # Pixal3D's global condition: 5 tokens of DINOv3 features
 
-# upstream's own modules on an H200 (torch 2.11, SDPA), as given in issue 2 item 8
 NETWORKS = [
-    {"name": "ss_flow", "schema": "ss_flow_img_dit_1_3B_64_bf16", "tokens": 4096,
-     "linear_gflop_per_token": 2.454, "reps": 15, "upstream_reference": {"ms": 42.0, "peak_gb": 3.0}},
+    {"name": "ss_flow", "schema": "ss_flow_img_dit_1_3B_64_bf16", "tokens": 4096, "linear_gflop_per_token": 2.454, "reps": 15},
     {"name": "shape_flow_512", "schema": "slat_flow_img2shape_dit_1_3B_512_bf16", "tokens": 4377,
-     "linear_gflop_per_token": 2.548, "reps": 15, "upstream_reference": {"ms": 112.0, "peak_gb": 3.1}},
+     "linear_gflop_per_token": 2.548, "reps": 15},
     {"name": "shape_flow_1024", "schema": "slat_flow_img2shape_dit_1_3B_1024_bf16", "tokens": 17489,
-     "linear_gflop_per_token": 2.548, "reps": 10, "upstream_reference": {"ms": 266.0, "peak_gb": 3.8}},
+     "linear_gflop_per_token": 2.548, "reps": 10},
 ]
-
-
-def default_schema_dir() -> Path:
-    golden = os.environ.get("PIXAL3D_GOLDEN")
-    return Path(golden) / "schema" if golden else REPO.parent / "shared" / "golden" / "schema"
-
-
-def load_config(schema_dir: Path, name: str) -> dict:
-    import json
-
-    return json.loads((schema_dir / f"{name}.json").read_text())["config"]
 
 
 def shell_coords(resolution: int, n: int, device) -> torch.Tensor:
@@ -148,38 +122,20 @@ def ours_forward(model, cfg: dict, inp: dict):
     return fwd
 
 
-class Upstream:
-    """Upstream's own modules (folder holding the `pixal3d` package), SDPA attention everywhere."""
+def upstream_forward(upstream: Upstream, model, cfg: dict, inp: dict):
+    """A no-grad forward closure of upstream's module on the same inputs (its own SparseTensors)."""
+    if cfg["name"] == "SparseStructureFlowModel":
+        args = (inp["x"], inp["t"], {"global": inp["global"], "proj": inp["proj"]})
+    else:
+        x = upstream.sp.SparseTensor(inp["feats"], inp["coords"])
+        args = (x, inp["t"], {"global": inp["global"], "proj": upstream.sp.SparseTensor(inp["proj"], inp["coords"])})
 
-    def __init__(self, path: Path):
-        os.environ["ATTN_BACKEND"] = "sdpa"
-        os.environ["SPARSE_ATTN_BACKEND"] = "sdpa"
-        os.environ["SPARSE_CONV_BACKEND"] = "none"  # the flows have no convolutions
-        sys.path.insert(0, str(path))
-        import pixal3d.models as models
-        from pixal3d.modules import sparse as sp
+    def fwd():
+        with torch.no_grad():
+            out = model(*args)
+        return out if isinstance(out, torch.Tensor) else out.feats
 
-        self.models, self.sp = models, sp
-
-    def build(self, cfg: dict, state_dict: dict) -> nn.Module:
-        with torch.device(DEVICE):
-            model = getattr(self.models, cfg["name"])(**cfg["args"])
-        model.load_state_dict(state_dict, strict=True)
-        return model.eval().requires_grad_(False)
-
-    def forward(self, model, cfg: dict, inp: dict):
-        if cfg["name"] == "SparseStructureFlowModel":
-            args = (inp["x"], inp["t"], {"global": inp["global"], "proj": inp["proj"]})
-        else:
-            x = self.sp.SparseTensor(inp["feats"], inp["coords"])
-            args = (x, inp["t"], {"global": inp["global"], "proj": self.sp.SparseTensor(inp["proj"], inp["coords"])})
-
-        def fwd():
-            with torch.no_grad():
-                out = model(*args)
-            return out if isinstance(out, torch.Tensor) else out.feats
-
-        return fwd
+    return fwd
 
 
 def kernel_profile(fn, top: int = 12) -> dict:
@@ -253,15 +209,10 @@ def precision_diagnostics(ours, up_model, cfg: dict, inp: dict, upstream: "Upstr
     }
     ours.convert_to(torch.float32)
     up_model.convert_to(torch.float32)
-    res["fp32_rel_err_ours_vs_upstream"] = rel_err(ours_forward(ours, cfg, inp)(), upstream.forward(up_model, cfg, inp)())
+    res["fp32_rel_err_ours_vs_upstream"] = rel_err(ours_forward(ours, cfg, inp)(), upstream_forward(upstream, up_model, cfg, inp)())
     ours.convert_to(torch.bfloat16)
     up_model.convert_to(torch.bfloat16)
     return res
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def combine(rounds: list[dict]) -> dict:
@@ -304,8 +255,8 @@ def bench_network(net: dict, cfg: dict, args, upstream: Upstream | None) -> dict
         # upstream alone on the GPU (ours parked on the CPU), same weights and inputs
         ours.cpu(); del fwd
         gc.collect(); torch.cuda.empty_cache()
-        up_model = upstream.build(cfg, ours.state_dict())
-        up_fwd = upstream.forward(up_model, cfg, inp)
+        up_model = upstream.build(cfg, ours.state_dict(), DEVICE)
+        up_fwd = upstream_forward(upstream, up_model, cfg, inp)
         out_up = up_fwd().float()
         mem = peak_memory(up_fwd)
         res["upstream_memory"] = {**mem, "total_peak_gb": gb(mem["total_peak_bytes"]), "call_peak_gb": gb(mem["call_peak_bytes"]),
@@ -327,11 +278,6 @@ def bench_network(net: dict, cfg: dict, args, upstream: Upstream | None) -> dict
         res["upstream_time"] = combine(up_rounds)
         res["upstream_tflops"] = flop / (res["upstream_time"]["median_ms"] * 1e-3) / 1e12
         res["ratio_ours_over_upstream_same_run"] = res["ours_time"]["median_ms"] / res["upstream_time"]["median_ms"]
-    ref = net["upstream_reference"]
-    res["upstream_reference"] = {**ref, "source": "upstream modules on an H200, torch 2.11, SDPA (issue 2 item 8)",
-                                 "tflops": flop / (ref["ms"] * 1e-3) / 1e12}
-    res["ratio_ours_over_upstream_reference"] = {"ms": res["ours_time"]["median_ms"] / ref["ms"],
-                                                 "peak": res["ours_memory"]["total_peak_bytes"] / 1e9 / ref["peak_gb"]}
     if args.profile:
         for key, f in (("ours_profile", fwd), ("upstream_profile", up_fwd)):
             if f is not None:
@@ -352,8 +298,9 @@ def bench_network(net: dict, cfg: dict, args, upstream: Upstream | None) -> dict
     return res
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="pixal3d-rt bench --section eager_baseline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schema-dir", type=Path, default=default_schema_dir(), help="folder of golden/schema/*.json")
     p.add_argument("--upstream", type=Path, default=None, help="folder holding upstream's `pixal3d` package")
     p.add_argument("--networks", default=",".join(n["name"] for n in NETWORKS))
@@ -363,10 +310,13 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also record a per-kernel profile of one forward")
     p.add_argument("--diagnostics", action="store_true",
                    help="also probe SDPA q/k/v layouts and the fp32 ours-vs-upstream difference (SS)")
-    p.add_argument("--name", default="eager_baseline", help="result file name (benchmarks/results/<name>.json)")
-    args = p.parse_args()
+    p.add_argument("--out", default="bench-out", help="folder of the result file")
+    p.add_argument("--name", default=None, help="result file name (default eager_baseline_<gpu>)")
+    args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("eager_baseline needs a CUDA GPU")
+    set_output(args.out)
+    args.name = args.name or f"eager_baseline_{gpu_slug()}"
 
     upstream = Upstream(args.upstream) if args.upstream else None
     wanted = args.networks.split(",")
@@ -395,18 +345,16 @@ def main() -> None:
     for path in write_result(args.name, data):
         print(f"wrote {path}")
 
-    headers = ["network", "N", "ms", "min", "spr%", "TFLOP/s", "peak GB", "wts GB", "up ms", "up peak",
-               "ref ms", "ref GB", "ours/ref", "ours/up", "relerr"]
+    headers = ["network", "N", "ms", "min", "spr%", "TFLOP/s", "peak GB", "wts GB", "up ms", "up peak", "ours/up", "relerr"]
     rows = []
     for r in results:
-        t, ref = r["ours_time"], r["upstream_reference"]
+        t = r["ours_time"]
         up = r.get("upstream_time")
         rows.append([
             r["network"], r["tokens"], f"{t['median_ms']:.1f}", f"{t['min_ms']:.1f}", f"{t['spread_pct']:.1f}",
             f"{r['ours_tflops']:.0f}", f"{r['ours_memory']['total_peak_bytes'] / 1e9:.2f}", f"{r['weights']['gb']:.2f}",
             f"{up['median_ms']:.1f}" if up else "-",
             f"{r['upstream_memory']['total_peak_bytes'] / 1e9:.2f}" if up else "-",
-            f"{ref['ms']:.0f}", f"{ref['peak_gb']:.1f}", f"{r['ratio_ours_over_upstream_reference']['ms']:.2f}",
             f"{r['ratio_ours_over_upstream_same_run']:.2f}" if up else "-",
             f"{r['rel_err_ours_vs_upstream']:.1e}" if up else "-",
         ])

@@ -3,7 +3,7 @@
 Every image brings new token counts to the shape and texture stages. Whatever a library builds per
 shape (cuDNN attention plans: keyed on the exact batch, sequence lengths and strides; Triton kernels
 specialise integer arguments on divisibility by 16) is built again at the first call of each count.
-bench_flows.py measures sampling at the reference counts after they were seen; this one measures the
+The flows section measures sampling at the reference counts after they were seen; this one measures the
 per-image cost a pipeline pays, in child processes, one per variant (TORCH_CUDNN_SDPA_AVOID_RECOMPILE
 is read once per process):
 
@@ -19,7 +19,7 @@ Per variant, shape_flow_1024 with random full-size weights:
   3. the shape stage's 12-step sampling with a fresh backend at a new token count and at a count
      already seen (median of 2 each).
 
-    python benchmarks/bench_first_call.py [--schema-dir DIR] [--name first_call_h200]
+    pixal3d-rt bench --section first_call [--out DIR]        (writes DIR/first_call_<gpu>.json)
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_time, environment, write_result  # noqa: E402
+from .common import cuda_time, environment, gpu_slug, set_output, write_result
+
+MODULE = "pixal3d_rt.bench_sections.first_call"  # each variant runs it again in a child process
 
 VARIANTS = {"default": ({}, False), "v_copy": ({}, True), "ragged": ({"TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"}, True)}
 WARM_NS = [4377, 17489]  # counts the process has seen (the reference object's)
@@ -46,7 +47,7 @@ def child(variant: str, schema_dir: Path | None, seed: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    import bench_flows as bf
+    from . import flows as bf
     from pixal3d_rt import config as C
     from pixal3d_rt.runtime import cuda_backend
     from pixal3d_rt.sampler import FlowEulerGuidanceIntervalSampler
@@ -135,28 +136,36 @@ def child(variant: str, schema_dir: Path | None, seed: int) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="pixal3d-rt bench --section first_call", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schema-dir", type=Path, default=None)
-    p.add_argument("--name", default="first_call_h200")
+    p.add_argument("--out", default="bench-out", help="folder of the result file")
+    p.add_argument("--name", default=None, help="result file name (default first_call_<gpu>)")
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         res = child(args.child, args.schema_dir, args.seed)
         args.child_out.write_text(json.dumps(res))
         return
     import tempfile
 
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("the first_call section needs a CUDA GPU")
+    set_output(args.out)
+    args.name = args.name or f"first_call_{gpu_slug()}"
     data = {"benchmark": "first_call", "environment": environment(), "args": {k: str(v) for k, v in vars(args).items()},
             "variants": {}, "errors": {}}
     for name in args.variants.split(","):
         env = {**os.environ, **VARIANTS[name][0]}
         with tempfile.TemporaryDirectory() as tmp:
             dst = Path(tmp) / "child.json"
-            cmd = [sys.executable, __file__, "--child", name, "--child-out", str(dst), "--seed", str(args.seed)]
+            cmd = [sys.executable, "-m", MODULE, "--child", name, "--child-out", str(dst), "--seed", str(args.seed)]
             if args.schema_dir:
                 cmd += ["--schema-dir", str(args.schema_dir)]
             t0 = time.perf_counter()

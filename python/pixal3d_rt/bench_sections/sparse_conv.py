@@ -1,5 +1,5 @@
-"""Sparse submanifold 3x3x3 conv on the GPU (issue 3, items 3-5): CUDA hash neighbour maps + the
-Triton implicit GEMM, against the pure-torch reference, in one run.
+"""Sparse submanifold 3x3x3 conv on the GPU (`pixal3d-rt bench --section sparse_conv`): CUDA hash
+neighbour maps + the Triton implicit GEMM, against the pure-torch reference, in one run.
 
 Voxels: a bumpy sphere shell on the 64^3 grid grown by the C2S child rule (each level keeps the
 children closest to the surface) to the reference object's counts 17,489 -> 71,262 -> 288,168 ->
@@ -19,8 +19,9 @@ children closest to the surface) to the reference object's counts 17,489 -> 71,2
 
 FlexGEMM / spconv are not run: the device machine has no network, and neither is installed there.
 
-    python benchmarks/bench_sparse_conv.py            # GPU
-    python benchmarks/bench_sparse_conv.py --smoke    # tiny sizes on CPU (Triton interpreter): checks the script
+    pixal3d-rt bench --section sparse_conv [--out DIR]                          # GPU: DIR/sparse_conv_<gpu>.json
+    pixal3d-rt bench --section sparse_conv --section-arg=--smoke [--out DIR]    # tiny sizes on the CPU (Triton
+                                                  interpreter): checks the code, measures nothing (..._smoke.json)
 """
 from __future__ import annotations
 
@@ -33,20 +34,17 @@ import sys
 import time
 from pathlib import Path
 
-if "--smoke" in sys.argv:
+if "--smoke" in sys.argv:  # before triton is imported: it reads this once
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_time, ensure_package, environment, format_table, gb, module_bytes, summarize_ms, write_result  # noqa: E402
-
-ensure_package()
 
 import torch  # noqa: E402
 
 from pixal3d_rt.kernels import cuda_loader, subm_conv  # noqa: E402
 from pixal3d_rt.kernels.subm_conv import build_neighbor_map_reference, subm_conv3d_reference  # noqa: E402
 
-RESULT_NAME = "sparse_conv_h200"
+from .common import cuda_time, environment, format_table, gb, gpu_slug, module_bytes, set_output, summarize_ms, write_result  # noqa: E402
+
+MODULE = "pixal3d_rt.bench_sections.sparse_conv"  # the decode children run it again
 FULL = {
     "base_res": 64,
     "counts": [17_489, 71_262, 288_168, 1_158_925, 4_649_809],
@@ -75,8 +73,6 @@ SMOKE = {
         "use_fp16": True,
     },
 }
-# upstream with FlexGEMM on an H200, from issue 3 (18,176 tokens -> 4,260,560 voxels), for context only
-UPSTREAM_FLEXGEMM = {"first_decode_s": 30.5, "warm_decode_s": 0.176, "peak_gb": 6.0, "tokens": 18_176, "finest_voxels": 4_260_560}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,7 +315,7 @@ def decode_child(args) -> None:
 
 def run_decode(tag: str, cache_dir: str, with_reference: bool, prepare: bool, smoke: bool, timeout: int) -> dict:
     out = Path(cache_dir).parent / f"decode_{tag}.json"
-    cmd = [sys.executable, __file__, "--decode-child", "--tag", tag, "--child-out", str(out)]
+    cmd = [sys.executable, "-m", MODULE, "--decode-child", "--tag", tag, "--child-out", str(out)]
     cmd += ["--with-reference"] if with_reference else []
     cmd += ["--prepare"] if prepare else []
     cmd += ["--smoke"] if smoke else []
@@ -450,8 +446,8 @@ def bench_nvrtc(levels, device) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="pixal3d-rt bench --section sparse_conv")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the script, measures nothing")
     ap.add_argument("--decode-child", action="store_true")
     ap.add_argument("--with-reference", action="store_true")
@@ -461,14 +457,19 @@ def main() -> None:
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--decode-only", action="store_true",
                     help="only the whole-decoder timing (prepared warm decode); skips per-level and NVRTC sections")
-    ap.add_argument("--result-name", default="", help="write the JSON under this name instead of the default")
-    args = ap.parse_args()
+    ap.add_argument("--result-name", default="", help="write the JSON under this name instead of sparse_conv_<gpu>")
+    ap.add_argument("--out", default="bench-out", help="folder of the result file")
+    args = ap.parse_args(argv)
     if args.decode_child:
         decode_child(args)
         return
 
     cfg = SMOKE if args.smoke else FULL
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("the sparse_conv section needs a CUDA GPU (--smoke checks its code on the CPU)")
+    set_output(args.out)
+    name = (args.result_name or f"sparse_conv_{gpu_slug()}") + ("_smoke" if args.smoke else "")
     work = Path(os.environ.get("PIXAL3D_BENCH_TMP", f"/tmp/pixal3d_bench_{os.getpid()}"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("CUPY_CACHE_DIR", str(work / "cupy_cache"))  # NVRTC timing starts cold
@@ -476,18 +477,17 @@ def main() -> None:
     # per-level section reuses it
     os.environ["TRITON_CACHE_DIR"] = str(work / "triton_cache")
     data: dict = {
-        "name": RESULT_NAME,
+        "name": name,
         "env": environment(),
         "settings": {"smoke": args.smoke, "base_res": cfg["base_res"], "counts": cfg["counts"],
                      "channels": cfg["decoder"]["model_channels"], "dtype": "float16"},
-        "not_run": {"flexgemm_spconv": "not installable on the device machine (no network, no wheels carried); "
-                    "upstream's FlexGEMM numbers from issue 3 are quoted under upstream_flexgemm for context only"},
-        "upstream_flexgemm": UPSTREAM_FLEXGEMM,
+        "not_run": {"flexgemm_spconv": "upstream's FlexGEMM convolution is not run by this section; "
+                    "`pixal3d-rt bench --upstream DIR` runs upstream's decoders where FlexGEMM is installed"},
         "errors": [],
     }
 
     def save():
-        write_result((args.result_name or RESULT_NAME) + ("_smoke" if args.smoke else ""), data)
+        write_result(name, data)
 
     t_all = time.perf_counter()
     try:

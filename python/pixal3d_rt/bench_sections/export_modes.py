@@ -1,8 +1,10 @@
 """Export modes timed on the reference mug (python/pixal3d_rt/reference_shape.py): the decoded-style
-closed surface and its PBR voxels at a grid, through `export_glb` in each mode, step by step.
+closed surface and its PBR voxels at a grid, through `export_glb` in each mode, step by step
+(`pixal3d-rt bench --section export_modes`).
 
-    python benchmarks/bench_export_modes.py --grid 256 [--device cpu|cuda] [--modes fast,fast_projected,fast_remesh,upstream]
-        [--texture-size N] [--out benchmarks/results/export_cpu.json]
+    pixal3d-rt bench --section export_modes --section-arg=--grid=256 [--section-arg=--device=cuda]
+        [--section-arg=--modes=fast,fast_projected,fast_remesh,upstream] [--section-arg=--texture-size=N] [--out DIR]
+    (writes DIR/export_<cpu|gpu>.json)
 
 Variants: fast = the default mode (the decoded surface simplified, texels sampled where they land);
 fast_projected = fast + texels re-projected onto the decoded surface (as upstream's bake);
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .common import gpu_slug
+
 VARIANTS = {
     "fast": {"export": "fast"},
     "fast_projected": {"export": "fast", "project_texels": True},
@@ -26,20 +30,23 @@ VARIANTS = {
 }
 
 
-def main():
+def main(argv=None):
     from pixal3d_rt.mesh.glb import export_glb
     from pixal3d_rt.mesh.modes import export_settings
     from pixal3d_rt.reference_shape import ReferenceStructure
 
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="pixal3d-rt bench --section export_modes")
     ap.add_argument("--grid", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--modes", default="fast,fast_projected,fast_remesh,upstream")
     ap.add_argument("--texture-size", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
+    ap.add_argument("--out", default="bench-out", help="folder of the result file")
+    a = ap.parse_args(argv)
     dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("export_modes --device cuda: no CUDA GPU is visible")
+    out = Path(a.out) / f"export_{gpu_slug() if dev.type == 'cuda' else 'cpu'}.json"
     t = time.perf_counter()
     rs = ReferenceStructure()
     v, f = rs.surface_mesh(a.grid, device=dev)
@@ -80,9 +87,8 @@ def main():
                     row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
                 print(name, json.dumps(row), flush=True)
                 res["runs"][name if a.repeat == 1 else f"{name}#{rep}"] = row
-                if a.out:
-                    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-                    Path(a.out).write_text(json.dumps(res, indent=1))
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(res, indent=1))  # after every run: a later failure keeps it
 
 
 if __name__ == "__main__":
