@@ -12,7 +12,8 @@ Steps (`export_glb`), each also a public function here or in `bake.py` / `uv.py`
                          outward where the component encloses a volume.
      `fill_small_holes`  close boundary loops shorter than `max_hole_perimeter` (upstream: 3e-2) with a
                          fan around the loop centroid; `remove_small_components` drops floaters.
-  2. `simplify_mesh`     quadric decimation to `decimation_target` faces (a face count, as upstream).
+  2. `simplify_mesh`     quadric decimation to `decimation_target` faces (a face count, as upstream), in
+                         spatial parts on all cores, pinches undone so closed stays closed (simplify.py).
   3. `uv.uv_unwrap`      xatlas charts + packing at the texture size.
   4. `bake.bake_texture` UV-space rasterisation, trilinear sampling of the sparse voxels (flex_gemm
                          grid_sample_3d semantics), seam fill.
@@ -125,10 +126,11 @@ def _edge_table(faces: np.ndarray, n_vertices: int):
 # 1. cleaning and orientation
 
 
-def clean_mesh(vertices, faces) -> tuple[np.ndarray, np.ndarray]:
+def clean_mesh(vertices, faces, *, merge_vertices: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Merge bit-identical vertices, drop faces that index out of range or touch non-finite vertices,
     degenerate faces (a repeated vertex), duplicate faces (the same vertex set in any order or winding),
-    then unreferenced vertices.
+    then unreferenced vertices. merge_vertices=False keeps coincident vertices apart (after
+    `simplify_mesh`, whose repair splits pinched vertices into coincident copies on purpose).
 
     vertices [V,3] float, faces [F,3] int (numpy or torch). Returns (vertices [V',3] float32,
     faces [F',3] int64); face order otherwise kept.
@@ -144,9 +146,10 @@ def clean_mesh(vertices, faces) -> tuple[np.ndarray, np.ndarray]:
     v, f = _compact(v, f)
     if len(f) == 0:
         return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64)
-    group, first = _row_groups((v + np.float32(0.0)).view(np.uint32))
-    f = group[f]
-    v = v[first]
+    if merge_vertices:
+        group, first = _row_groups((v + np.float32(0.0)).view(np.uint32))
+        f = group[f]
+        v = v[first]
     f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
     if len(f) == 0:
         return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64)
@@ -309,24 +312,27 @@ def fill_small_holes(vertices: np.ndarray, faces: np.ndarray, max_perimeter: flo
 # 2. simplification
 
 
-def simplify_mesh(vertices: np.ndarray, faces: np.ndarray, target_faces: int, *, aggressiveness: float = 7.0
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def simplify_mesh(vertices: np.ndarray, faces: np.ndarray, target_faces: int, *, aggressiveness: float = 7.0,
+                  workers: Optional[int] = None, info: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
     """Quadric edge-collapse decimation to about `target_faces` faces (`fast-simplification`, the
-    library trimesh uses; prebuilt wheels). Meshes at or below the target are returned unchanged; so is
-    everything when the library is missing (with a warning: the export still works, only larger).
-    Returns (vertices float32, faces int64)."""
+    library trimesh uses; prebuilt wheels), on all usable cores for large meshes, then the pinches it
+    leaves undone so that a closed surface stays closed (`simplify.simplify`, `simplify.make_manifold`;
+    workers=1 or PIXAL3D_DISABLE_PARALLEL_SIMPLIFY=1: one process). Meshes at or below the target are
+    returned unchanged; so is everything when the library is missing (with a warning: the export still
+    works, only larger). The result may hold coincident vertices (two sheets that touch): clean it with
+    `clean_mesh(..., merge_vertices=False)`. Returns (vertices float32, faces int64)."""
     if target_faces <= 0 or len(faces) <= target_faces:
         return vertices, faces
     try:
-        import fast_simplification
+        import fast_simplification  # noqa: F401 - the workers import it again
     except ImportError:
         warnings.warn("fast-simplification is not installed (pip install fast-simplification): the GLB is "
                       f"exported with all {len(faces):,} faces instead of {target_faces:,}", RuntimeWarning,
                       stacklevel=2)
         return vertices, faces
-    v, f = fast_simplification.simplify(np.asarray(vertices, dtype=np.float64), np.asarray(faces, dtype=np.int32),
-                                        target_count=int(target_faces), agg=aggressiveness)
-    return v.astype(np.float32), f.astype(np.int64)
+    from .simplify import simplify
+
+    return simplify(vertices, faces, int(target_faces), aggressiveness=aggressiveness, workers=workers, info=info)
 
 
 def count_charts(faces: np.ndarray, n_vertices: int) -> int:
@@ -379,7 +385,7 @@ def prepare_mesh(vertices, faces, *, decimation_target: int = 200_000, max_hole_
     t = time.perf_counter()
     if decimation_target > 0 and len(f) > 3 * decimation_target:
         v, f = simplify_mesh(v, f, 3 * decimation_target)
-        v, f = clean_mesh(v, f)
+        v, f = clean_mesh(v, f, merge_vertices=False)
     timings["simplify"] = time.perf_counter() - t
     t = time.perf_counter()
     f, _ = orient_faces(v, f, outward=False)  # hole fans follow the winding around them
@@ -391,7 +397,7 @@ def prepare_mesh(vertices, faces, *, decimation_target: int = 200_000, max_hole_
     v, f = simplify_mesh(v, f, decimation_target)
     timings["simplify"] += time.perf_counter() - t
     t = time.perf_counter()
-    v, f = clean_mesh(v, f)
+    v, f = clean_mesh(v, f, merge_vertices=False)
     f, info = orient_faces(v, f)
     timings["orient"] = time.perf_counter() - t
     return v, f, info["closed"]

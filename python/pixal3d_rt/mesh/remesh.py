@@ -261,7 +261,7 @@ def prepare_remeshed(vertices, faces, grid_size: int, *, decimation_target: int 
                      project_back: float = 0.0, max_hole_perimeter: float = 3e-2, device=None,
                      timings: dict | None = None):
     """Upstream's remesh branch of `to_glb`: fill small holes, remesh the band at the grid resolution,
-    simplify to `decimation_target` faces; then clean and orient (quadric decimation can pinch).
+    simplify to `decimation_target` faces (pinches undone); then clean and orient.
 
     Returns (vertices [V,3] float32, faces [F,3] int64, closed [F] bool, surface, info): numpy arrays;
     `surface` = (vertices, faces) of the hole-filled decoded mesh, which the bake projects texels onto
@@ -293,7 +293,7 @@ def prepare_remeshed(vertices, faces, grid_size: int, *, decimation_target: int 
     rv, rf = glb.simplify_mesh(rv, rf, decimation_target)
     timings["simplify"] = time.perf_counter() - t
     t = time.perf_counter()
-    rv, rf = glb.clean_mesh(rv, rf)
+    rv, rf = glb.clean_mesh(rv, rf, merge_vertices=False)
     rf, oriented = glb.orient_faces(rv, rf)
     timings["orient"] = time.perf_counter() - t
     return rv, rf, oriented["closed"], surface, info
