@@ -74,6 +74,34 @@ def test_remeshed_export_is_closed_after_simplification(tmp_path):
     assert stats["remesh"]["faces"] > 3000 and stats["faces"] <= 3000 * 1.1 and stats["closed"]
 
 
+@pytest.mark.parametrize("remesh", [False, True])
+def test_export_with_parallel_simplification_is_closed_and_valid(tmp_path, monkeypatch, remesh):
+    """Both decimation passes of the fast mode (and the remesh's one) in two worker processes: the
+    GLB stays closed and single-sided and passes the validator."""
+    from pixal3d_rt.mesh import simplify
+
+    monkeypatch.setattr(simplify, "PARALLEL_MIN_FACES", 0)
+    monkeypatch.setattr(simplify, "usable_cores", lambda: 2)
+    monkeypatch.delenv(simplify.DISABLE_PARALLEL_ENV, raising=False)
+    stitched = []
+    real_stitch = simplify._stitch
+    monkeypatch.setattr(simplify, "_stitch", lambda *a, **k: stitched.append(1) or real_stitch(*a, **k))
+    grid = 40
+    v, f, coords, attrs = _asset(grid)
+    path = tmp_path / "parallel.glb"
+    try:
+        stats = glb.export_glb(path, v, f, coords, attrs, grid, decimation_target=len(f) // 8, texture_size=128,
+                               remesh=remesh)
+    finally:
+        simplify.shutdown_workers()
+    assert len(stitched) == (1 if remesh else 2)
+    assert stats["closed"] and stats["double_sided"] is False
+    assert stats["faces"] <= len(f) // 8
+    rc, report = _run_validator(path)
+    assert report["numErrors"] == 0, report["errors"]
+    assert rc == 0
+
+
 def test_projected_bake_matches_all_pairs_projection():
     """Bake a coarse, offset stand-in surface with the decoded sphere as the projection target; every
     texel must get the voxels' value at its brute-force nearest point on the sphere."""

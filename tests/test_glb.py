@@ -553,3 +553,62 @@ def test_uv_unwrap_covers_each_face_once():
                         - (tri[:, 1, 1] - tri[:, 0, 1]) * (tri[:, 2, 0] - tri[:, 0, 0]))
     assert area.sum() < 1.0
     assert abs((fid >= 0).float().mean().item() - area.sum()) < 0.08
+
+
+def _chart_labels(faces, n_vertices):
+    """chart of every face: faces joined through shared (unwrapped) vertices; plain union-find"""
+    parent = list(range(n_vertices))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b, c in faces.tolist():
+        ra, rb, rc = find(a), find(b), find(c)
+        parent[rb] = ra
+        parent[find(rc)] = ra
+    return np.array([find(a) for a in faces[:, 0].tolist()])
+
+
+def _texels_in_two_charts(faces, uvs, chart, res):
+    """texel centres of a res x res grid inside triangles of two different charts"""
+    owner = {}
+    clash = set()
+    ys, xs = np.mgrid[0:res, 0:res]
+    centres = np.stack([(xs + 0.5) / res, (ys + 0.5) / res], -1)
+    for tri, c in zip(uvs[faces].astype(np.float64), chart.tolist()):
+        lo = np.clip(np.floor(tri.min(0) * res - 0.5).astype(int), 0, res - 1)
+        hi = np.clip(np.ceil(tri.max(0) * res - 0.5).astype(int), 0, res - 1)
+        p = centres[lo[1]:hi[1] + 1, lo[0]:hi[0] + 1].reshape(-1, 2)
+        d = [(tri[(k + 1) % 3, 0] - tri[k, 0]) * (p[:, 1] - tri[k, 1])
+             - (tri[(k + 1) % 3, 1] - tri[k, 1]) * (p[:, 0] - tri[k, 0]) for k in range(3)]
+        inside = ((d[0] > 0) & (d[1] > 0) & (d[2] > 0)) | ((d[0] < 0) & (d[1] < 0) & (d[2] < 0))
+        for q in map(tuple, np.floor(p[inside] * res).astype(int).tolist()):
+            if owner.setdefault(q, c) != c:
+                clash.add(q)
+    return len(clash)
+
+
+def test_uv_unwrap_charts_per_cluster_do_not_overlap():
+    # clusters of at most ~200 faces: every cluster becomes charts of its own, all packed into one atlas
+    v, f, _ = dual_grid_mesh(torus_sdf, 24)
+    v, f = glb.clean_mesh(v, f)
+    f, _ = glb.orient_faces(v, f)
+    n_clusters = int(uv.cluster_faces(v, f, 200).max()) + 1
+    vmap, fu, uvs = uv.uv_unwrap(v, f, texture_size=128, cluster_size=200)
+    tri = uvs[fu]
+    assert tri.min() >= 0 and tri.max() <= 1  # every face's three corners inside the texture
+    area = 0.5 * np.abs((tri[:, 1, 0] - tri[:, 0, 0]) * (tri[:, 2, 1] - tri[:, 0, 1])
+                        - (tri[:, 1, 1] - tri[:, 0, 1]) * (tri[:, 2, 0] - tri[:, 0, 0]))
+    assert (area > 0).all()
+    chart = _chart_labels(fu, len(vmap))
+    assert len(np.unique(chart)) >= n_clusters > 10
+    # texel centres at four times the texture's resolution: none lies in two charts
+    assert _texels_in_two_charts(fu, uvs, chart, 512) == 0
+    # the check sees an overlap: move one chart onto the atlas's centre, over whatever is there
+    moved = uvs.copy()
+    first = np.unique(fu[chart == chart[0]])
+    moved[first] += 0.5 - moved[first].mean(axis=0)
+    assert _texels_in_two_charts(fu, moved, chart, 512) > 0

@@ -3,21 +3,23 @@
 `simplify(vertices, faces, target)` runs `fast_simplification` (Forstmann's QEM edge collapse, the
 library trimesh uses). That library keeps its mesh in one process-wide state and holds the GIL, so it
 parallelises only across processes:
-  1. the faces are split into K spatial parts of equal face count (median cuts along the longest axis
-     of the face centroids, K = the usable cores);
+  1. the faces are split into K spatial parts of equal face count (cuts across the longest side of the
+     face centroids' box, K = the usable cores);
   2. every part is decimated in a worker process to its share of the target with `preserve_border`:
-     a vertex shared with another part lies on the part's cut boundary, so it is never collapsed and
+     a vertex shared with another part lies on the part's cut border, so it is never collapsed and
      keeps its exact position, and the parts stitch back by those vertices;
-  3. the stitched mesh (dense along the cuts) gets one serial pass over the whole to the target,
-     which collapses the cheap seam edges first and treats real open borders as the serial run does.
+  3. the stitched mesh is still dense along the cuts: a closed one gets a pass over the band of faces
+     around the cuts only (its rim locked); an open one a pass over the whole mesh, so that its open
+     borders (locked in the parts too) thin out as in the serial run.
 Small meshes (below `PARALLEL_MIN_FACES`) and one usable core take the serial path;
 PIXAL3D_DISABLE_PARALLEL_SIMPLIFY=1 forces it.
 
-Forstmann's collapse has no link-condition test, so it can pinch a thin tube or handle into edges
-shared by four faces and leave pairs of coincident faces. `make_manifold` undoes that afterwards
-(either path): coincident opposite faces cancel, and every vertex is split into one copy per fan of
-faces joined through two-face edges, so a pinch becomes two sheets that touch and a closed input stays
-closed. Imports only numpy (and the library in the workers), so worker processes start quickly.
+Forstmann's collapse has no link-condition test: it pinches thin walls, tubes and handles into edges
+shared by four or more faces, vertices where two cones touch, and pairs of coincident faces.
+`make_manifold` undoes that afterwards (either path): coincident faces cancel in pairs, the faces
+around every shared edge are paired as sheets, and every vertex is split into one copy per fan, so a
+pinch becomes two sheets that touch and a closed input stays closed. Imports only numpy (and the
+library in the workers), so worker processes start quickly.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ class _Worker:
         self.proc.stdin.flush()
 
     def receive(self):
-        status, value = pickle.load(self.proc.stdout)
+        status, value, self.cpu_seconds = pickle.load(self.proc.stdout)
         if status != "ok":
             raise RuntimeError(f"simplification worker failed: {value}")
         return value
@@ -110,8 +112,9 @@ def shutdown_workers() -> None:
 
 def _serve() -> None:
     """Worker main loop: ("part", `_decimate_part` arguments...) tuples pickled in on stdin,
-    ("ok" | "error", value) pickled out."""
+    ("ok" | "error", value, CPU seconds spent) pickled out."""
     import sys
+    import time
 
     # the protocol gets the real stdout; anything a library prints goes to stderr instead
     out = os.fdopen(os.dup(1), "wb")
@@ -122,12 +125,13 @@ def _serve() -> None:
             args = pickle.load(inp)
         except EOFError:
             return
+        cpu = time.process_time()
         try:
             if args[0] != "part":
                 raise ValueError(f"unknown request {args[0]!r}")
-            reply = ("ok", _decimate_part(*args[1:]))
+            reply = ("ok", _decimate_part(*args[1:]), time.process_time() - cpu)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which falls back to serial
-            reply = ("error", f"{type(e).__name__}: {e}")
+            reply = ("error", f"{type(e).__name__}: {e}", time.process_time() - cpu)
         pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
         out.flush()
 
@@ -261,7 +265,8 @@ def _stitch(vertices: np.ndarray, faces: np.ndarray, label: np.ndarray, target: 
     """Decimate part p (label) in pool[p] and stitch the parts by their shared vertices.
 
     Returns (vertices, faces, cut: [V'] bool, the stitched vertices on a cut, open: some part has an
-    open border), or None if a part could not keep its shared vertices (a non-manifold vertex on a cut)."""
+    open border, the workers' CPU seconds), or None if a part could not keep its shared vertices (a
+    non-manifold vertex on a cut)."""
     n_f = len(faces)
     pieces, shared = _pieces(faces, label, len(pool), len(vertices))
     shared_ids = np.flatnonzero(shared)
@@ -277,6 +282,7 @@ def _stitch(vertices: np.ndarray, faces: np.ndarray, label: np.ndarray, target: 
         pool[p].send("part", vertices[used], local, part_target, agg, shared_local)
         jobs.append(pool[p])
     results = [None if job is None else job.receive() for job in jobs]  # every reply, to keep the pipes in step
+    worker_cpu = [round(job.cpu_seconds, 3) for job in jobs if job is not None]
     out_v = [vertices[shared_ids]]
     out_f = []
     offset = len(shared_ids)
@@ -299,7 +305,8 @@ def _stitch(vertices: np.ndarray, faces: np.ndarray, label: np.ndarray, target: 
         out_f.append(gid[tri])
     cut = np.zeros(offset, dtype=bool)
     cut[: len(shared_ids)] = True
-    return np.concatenate(out_v).astype(np.float32), np.concatenate(out_f).astype(np.int64), cut, any_open
+    return (np.concatenate(out_v).astype(np.float32), np.concatenate(out_f).astype(np.int64), cut, any_open,
+            worker_cpu)
 
 
 def _seam_pass(v: np.ndarray, f: np.ndarray, cut: np.ndarray, target: int, agg: float, rings: int = 3):
@@ -341,7 +348,8 @@ def simplify(vertices, faces, target_faces: int, *, aggressiveness: float = 7.0,
     workers: processes for the parallel path (default: the usable cores, 1 when
     PIXAL3D_DISABLE_PARALLEL_SIMPLIFY is set; 1 = serial); repair: run `make_manifold` on the result.
     info, if given, receives "parts" (1 = serial), "stitched_faces" (after the parts), "seam" ("band",
-    "whole" or "none") and seconds per stage ("parts_s", "seam_s", "serial_s", "repair_s").
+    "whole" or "none"), seconds per stage ("parts_s", "seam_s", "serial_s", "repair_s") and the
+    workers' CPU seconds ("worker_cpu_s").
     Returns (vertices float32, faces int64)."""
     import time
 
@@ -368,7 +376,7 @@ def simplify(vertices, faces, target_faces: int, *, aggressiveness: float = 7.0,
             warnings.warn(f"parallel simplification failed ({why}); simplifying serially", RuntimeWarning,
                           stacklevel=2)
         else:
-            sv, sf, cut, is_open = stitched
+            sv, sf, cut, is_open, info["worker_cpu_s"] = stitched
             info["parts"], info["stitched_faces"] = len(pool), len(sf)
             t = time.perf_counter()
             info["seam"] = "none"
