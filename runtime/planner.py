@@ -94,6 +94,7 @@ class StagePlan:
     stage: str
     units: int  # the count planned for (tokens / HR tokens)
     weights: dict = field(default_factory=dict)  # network -> RESIDENT | STAGE | STREAMED
+    weight_bytes: dict = field(default_factory=dict)  # network -> device bytes of its weights in this stage
     cfg_batched: bool = True
     token_chunk: int | None = None
     proj_cache: bool = True
@@ -285,6 +286,7 @@ class MemoryModel:
                 final.append(fixed[sp.stage])
                 continue
             self._fit_stage(sp, budget, resident)
+            sp.weight_bytes = {n: self._weights_bytes(n, m) for n, m in sp.weights.items()}
             sp.predicted_peak = self.peak(sp, resident)
             sp.predicted_seconds = self.seconds(sp)
             final.append(sp)
@@ -316,8 +318,8 @@ class MemoryModel:
             steps += [("cfg_batched", False)] + [("token_chunk", c) for c in TOKEN_CHUNKS] + [("proj_cache", False)]
         if sp.stage in ("upsample", "shape_decoder", "tex_decoder"):
             steps += [("decoder_chunk_bytes", c) for c in DECODER_CHUNK_BYTES]
-        for net in sp.weights:
-            if sp.weights[net] != RESIDENT and self.networks[net].units:
+        for net in sp.weights:  # streaming only where two units are less than the whole network
+            if sp.weights[net] != RESIDENT and self._weights_bytes(net, STREAMED) < self.networks[net].bytes:
                 steps.append(("stream", net))
         first: dict = {}  # knob -> its value before any turn (in the order first turned)
         for key, value in steps:
@@ -436,6 +438,8 @@ def network_size(module) -> NetworkSize:
     from .memory import tensor_bytes
     from .residency import streaming_units
 
+    if hasattr(module, "network_size"):  # an engine: its sizes as exported (runtime/engine.py)
+        return module.network_size()
     units = streaming_units(module)
     unit_bytes = [tensor_bytes(u) for u in units]
     total = tensor_bytes(module)

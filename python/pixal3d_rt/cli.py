@@ -113,8 +113,8 @@ class Budget(click.ParamType):
             v = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number of GiB or 'auto'", param, ctx)
-        if not math.isfinite(v) or not 0.05 <= v <= 4096:
-            self.fail(f"{value} is not a memory budget between 0.05 and 4096 GiB", param, ctx)
+        if not math.isfinite(v) or not 0.01 <= v <= 4096:
+            self.fail(f"{value} is not a memory budget between 0.01 and 4096 GiB", param, ctx)
         return v
 
 
@@ -385,10 +385,14 @@ def check(weights, preset, resolution, images, output_path):
 @click.option("--compute-capability", "ccs", default=None, help="TensorRT-RTX: comma-separated compute capabilities (default 8.0,8.6,8.9,12.0; 8.9,12.0 with --precision fp8).")
 @click.option("--force", is_flag=True, help="Rebuild engines even when they are up to date.")
 @click.option("--keep-onnx", is_flag=True, help="Keep the ONNX files under OUT/onnx/.")
+@click.option("--weight-streaming/--no-weight-streaming", default=True, show_default=True,
+              help="TensorRT targets: build the flow transformers with weight streaming, so that a --vram-budget plan "
+                   "can keep part of their weights in host memory.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="--target aoti: compile the packages for this device (default: cuda when available).")
 @click.option("--verify", is_flag=True, help="Afterwards run each engine once against the eager network on this GPU; print error and time.")
 @click.option("-q", "--quiet", is_flag=True, help="No per-network progress.")
-def export_cmd(weights, preset, target, out_dir, precision, max_tokens, only, ccs, force, keep_onnx, device, verify, quiet):
+def export_cmd(weights, preset, target, out_dir, precision, max_tokens, only, ccs, force, keep_onnx, weight_streaming, device,
+               verify, quiet):
     """Export the stage networks to TensorRT engines (through ONNX) or AOTInductor packages, one network at a time."""
     from .checkpoints import HOW_TO_GET_WEIGHTS
 
@@ -418,7 +422,8 @@ def export_cmd(weights, preset, target, out_dir, precision, max_tokens, only, cc
         check_request(target, precision)  # before any weights are read
         source = Source.from_preset(preset) if preset else Source.from_weights(weights)
         manifest = export_engines(source, target, out_dir, precision=precision, max_tokens=max_tokens, only=names,
-                                  compute_capabilities=caps, force=force, keep_onnx=keep_onnx, device=device, progress=say)
+                                  compute_capabilities=caps, force=force, keep_onnx=keep_onnx, device=device,
+                                  weight_streaming=weight_streaming, progress=say)
         lines = ["", "network          engine MB   export s   build s   built at"]
         for name, e in sorted(manifest["networks"].items()):
             if names and name not in names:

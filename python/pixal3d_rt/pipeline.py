@@ -202,6 +202,7 @@ class Pipeline:
         self.probe = None  # runtime.memory.StagePeak: per-stage peaks recorded into Result.stage_peaks
         self.last_plan = None
         self._placements: dict = {}  # network -> residency.NetworkWeights
+        self.stage_engines: dict = {}  # (stage, network) -> the Engine running it there (use_engines)
         self.host_store = None  # residency.HostWeightStore under a host budget (use_host_store)
         self._stage_flow = None
         self.conditioner = ImageConditioner(weights.dinov3, weights.naf)
@@ -316,7 +317,7 @@ class Pipeline:
         plan = self.plan(resolution, budget) if budget is not None else None
         self.last_plan = plan
         for st in stages_for(resolution):
-            self._run_stage(st, v, sw, plan, progress)
+            plan = self._run_stage(st, v, sw, plan, progress)
             for name in st.frees:
                 v.pop(name, None)
             if plan is not None and st.name == "upsample":  # the HR count is known now: plan the rest again
@@ -355,9 +356,9 @@ class Pipeline:
             "mesh_extraction": f"{t.get('voxels', 0):,} voxels",
         }.get(name, "")
 
-    def _run_stage(self, st, v: dict, sw, plan, progress) -> None:
+    def _run_stage(self, st, v: dict, sw, plan, progress):
         """One stage under its plan; out of memory inside it frees the stage, plans it again under a
-        tighter budget and retries (at most twice)."""
+        tighter budget and retries (at most twice). Returns the plan the run goes on with."""
         fn = getattr(self, "_stage_" + st.name)
         for attempt in range(MAX_OOM_RETRIES + 1):
             sp = plan[st.name] if plan is not None else None
@@ -365,7 +366,7 @@ class Pipeline:
                 with sw(st.name, self._stage_detail(st.name, v)), self._placed(st, sp), \
                         gather_chunk_bytes(sp.decoder_chunk_bytes if sp is not None else None):
                     fn(v, sp, progress)
-                return
+                return plan
             except StageOutOfMemory as e:
                 if plan is None or attempt == MAX_OOM_RETRIES:
                     raise
@@ -375,7 +376,10 @@ class Pipeline:
                 progress.note(f"{st.name}: out of memory under the plan ({e}); planning it again inside "
                               f"{tighter / 2**30:.2f} GiB (retry {attempt + 1} of {MAX_OOM_RETRIES})")
                 done = {p.stage: p for p in plan.stages[:plan.stages.index(sp)]}
-                plan = self.plan(v["resolution"], tighter / 2**30, v["tokens"], fixed=done)
+                try:
+                    plan = self.plan(v["resolution"], tighter / 2**30, v["tokens"], fixed=done)
+                except BudgetError as no_plan:
+                    raise BudgetError(f"{e}; and under a tighter budget {no_plan}") from None
                 self.last_plan = plan
 
     # ---- the stages ------------------------------------------------------------------------
@@ -590,8 +594,8 @@ class Pipeline:
         """The flow network as the sampler calls it under this stage plan."""
         from .runtime.planner import RESIDENT, STREAMED
 
-        if self.backend != "cuda":
-            return self.flows[key]  # eager: its weights are placed by _placed
+        if self.backend != "cuda" or hasattr(self.flows[key], "engine"):
+            return self.flows[key]  # eager or an engine: placed by _placed
         from .runtime.cuda_backend import BackendOptions, FlowBackend, wrap_flow
 
         mode = sp.weights.get(key, RESIDENT) if sp is not None else RESIDENT
@@ -624,6 +628,10 @@ class Pipeline:
 
         with contextlib.ExitStack() as stack:
             for net, mode in sp.weights.items():
+                engine = self.stage_engines.get((st.name, net))
+                if engine is not None:  # an engine takes and frees its own device memory (Engine.placed)
+                    stack.enter_context(engine.placed(mode, sp.weight_bytes.get(net)))
+                    continue
                 if self.backend == "cuda" and net in self.flows:
                     continue  # the backend holds its own device copies (_flow)
                 nw = self._placements.get(net)
@@ -640,8 +648,7 @@ class Pipeline:
             finally:
                 flow, self._stage_flow = self._stage_flow, None
                 if flow is not None:
-                    flow.reset()
-                    del flow
+                    flow.unload()  # its device copies go now, not when the garbage collector finds them
 
     def use_host_store(self, budget_bytes: int, files) -> None:
         """Keep the pipeline networks' host copies in a store under `budget_bytes`: read from their
@@ -660,6 +667,9 @@ class Pipeline:
         """Drop stage-built backends; with `everything`, resident device copies too."""
         self._stage_flow = None
         if everything:
+            for flow in self.flows.values():
+                if hasattr(flow, "unload"):
+                    flow.unload()  # a resident backend loads its copies again at its next call
             for nw in self._placements.values():
                 nw.to_host()
             if self.host_store is None:
@@ -722,9 +732,21 @@ def default_budget(device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(0, free + torch.cuda.memory_reserved(device) - BUDGET_MARGIN)
+    return max(0, host_available_bytes() - BUDGET_MARGIN)
+
+
+def host_available_bytes() -> int:
+    """Host memory available to a new allocation (Linux: MemAvailable; elsewhere psutil)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import psutil
 
-    return max(0, psutil.virtual_memory().available - BUDGET_MARGIN)
+    return psutil.virtual_memory().available
 
 
 DEFAULT_OVERHEAD_GIB = 0.5  # CUDA context + cuBLAS/cuDNN handles, when no GPU is here to measure them
