@@ -268,3 +268,19 @@ def test_host_store_reads_networks_per_stage_under_a_host_budget(tmp_path, tiny)
     assert torch.equal(r.vertices, ref.vertices) and torch.equal(r.faces, ref.faces)
     assert store.held_bytes() <= budget
     assert any(not w.host_loaded for w in store.networks.values())  # dropped again after their stage
+
+
+def test_offload_then_a_budgeted_run(tiny):
+    """A pipeline whose networks were loaded where they compute moves them all to host copies; a
+    budgeted run then places them per stage and gives the same asset."""
+    pipe, plain = tiny
+    roomy, floor = _budgets(pipe)
+    pipe.offload()
+    assert set(pipe._placements) >= {"dinov3", "naf", "shape_slat_flow_model_1024", "tex_slat_decoder"}
+    assert all(not nw.resident for nw in pipe._placements.values())
+    try:
+        r = pipe.run(IMAGE, RES, steps=STEPS, vram_budget=(floor + roomy) / 2 / GIB)
+    finally:
+        pipe._release_placements(everything=True)
+    assert torch.equal(r.latents["tex_slat"].feats, plain.latents["tex_slat"].feats)
+    assert torch.equal(r.faces, plain.faces)
