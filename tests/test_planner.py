@@ -284,3 +284,25 @@ def test_offload_then_a_budgeted_run(tiny):
         pipe._release_placements(everything=True)
     assert torch.equal(r.latents["tex_slat"].feats, plain.latents["tex_slat"].feats)
     assert torch.equal(r.faces, plain.faces)
+
+
+def test_infer_with_weights_and_a_host_budget_in_a_fresh_process(tmp_path, tiny):
+    """`infer --weights W --vram-budget auto --host-budget GB`: the networks read per stage from the
+    official-layout files into a host store smaller than they are; the same GLB as a plain run."""
+    from PIL import Image
+
+    from pixal3d_rt.checkpoints import write_weights
+
+    pipe, _ = tiny
+    w = write_weights(pipe.w, tmp_path / "weights")
+    img = tmp_path / "disc.png"
+    Image.fromarray(IMAGE).save(img)
+    common = ["--weights", str(w), "--image", str(img), "--device", "cpu", "--resolution", "512", "--steps", "1"]
+    plain, stored = tmp_path / "plain.glb", tmp_path / "stored.glb"
+    p = _cli("infer", *common, "--output", str(plain), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    p = _cli("infer", *common, "--output", str(stored), "--vram-budget", "auto", "--host-budget", "0.0012", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert stored.read_bytes() == plain.read_bytes()
+    p = _cli("infer", *common, "--output", str(tmp_path / "x.glb"), "--host-budget", "1", cwd=tmp_path)
+    assert p.returncode == 2 and "--host-budget needs --vram-budget" in p.stderr

@@ -113,8 +113,8 @@ class Budget(click.ParamType):
             v = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number of GiB or 'auto'", param, ctx)
-        if not math.isfinite(v) or not 0.01 <= v <= 4096:
-            self.fail(f"{value} is not a memory budget between 0.01 and 4096 GiB", param, ctx)
+        if not math.isfinite(v) or not 0.001 <= v <= 4096:
+            self.fail(f"{value} is not a memory budget between 0.001 and 4096 GiB", param, ctx)
         return v
 
 
@@ -163,11 +163,14 @@ def _check_source(weights, preset):
               help="GiB of GPU memory the run must stay inside (the whole process: CUDA context included); the weights stay "
                    "on the host and each stage gets them resident, for its duration, or streamed block by block "
                    "(see `pixal3d-rt plan`). 'auto': the free memory. Default: everything resident.")
+@click.option("--host-budget", type=Budget(), default=None,
+              help="With --vram-budget and --weights: GiB of host memory for the flow and decoder weights; they are read "
+                   "from their files per stage and the least recently used dropped (read again when needed).")
 @click.option("--max-image-pixels", type=click.IntRange(1, 1 << 40), default=None,
               help="Refuse input images with more pixels than this before decoding them (default 64,000,000).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output (errors and the summary only).")
 def infer(images, output_path, output_dir, weights, preset, resolution, seed, steps, fov_deg, device, export_mode, texture_size,
-          decimation_target, texture_format, preview, engines_dir, backend, vram_budget, max_image_pixels, quiet):
+          decimation_target, texture_format, preview, engines_dir, backend, vram_budget, host_budget, max_image_pixels, quiet):
     """Generate a textured 3D asset (GLB) from each image.
 
     Everything that can be checked is checked before a network is built: options, output paths,
@@ -205,7 +208,9 @@ def infer(images, output_path, output_dir, weights, preset, resolution, seed, st
         device = _check_device(device)  # torch is imported from here on
         if engines_dir is not None:
             _check_engines(engines_dir, device)
-        pipe = _load_pipeline(weights, preset, device, int(resolution), backend, engines_dir, say, vram_budget)
+        if host_budget is not None and (vram_budget is None or weights is None):
+            _fail("--host-budget needs --vram-budget and --weights (the weights files are read per stage)")
+        pipe = _load_pipeline(weights, preset, device, int(resolution), backend, engines_dir, say, vram_budget, host_budget)
         if vram_budget is not None:  # no plan fits: say so before any image runs
             say.note("plan:\n" + _plan_text(pipe.plan(int(resolution), vram_budget)))
     except Pixal3DError as e:
@@ -266,7 +271,15 @@ def _check_engines(engines_dir, device):
               "(TensorRT engines and cuda AOTInductor packages)")
 
 
-def _load_pipeline(weights, preset, device, resolution, backend, engines_dir, say, vram_budget=None):
+def _host_gib(host_budget):
+    if host_budget != "auto":
+        return host_budget
+    from .pipeline import host_available_bytes
+
+    return host_available_bytes() / 2**30
+
+
+def _load_pipeline(weights, preset, device, resolution, backend, engines_dir, say, vram_budget=None, host_budget=None):
     from .pipeline import Pipeline
 
     if preset:
@@ -280,7 +293,7 @@ def _load_pipeline(weights, preset, device, resolution, backend, engines_dir, sa
             pipe.calibrate(calibration_image(), resolution, steps=2)
     else:
         pipe = Pipeline.from_pretrained(weights, device=device, progress=say, resolution=resolution, backend=backend,
-                                        vram_budget=vram_budget)
+                                        vram_budget=vram_budget, host_budget=_host_gib(host_budget))
     if engines_dir is not None:
         from pixal3d_rt.runtime.tensorrt_engine import use_engines
 
