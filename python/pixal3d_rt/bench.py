@@ -1,9 +1,10 @@
 """`pixal3d-rt bench`: the whole pipeline, image to GLB, stage by stage, at real scale and on budgets.
 
 Each resolution runs in a fresh worker process (so its first image is a cold start): load the
-networks, run the images (`runs` times; the first is cold, the rest warm), run once per memory budget
-with the torch allocator capped at the budget less the process's measured non-torch memory, then
-optionally count each stage's FLOPs and bytes (one eager pass) for the roofline projection.
+networks, run the images (`runs` times; the first is cold, the rest warm), optionally count each
+stage's FLOPs and bytes (one eager pass) for the roofline projection, and last run once per memory
+budget under the memory planner's plan for it, with the torch allocator capped at the budget less
+the process's measured non-torch memory (so a plan that underestimates fails).
 Per stage a `StageRecorder` (a progress.Progress) takes wall time, GPU time (CUDA events), torch's
 allocator peak (reset per stage), the process's device-memory peak as NVML reports it (sampled by a
 thread every few ms: CUDA context and every library included) and the host RSS peak. The parent
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 from .progress import Progress
+from .runtime.stages import RUN_STAGES
 
 SAMPLE_PERIOD_S = 0.005
 GIB = 2**30
@@ -349,11 +351,11 @@ def git_commit() -> dict:
 # the worker: one resolution in a fresh process
 
 
-def _one_run(pipe, recorder, image, resolution, seed, steps, glb_path, glb=True):
+def _one_run(pipe, recorder, image, resolution, seed, steps, glb_path, glb=True, vram_budget=None):
     import torch
 
     t0 = time.perf_counter()
-    result = pipe.run(image, resolution=resolution, seed=seed, steps=steps, progress=recorder)
+    result = pipe.run(image, resolution=resolution, seed=seed, steps=steps, progress=recorder, vram_budget=vram_budget)
     stats = result.save_glb(glb_path, progress=recorder) if glb else {}
     total = time.perf_counter() - t0
     finite = bool(torch.isfinite(result.vertices).all()) and (result.voxel_attrs is None or bool(torch.isfinite(result.voxel_attrs).all()))
@@ -428,12 +430,6 @@ def run_worker(args: dict, save=lambda part: None) -> dict:
         part["runs"].append(run)
         _say(f"[bench {res}] run {i} ({run['kind']}): {run['total_wall_s']:.2f} s, {run['mesh_faces']:,} faces")
         save(part)
-    if cuda and args.get("budgets_gib"):
-        part["non_torch_overhead_bytes"] = _non_torch_overhead(nvml)
-        for budget in args["budgets_gib"]:
-            part["budgets"].append(_budget_run(pipe, args, sampler, nvml, load_image(images[0]), glb, budget,
-                                               part["non_torch_overhead_bytes"]))
-            save(part)
     if args.get("count"):
         part["counted"] = _count_pass(pipe, args, sampler, load_image(images[0]), glb)
         save(part)
@@ -447,11 +443,19 @@ def run_worker(args: dict, save=lambda part: None) -> dict:
         except Exception as e:  # what failed is reported; the other phases still run
             part["upstream"] = {"dir": args["upstream"], "error": f"{type(e).__name__}: {first_line(e)}"}
         save(part)
-    if args.get("quality"):  # last: it builds fp32 and bf16 copies of the networks
+    if args.get("quality"):  # it builds fp32 and bf16 copies of the networks
         from .bench_quality import quality_pass
 
         part["quality"] = quality_pass(pipe, args, load_image(images[0]), say=lambda m: _say(f"[bench {res}] {m}"))
         save(part)
+    if cuda and args.get("budgets_gib"):  # last: the budget runs move the weights to the host
+        part["non_torch_overhead_bytes"] = _non_torch_overhead(nvml)
+        warm = part["runs"][-1] if part["runs"] else None
+        baseline = sum(r["wall_s"] for r in warm["stages"] if r["stage"] in RUN_STAGES) if warm else None
+        for budget in args["budgets_gib"]:
+            part["budgets"].append(_budget_run(pipe, args, sampler, nvml, load_image(images[0]), glb, budget,
+                                               part["non_torch_overhead_bytes"], baseline))
+            save(part)
     sampler.stop()
     part["sampler_samples"] = sampler.samples
     return part
@@ -485,17 +489,22 @@ def _non_torch_overhead(nvml: NvmlProbe) -> int | None:
     return None if used is None else int(used - torch.cuda.memory_reserved())
 
 
-def _budget_run(pipe, args, sampler, nvml, image, glb, budget_gib, overhead):
+def _budget_run(pipe, args, sampler, nvml, image, glb, budget_gib, overhead, baseline_s=None):
+    """One run planned inside the budget (runtime/planner.py) with torch's allocator capped at it less
+    the non-torch overhead, so that a plan that underestimates fails instead of passing unseen. Per
+    stage the predicted peak beside the measured ones; the time against the unbudgeted warm run."""
     import torch
 
-    from .errors import Pixal3DError
+    from .errors import BudgetError, Pixal3DError, StageOutOfMemory
 
     total = torch.cuda.get_device_properties(0).total_memory
     cap = budget_gib * GIB - (overhead or 0)
     # the GLB export runs on the host apart from its bake; its device peak is in the runs' glb_export rows
-    row = {"budget_gib": budget_gib, "torch_cap_bytes": int(cap), "scope": "image to decoded mesh and voxels"}
+    row = {"budget_gib": budget_gib, "torch_cap_bytes": int(cap), "scope": "image to decoded mesh and voxels",
+           "scheduler": "runtime/planner.py"}
     done = []  # the stages that finished under the cap
     _release(pipe)
+    pipe.offload()  # every network to the host: the plan places them
     if cap <= torch.cuda.memory_allocated():
         row.update({"passed": False, "failed_stage": "load",
                     "error": f"resident weights {torch.cuda.memory_allocated() / GIB:.1f} GiB exceed the cap of {cap / GIB:.1f} GiB"})
@@ -506,8 +515,17 @@ def _budget_run(pipe, args, sampler, nvml, image, glb, budget_gib, overhead):
         rec = StageRecorder(args["device"], sampler)
         t0 = time.perf_counter()
         try:
-            run = _one_run(pipe, rec, image, args["resolution"], args["seed"], args["steps"], glb, glb=False)
+            run = _one_run(pipe, rec, image, args["resolution"], args["seed"], args["steps"], glb, glb=False,
+                           vram_budget=budget_gib)
             row.update({"passed": True, "total_wall_s": run["total_wall_s"]})
+            if baseline_s:
+                row["time_ratio_vs_unbudgeted"] = run["total_wall_s"] / baseline_s
+        except BudgetError as e:
+            if isinstance(e, StageOutOfMemory) or "out of GPU memory" in str(e):
+                row.update({"passed": False, "failed_stage": rec.failed_stage(), "error": str(e).splitlines()[0][:300],
+                            "wall_s_until_failure": time.perf_counter() - t0})
+            else:  # refused before any stage: no plan fits
+                row.update({"passed": False, "failed_stage": "plan", "error": str(e).splitlines()[0][:300]})
         except (torch.cuda.OutOfMemoryError, Pixal3DError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
@@ -517,10 +535,19 @@ def _budget_run(pipe, args, sampler, nvml, image, glb, budget_gib, overhead):
             torch.cuda.set_per_process_memory_fraction(1.0)
         done = rec.rows
         row["stages_done"] = [r["stage"] for r in done]
+        plan = pipe.last_plan
+        if plan is not None:
+            measured = {r["stage"]: r for r in done}
+            row["plan"] = [{"stage": sp.stage, "weights": dict(sp.weights), "knobs": sp.knobs(),
+                            "predicted_peak_bytes": sp.predicted_peak, "predicted_s": sp.predicted_seconds,
+                            "nvml_peak_bytes": measured.get(sp.stage, {}).get("nvml_peak_bytes"),
+                            "torch_peak_allocated_bytes": measured.get(sp.stage, {}).get("torch_peak_allocated_bytes"),
+                            "wall_s": measured.get(sp.stage, {}).get("wall_s")} for sp in plan.stages]
         row["torch_peak_allocated_bytes"] = max([r["torch_peak_allocated_bytes"] or 0 for r in done] + [int(torch.cuda.max_memory_allocated())])
     dev, _ = sampler.peaks()  # the window of the stage that was running (or of the check above)
     peaks = [p for p in [r["nvml_peak_bytes"] for r in done] + [dev] if p is not None]
     row["nvml_peak_bytes"] = max(peaks) if peaks else None
+    pipe._release_placements(everything=True)
     _release(pipe)
     _say(f"[bench {args['resolution']}] budget {budget_gib} GiB: {'pass' if row['passed'] else 'OOM in ' + str(row.get('failed_stage'))}")
     return row
@@ -691,10 +718,15 @@ def markdown(report: dict) -> str:
                              f"{_gb(r.get('nvml_peak_bytes'))} | {_gb(r.get('host_rss_peak_bytes'))} | {r.get('detail', '')} |")
         if part.get("budgets"):
             lines += ["", f"### memory budgets (non-torch overhead {_gb(part.get('non_torch_overhead_bytes'))} GB)", "",
-                      "| budget GiB | result | failed in | NVML peak GB | torch peak GB |", "|---:|---|---|---:|---:|"]
+                      "| budget GiB | result | failed in | predicted peak GB | NVML peak GB | torch peak GB | time vs unbudgeted |",
+                      "|---:|---|---|---:|---:|---:|---:|"]
             for b in part["budgets"]:
-                lines.append(f"| {b['budget_gib']} | {'pass' if b['passed'] else 'OOM'} | {b.get('failed_stage') or ''} | "
-                             f"{_gb(b.get('nvml_peak_bytes'))} | {_gb(b.get('torch_peak_allocated_bytes'))} |")
+                predicted = max((r["predicted_peak_bytes"] for r in b.get("plan") or []), default=None)
+                ratio = b.get("time_ratio_vs_unbudgeted")
+                result = "pass" if b["passed"] else ("no plan" if b.get("failed_stage") == "plan" else "OOM")
+                lines.append(f"| {b['budget_gib']} | {result} | {b.get('failed_stage') or ''} | {_gb(predicted)} | "
+                             f"{_gb(b.get('nvml_peak_bytes'))} | {_gb(b.get('torch_peak_allocated_bytes'))} | "
+                             f"{'' if ratio is None else f'{ratio:.2f}×'} |")
         if part.get("upstream"):
             from .bench_upstream import markdown as upstream_markdown
 
