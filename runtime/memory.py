@@ -7,6 +7,7 @@ exact for what torch code allocates (kernel-internal scratch is not seen).
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -88,3 +89,45 @@ class StagePeak:
 def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of a module's parameters and buffers, as stored."""
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+class NvmlProbe:
+    """Device memory of this process as NVML reports it (or None without NVML / a GPU)."""
+
+    def __init__(self, device_index: int | None = 0):
+        self.handle = None
+        self.source = "unavailable" if device_index is not None else "not a GPU run"
+        if device_index is None:
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            self.driver = _text(pynvml.nvmlSystemGetDriverVersion())
+            self.pid = os.getpid()
+            self.source = "nvml process" if self._process_bytes() is not None else "nvml device used"
+            self.device_used_at_start = pynvml.nvmlDeviceGetMemoryInfo(self.handle).used
+        except Exception:  # no NVML library, no GPU: the peak is reported as unavailable
+            self.handle = None
+
+    def _process_bytes(self):
+        for proc in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
+            if proc.pid == self.pid and proc.usedGpuMemory is not None:
+                return int(proc.usedGpuMemory)
+        return None
+
+    def read(self):
+        if self.handle is None:
+            return None
+        if self.source == "nvml process":
+            value = self._process_bytes()
+            if value is not None:
+                return value
+        # containers can hide the process list: the device's used memory stands in (sole user)
+        return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+
+
+def _text(v):
+    return v.decode() if isinstance(v, bytes) else v

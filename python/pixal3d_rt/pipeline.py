@@ -735,8 +735,15 @@ def device_overhead(device) -> int:
     device = torch.device(device)
     if device.type != "cuda":
         return 0
-    free, total = torch.cuda.mem_get_info(device)
-    return max(0, total - free - torch.cuda.memory_reserved(device))
+    from .runtime.memory import NvmlProbe
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    probe = NvmlProbe(index)
+    used = probe.read() if probe.source == "nvml process" else None
+    if used is None:  # no per-process figure: everything used on the device counts against the budget
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+    return max(0, used - torch.cuda.memory_reserved(device))
 
 
 def device_name(device) -> str:
