@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU measurements the memory planner and the benchmark suite still need, one part per device call
+# (each well inside 10 minutes). Run from the repository root on the GPU machine, with wheels for
+# what it lacks carried in .whl/ (trimesh, xatlas, fast-simplification, nvidia-ml-py, matplotlib):
+#   bash benchmarks/gpu_session.sh tests|1024|1536|512|quality   (results under $OUT)
+set -uo pipefail
+part=${1:?part: tests, 1024, 1536, 512 or quality}
+out=${OUT:-bench-out}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
+export PYTHONUNBUFFERED=1
+budgets=6,8,12,16,24
+case "$part" in
+  tests)  # the CUDA paths the CPU never ran: residency streams and events, the backend's unload, the planner's runs
+    python3 -m pytest -q tests/test_residency.py tests/test_cuda_backend.py tests/test_planner.py 2>&1 | tee "$out/gpu_tests.log" ;;
+  1024|1536|512)
+    pixal3d-rt bench --preset reference --resolution "$part" --runs 2 --glb-runs 1 --vram-budget "$budgets" \
+      --gpu-profile rtx4090-24gb --out "$out/bench_$part" 2>&1 | tee "$out/bench_$part.log" ;;
+  quality)
+    pixal3d-rt bench --preset reference --resolution 512 --runs 1 --glb-runs 0 --quality --out "$out/quality_512" 2>&1 \
+      | tee "$out/quality_512.log" ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac
