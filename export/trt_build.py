@@ -16,6 +16,13 @@ activations in bf16/fp16, norms, RoPE, time embedding, input/output layers in fp
 with its fp16 torso (upstream's `use_fp16`), DINOv3 wholly in bf16/fp16; `fp32` exports fp32.
 `fp8` exports the bf16 graph with the flows' block Linears in FP8 E4M3 (calibrated quantize/dequantize
 nodes, see fp8.py; engines for compute capability 8.9+); the SS decoder and DINOv3 stay bf16.
+
+Weight streaming (on by default for the flow transformers, `weight_streaming=False` /
+`--no-weight-streaming` to leave it out): the flows are built with TensorRT's WEIGHT_STREAMING flag,
+so that at run time a memory plan can keep only part of their weights on the device and TensorRT
+streams the rest from host memory (runtime/tensorrt_engine.py). Each manifest entry records whether
+its engine streams (`weight_streaming`) and the network's weight sizes as exported (`weights`: all,
+the largest block, the rest, the number of blocks), which the planner reads without a GPU.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import os
 import shlex
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +44,7 @@ import torch.nn as nn
 
 from pixal3d_rt.files import atomic_write_bytes, private_dir, remove_stale
 from pixal3d_rt.runtime.tensorrt_engine import MANIFEST, MANIFEST_FORMAT, EngineError, read_manifest, sha256_file  # one definition of the format
+from pixal3d_rt.runtime.planner import network_size
 from pixal3d_rt.runtime.specs import ExportSpec, build_specs
 
 from . import fp8
@@ -47,6 +55,9 @@ TARGETS = ("tensorrt-rtx", "tensorrt", "aoti")
 PRECISIONS = ("bf16", "fp16", "fp32", "fp8")
 # TensorRT-RTX engines run on Ampere (consumer and A100), Ada and Blackwell; it refuses Hopper
 RTX_COMPUTE_CAPABILITIES = ("8.0", "8.6", "8.9", "12.0")
+
+# the networks built with weight streaming: the 1.3 B-parameter transformers a small budget streams
+STREAMED_KINDS = ("dense_flow", "sparse_flow")
 
 FLOW_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -221,8 +232,10 @@ class _Logger:
         return L()
 
 
-def build_engine(trt, onnx_path: Path, spec: ExportSpec, target: str, compute_capabilities: tuple) -> bytes:
-    """Parse the ONNX file and build a serialized engine with the spec's profiles."""
+def build_engine(trt, onnx_path: Path, spec: ExportSpec, target: str, compute_capabilities: tuple,
+                 weight_streaming: bool = False) -> bytes:
+    """Parse the ONNX file and build a serialized engine with the spec's profiles (and, with
+    `weight_streaming`, TensorRT's WEIGHT_STREAMING flag)."""
     logger = _Logger(trt)
     try:
         builder = trt.Builder(logger)
@@ -251,6 +264,13 @@ def build_engine(trt, onnx_path: Path, spec: ExportSpec, target: str, compute_ca
             if any(isinstance(d, str) for d in t.shape):
                 p.set_shape(t.name, *(t.concrete(prof.dims(w)) for w in ("min", "opt", "max")))
         config.add_optimization_profile(p)
+    if weight_streaming:
+        flag = getattr(trt.BuilderFlag, "WEIGHT_STREAMING", None)
+        if flag is not None:
+            config.set_flag(flag)
+        if flag is None or not config.get_flag(flag):
+            raise ExportError(f"{spec.name}: {trt.__name__} {trt.__version__} cannot build with weight streaming "
+                              "(TensorRT 10 or TensorRT-RTX); export with --no-weight-streaming")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise ExportError(f"{spec.name}: engine build failed: " + "; ".join(logger.errors[-3:] or ["(no message)"]))
@@ -287,6 +307,7 @@ class Target:
     entry: dict
     build: Callable
     rebuild_args: str = ""  # options the rebuild command needs beyond the common ones
+    spec_tied_to: Callable | None = None  # spec -> what else one spec's artifact is tied to (a build option)
 
 
 def _fingerprint(spec: ExportSpec, target: str, precision: str, sources: dict, tied_to: dict) -> str:
@@ -306,9 +327,12 @@ def _gpu_compute_capability() -> str | None:
     return None
 
 
-def _tensorrt_target(trt, target: str, caps: tuple, precision: str = "bf16") -> Target:
+def _tensorrt_target(trt, target: str, caps: tuple, precision: str = "bf16", weight_streaming: bool = True) -> Target:
     """ONNX export (fp8: then calibrated FP8 Q/DQ on the flows' block Linears), then a TensorRT /
-    TensorRT-RTX engine build."""
+    TensorRT-RTX engine build (the flows with weight streaming unless `weight_streaming` is off)."""
+
+    def streams(spec: ExportSpec) -> bool:
+        return weight_streaming and spec.kind in STREAMED_KINDS
 
     def build(spec: ExportSpec, load, work: Path, say):
         fields = {}
@@ -317,6 +341,9 @@ def _tensorrt_target(trt, target: str, caps: tuple, precision: str = "bf16") -> 
             fields = {"precision": fp8.FP8_BASE_PRECISION,
                       "precision_note": "--precision fp8 quantizes the flow transformers only; this network is the bf16 export"}
         net = load()
+        # fp8: the bf16 network's sizes, above the engine's (its block weights are 1 byte each)
+        fields["weights"] = asdict(network_size(net))
+        fields["weight_streaming"] = streams(spec)
         onnx_path = work / f"{spec.name}.onnx"
         say("exporting ONNX")
         info = export_onnx(spec, net, onnx_path)
@@ -325,9 +352,10 @@ def _tensorrt_target(trt, target: str, caps: tuple, precision: str = "bf16") -> 
             info["bytes"] = fields["fp8"]["onnx_bytes"]
         del net  # free the network before TensorRT's builder takes its share of host memory
         gc.collect()
-        say(f"ONNX {info['bytes'] / 1e6:.1f} MB in {info['seconds']:.1f} s; building {target} engine")
+        say(f"ONNX {info['bytes'] / 1e6:.1f} MB in {info['seconds']:.1f} s; building {target} engine"
+            + (" with weight streaming" if streams(spec) else ""))
         t0 = time.perf_counter()
-        plan = build_engine(trt, onnx_path, spec, target, caps)
+        plan = build_engine(trt, onnx_path, spec, target, caps, weight_streaming=streams(spec))
         build_s = time.perf_counter() - t0
         path = work / engine_file_name(spec.name)
         path.write_bytes(memoryview(plan))
@@ -340,7 +368,9 @@ def _tensorrt_target(trt, target: str, caps: tuple, precision: str = "bf16") -> 
         tied_to["fp8"] = fp8.settings_key()  # calibration settings decide the engine too
         header["precision_note"] = ("fp8: the flow transformers' block Linears in FP8 E4M3 with calibrated scales "
                                     "(per network under 'fp8'); the SS decoder and DINOv3 in bf16")
-    return Target(target, ".engine", tied_to, header=header, entry=versions | {"exporter": EXPORTER_VERSION}, build=build)
+    return Target(target, ".engine", tied_to, header=header, entry=versions | {"exporter": EXPORTER_VERSION}, build=build,
+                  rebuild_args="" if weight_streaming else " --no-weight-streaming",
+                  spec_tied_to=lambda spec: {"weight_streaming": True} if streams(spec) else {})
 
 
 def _sync_and_hash(path: Path) -> tuple[str, int]:
@@ -352,10 +382,12 @@ def _sync_and_hash(path: Path) -> tuple[str, int]:
 
 def export_engines(source: Source, target: str, out_dir, precision: str = "bf16", max_tokens: int | None = None,
                    only: list[str] | None = None, compute_capabilities: tuple | None = None, force: bool = False,
-                   keep_onnx: bool = False, device: str | None = None, progress=print, _fail_after_build=None) -> dict:
+                   keep_onnx: bool = False, device: str | None = None, weight_streaming: bool = True, progress=print,
+                   _fail_after_build=None) -> dict:
     """Build every engine (TensorRT targets) or package (aoti) of `source` into `out_dir`; returns the manifest.
 
     `device` (aoti only): what the packages are compiled for, cuda when available, else cpu.
+    `weight_streaming` (TensorRT targets): build the flow transformers with weight streaming.
     `_fail_after_build(spec)` is a test hook called between building an artifact and moving it into place."""
     trt = check_request(target, precision)
     out = Path(out_dir)
@@ -374,7 +406,7 @@ def export_engines(source: Source, target: str, out_dir, precision: str = "bf16"
             caps = (cc,)
         if precision == "fp8":
             fp8.check_compute_capabilities(caps, target)
-        tgt = _tensorrt_target(trt, target, caps, precision)
+        tgt = _tensorrt_target(trt, target, caps, precision, weight_streaming)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale(out, ".build-")  # build folders of a killed export
     specs = build_specs(source.configs, source.dino_config, source.geometry, max_tokens=max_tokens, only=only)
@@ -388,7 +420,7 @@ def export_engines(source: Source, target: str, out_dir, precision: str = "bf16"
         tag = f"[{i}/{total}] {spec.name}"
         old = entries.get(spec.name, {})
         sources = source.hashes(spec.model_key, old.get("source_files", {}))
-        fp = _fingerprint(spec, target, precision, sources, tgt.tied_to)
+        fp = _fingerprint(spec, target, precision, sources, tgt.tied_to | (tgt.spec_tied_to(spec) if tgt.spec_tied_to else {}))
         path = out / f"{spec.name}{tgt.suffix}"
         if (not force and old.get("fingerprint") == fp and path.is_file()
                 and path.stat().st_size == old.get("bytes") and sha256_file(path) == old.get("sha256")):

@@ -71,6 +71,18 @@ class AOTIEngine(Engine):
     def __init__(self, path: Path, spec, runner, device: torch.device):
         self.path, self.spec, self.runner, self.device = path, spec, runner, device
 
+    # -- device memory per stage: the package's weights load with it, and leave with it ----------
+
+    def enter_stage(self, weight_bytes: int | None = None) -> None:
+        if self.runner is None:  # released at the end of an earlier stage
+            self.runner = _load_package(self.path, self.device)
+
+    def leave_stage(self, keep: bool) -> None:
+        if not keep and self.runner is not None:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # its kernels may still read the weights
+            self.runner = None
+
     # -- loading -----------------------------------------------------------------------------
 
     @classmethod
@@ -113,7 +125,7 @@ class AOTIEngine(Engine):
                 raise EngineError(f"{path}: compiled on a CPU with instructions this one lacks ({', '.join(missing[:6])}"
                                   f"{', ...' if len(missing) > 6 else ''}); {_remedy(m, engine_dir)} on this machine")
         try:
-            runner = torch._inductor.aoti_load_package(str(path), device_index=want.index if want.type == "cuda" else -1)
+            runner = _load_package(path, want)
         except Exception as ex:  # a damaged zip or library that still matches the manifest's hash
             raise EngineError(f"{path}: torch could not load the AOTInductor package ({first_line(ex, 200)}); "
                               f"{_remedy(m, engine_dir)}") from None
@@ -125,9 +137,15 @@ class AOTIEngine(Engine):
         dims = self._dims(inputs)
         if self.spec.profiles:
             self.spec.profile_for(dims)  # the compiled graph holds only inside the exported range: say so, not crash
+        if self.runner is None:  # outside a stage plan: loaded now and kept
+            self.enter_stage()
         args = [inputs[t.name].to(device=self.device, dtype=t.torch_dtype).contiguous() for t in self.spec.inputs]
         out = self.runner(*args)
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         if len(outs) != len(self.spec.outputs):
             raise EngineError(f"{self.path}: the package returned {len(outs)} outputs, its spec names {len(self.spec.outputs)}")
         return {t.name: o.float() for t, o in zip(self.spec.outputs, outs)}
+
+
+def _load_package(path: Path, device: torch.device):
+    return torch._inductor.aoti_load_package(str(path), device_index=device.index if device.type == "cuda" else -1)

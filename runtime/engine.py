@@ -13,13 +13,24 @@ replacement for the network it was exported from, with the same call signature:
                both CFG halves as batch 2 of one engine call (the sampler's batched CFG).
 * SS decoder:  `module(latent [1,Cl,r,r,r]) -> logits [1,1,4r,4r,4r]`.
 * DINOv3:      `module(image [1,3,S,S] in [0,1]) -> tokens [1, 1+reg+P², C]` (what `extract_tokens` returns).
+
+Device memory per stage (DESIGN.md §5): `engine.placed(mode, weight_bytes)` brackets one stage as
+the stage plan places the engine's network (the residency modes). `resident`: what the engine
+holds on the device stays after the stage; `stage` / `streamed`: it is taken when the stage starts
+and given back when it ends; `streamed` also limits the device bytes of the weights to
+`weight_bytes` (the rest streamed by the runtime, for engines built with weight streaming). What
+an engine holds, and how it takes and gives it back, is its backend's (`enter_stage` /
+`leave_stage`); the default holds nothing per stage.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+
+from .residency import MODES, RESIDENT, STREAMED
 
 
 class Engine(ABC):
@@ -27,10 +38,33 @@ class Engine(ABC):
 
     spec = None
     path = None  # file it was loaded from, if any (for messages)
+    weights = None  # planner.NetworkSize of the network as exported (its manifest record), if known
+    streaming = False  # built with weight streaming: a plan may keep only part of its weights on the device
 
     @abstractmethod
     def run(self, inputs: dict) -> dict:
         """Named inputs (torch tensors on the engine's device) -> named outputs (torch tensors)."""
+
+    # -- device memory per stage -------------------------------------------------------------
+
+    @contextmanager
+    def placed(self, mode: str, weight_bytes: int | None = None):
+        """The engine's device memory for one stage placed as `mode` (see the module docstring);
+        `weight_bytes`: the device bytes the plan gives its weights when `streamed`."""
+        if mode not in MODES:
+            raise ValueError(f"unknown placement {mode!r} (one of {', '.join(MODES)})")
+        self.enter_stage(weight_bytes if mode == STREAMED else None)
+        try:
+            yield self
+        finally:
+            self.leave_stage(keep=mode == RESIDENT)
+
+    def enter_stage(self, weight_bytes: int | None = None) -> None:
+        """Take the device memory a stage runs with (weights, execution context); `weight_bytes`:
+        the device bytes its weights may use (None: all of them)."""
+
+    def leave_stage(self, keep: bool) -> None:
+        """Give back the stage's working memory, and with `keep` False everything `enter_stage` took."""
 
     def _dims(self, inputs: dict) -> dict:
         """{axis name: size} of the inputs, checked against the spec's names, ranks and static sizes."""
@@ -66,6 +100,16 @@ class _StageModule(nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.engine)
+
+    def network_size(self):
+        """The planner's sizes of the network this engine runs (planner.network_size asks a module
+        for them): as recorded at export, with streaming units only where the engine can stream."""
+        from .planner import NetworkSize
+
+        w = self.engine.weights
+        if w is None:
+            return NetworkSize(0)
+        return w if self.engine.streaming else NetworkSize(w.bytes)
 
 
 def _split(cond):

@@ -10,20 +10,44 @@ HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 needs_rtx = pytest.mark.skipif(not HAVE_RTX, reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
 
 
-def ort_engine(spec, path):
+def ort_engine(spec, path, entry=None, log=None):
     """An `Engine` that runs an ONNX file with onnxruntime on the CPU: a TensorRT engine's stand-in
-    where none can run (the same inputs and outputs, bound by name)."""
+    where none can run (the same inputs and outputs, bound by name). Its session plays the execution
+    context: created when a stage enters (or at the first run), released when a stage leaves without
+    keeping it. `entry`: a manifest entry (`weights`, `weight_streaming`); `log` gets
+    ("enter", name, weight_bytes), ("run", name), ("leave", name, keep)."""
     import onnxruntime as ort
     import torch
 
     from pixal3d_rt.runtime.engine import Engine
+    from pixal3d_rt.runtime.planner import NetworkSize
+
+    entry = entry or {}
 
     class OrtEngine(Engine):
         def __init__(self):
             self.spec, self.path = spec, path
-            self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.weights = NetworkSize(**entry["weights"]) if "weights" in entry else None
+            self.streaming = bool(entry.get("weight_streaming", False))
+            self.log = log if log is not None else []
+            self.sess = None
+            self.weight_bytes = None  # what the last stage gave the weights (None: all)
+
+        def enter_stage(self, weight_bytes=None):
+            self.log.append(("enter", spec.name, weight_bytes))
+            self.weight_bytes = weight_bytes
+            if self.sess is None:
+                self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def leave_stage(self, keep):
+            self.log.append(("leave", spec.name, keep))
+            if not keep:
+                self.sess = None
 
         def run(self, inputs):
+            if self.sess is None:
+                self.enter_stage()
+            self.log.append(("run", spec.name))
             outs = self.sess.run(None, {k: v.contiguous().numpy() for k, v in inputs.items()})
             return {t.name: torch.from_numpy(o) for t, o in zip(self.spec.outputs, outs)}
 

@@ -339,6 +339,72 @@ def test_up_to_date_skip_and_rebuild(built, tiny):
     assert set(m2["networks"]) == {"ss_decoder", "tex_flow"}  # entries of other networks are kept
 
 
+def test_flows_build_with_weight_streaming(built, tiny):
+    """The flows are built with TensorRT's weight streaming flag (on by default) and the manifest
+    says so; every entry records the network's weight sizes as exported (what the planner reads)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import tensorrt_rtx as trt
+
+    from pixal3d_rt.export.trt_build import ExportError, build_engine
+    from pixal3d_rt.runtime.planner import network_size
+
+    d, manifest, log = built
+    nets = json.loads((d / "manifest.json").read_text())["networks"]
+    assert nets["tex_flow"]["weight_streaming"] is True and nets["ss_decoder"]["weight_streaming"] is False
+    assert "--no-weight-streaming" not in manifest["rebuild_command"]
+    assert [line for line in log if "with weight streaming" in line] == [
+        line for line in log if "tex_flow" in line and "building" in line]
+    for name, e in nets.items():
+        want = network_size(tiny.load(S.ExportSpec.from_json(e["spec"]), "bf16"))
+        assert e["weights"] == dataclasses.asdict(want), name
+    assert nets["tex_flow"]["weights"]["units"] == 2 and nets["tex_flow"]["weights"]["unit_bytes"] > 0
+    # the flag is part of the serialized engine: the same ONNX built without it gives another engine
+    spec = S.ExportSpec.from_json(nets["tex_flow"]["spec"])
+    plain = build_engine(trt, d / "onnx" / "tex_flow.onnx", spec, "tensorrt-rtx", ("8.6",))
+    streaming = build_engine(trt, d / "onnx" / "tex_flow.onnx", spec, "tensorrt-rtx", ("8.6",), weight_streaming=True)
+    assert bytes(plain) != bytes(streaming)
+    # a TensorRT without the flag refuses instead of building an engine that cannot stream
+    old = SimpleNamespace(**{k: getattr(trt, k) for k in dir(trt) if not k.startswith("__") or k in ("__name__", "__version__")})
+    old.BuilderFlag = SimpleNamespace()
+    with pytest.raises(ExportError, match="cannot build with weight streaming.*--no-weight-streaming"):
+        build_engine(old, d / "onnx" / "tex_flow.onnx", spec, "tensorrt-rtx", ("8.6",), weight_streaming=True)
+
+
+def test_weight_streaming_option_rebuilds_only_the_flows(built, tiny, tmp_path):
+    """Turning weight streaming off changes what the flows' engines are (they are rebuilt, and the
+    rebuild command says so) and nothing else's (the SS decoder stays up to date)."""
+    import shutil
+
+    from pixal3d_rt.export.trt_build import export_engines
+
+    d = tmp_path / "engines"
+    shutil.copytree(built[0], d)
+    log = []
+    m = export_engines(tiny, "tensorrt-rtx", d, precision="bf16", only=["ss_decoder"], weight_streaming=False,
+                       progress=log.append)
+    assert log == ["[1/1] ss_decoder: up to date (ss_decoder.engine)"]
+    assert m["rebuild_command"].endswith(" --no-weight-streaming")
+
+    class Rebuilding(Exception):
+        pass
+
+    def refuse(spec, precision):
+        raise Rebuilding(spec.name)
+
+    tiny.load = refuse  # the export reaches for the network only to rebuild it
+    try:
+        with pytest.raises(Rebuilding, match="tex_flow"):
+            export_engines(tiny, "tensorrt-rtx", d, precision="bf16", only=["tex_flow"], weight_streaming=False,
+                           progress=lambda line: None)
+        log = []
+        export_engines(tiny, "tensorrt-rtx", d, precision="bf16", only=["tex_flow"], progress=log.append)
+        assert log == ["[1/1] tex_flow: up to date (tex_flow.engine)"]
+    finally:
+        del tiny.load
+
+
 @needs_rtx
 @pytest.mark.parametrize("exc", [RuntimeError("injected failure"), KeyboardInterrupt()])
 def test_failure_mid_build_leaves_no_engine(tiny, tmp_path, exc):
@@ -483,11 +549,17 @@ def test_runner_binds_tensors_and_switches_profiles():
                         [S.TensorSpec("x", ("B", "N", 4)), S.TensorSpec("rope_cos", ("N", 2))], [S.TensorSpec("velocity", ("B", "N", 3))],
                         [S.Profile("small", {"B": (1, 2, 2), "N": (1, 64, 100)}), S.Profile("big", {"B": (1, 2, 2), "N": (90, 500, 1000)})])
     DT = SimpleNamespace(FLOAT="f32", HALF="f16")
-    trt = SimpleNamespace(DataType=DT)
-    calls = []
+    trt = SimpleNamespace(DataType=DT, ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="user"))
+    calls, memory = [], []
 
     class Ctx:
         shapes = {}
+
+        def update_device_memory_size_for_shapes(self):
+            return 64 * self.shapes["x"][1]
+
+        def set_device_memory(self, ptr, size):
+            memory.append(size)
 
         def set_optimization_profile_async(self, i, stream):
             calls.append(("profile", i))
@@ -510,7 +582,8 @@ def test_runner_binds_tensors_and_switches_profiles():
         num_io_tensors = 3
         names = ["x", "rope_cos", "velocity"]
 
-        def create_execution_context(self):
+        def create_execution_context(self, strategy):
+            calls.append(("context", strategy))
             return Ctx()
 
         def get_tensor_name(self, i):
@@ -521,14 +594,19 @@ def test_runner_binds_tensors_and_switches_profiles():
 
     eng = TensorRTEngine(Path("f.engine"), spec, trt, Eng(), torch.device("cpu"))
     assert eng.dtypes == {"x": torch.float16, "rope_cos": torch.float32, "velocity": torch.float32}
+    assert eng.context is None  # created by the first run (or the first stage), not at load
     out = eng.run({"x": torch.randn(2, 50, 4), "rope_cos": torch.randn(50, 2)})
     assert out["velocity"].shape == (2, 50, 3) and out["velocity"].dtype == torch.float32
+    assert calls[0] == ("context", "user")  # its working memory is the runner's: sized for the shapes
+    assert memory == [64 * 50] and eng.activations.numel() == 64 * 50
     assert ("profile", 0) not in calls  # profile 0 is the context's initial one
     eng.run({"x": torch.randn(1, 700, 4), "rope_cos": torch.randn(700, 2)})
     eng.run({"x": torch.randn(1, 600, 4), "rope_cos": torch.randn(600, 2)})
     assert [c for c in calls if c[0] == "profile"] == [("profile", 1)]
     assert calls[-1] == ("run", {"x": (1, 600, 4), "rope_cos": (600, 2)})
     assert [c[1] for c in calls[-4:-1]] == ["x", "rope_cos", "velocity"]
+    assert memory == [64 * 50, 64 * 700, 64 * 700] and eng.activations.numel() == 64 * 700  # grown, kept
+    assert [c for c in calls if c[0] == "context"] == [("context", "user")]
     with pytest.raises(ValueError, match="axis N is 600 and 601"):
         eng.run({"x": torch.randn(1, 600, 4), "rope_cos": torch.randn(601, 2)})
     with pytest.raises(ValueError, match="outside every profile"):
