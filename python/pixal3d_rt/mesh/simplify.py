@@ -541,8 +541,6 @@ def make_manifold(vertices: np.ndarray, faces: np.ndarray, max_rounds: int = 64)
         yl, yh = corners(y)
         return np.concatenate([xl, xh]), np.concatenate([yl, yh])
 
-    ja, jb = joins(np.concatenate([px, mx]), np.concatenate([py, my]))
-    lab = _union_labels(len(corner_vertex), ja, jb)
     if len(me):
         # swap rounds on the corners of the shared edges' vertices only (nothing else changes)
         at_shared = np.zeros(len(v), dtype=bool)
@@ -582,7 +580,8 @@ def make_manifold(vertices: np.ndarray, faces: np.ndarray, max_rounds: int = 64)
             my[p_idx] = np.where(use1, W, Z)
             mx[q_idx] = np.where(use1, Z, Y)
             my[q_idx] = np.where(use1, Y, W)
-        lab[sub] = sub[sub_lab]
+    ja, jb = joins(np.concatenate([px, mx]), np.concatenate([py, my]))
+    lab = _union_labels(len(corner_vertex), ja, jb)
 
     # a fan is named by its smallest corner; a vertex's first fan keeps the vertex, every further fan
     # gets a new copy of it
