@@ -3,7 +3,7 @@ one process vs the parallel parts (python/pixal3d_rt/mesh/simplify.py), plus the
 export used before (no repair), with the topology and distance checks the export relies on.
 
     python benchmarks/bench_simplify.py --grid 1024 --targets 200000,1000000 [--repeat 2]
-        [--workers N] [--out benchmarks/results/simplify_cpu.json]
+        [--workers N] [--pre-decimate N] [--out benchmarks/results/simplify_cpu.json]
 
 Per run: wall seconds, CPU seconds of this process and of each worker (their sum along the critical path
 estimates the wall time on an idle machine: the machine may be shared), faces, edges not shared by exactly
@@ -76,6 +76,9 @@ def main():
     ap.add_argument("--modes", default="library,serial,parallel")
     ap.add_argument("--samples", type=int, default=200_000)
     ap.add_argument("--cache", default=None, help="npz of the cleaned surface (written if missing)")
+    ap.add_argument("--pre-decimate", type=int, default=0,
+                    help="decimate the surface to this many faces first (one process, repaired): the input of "
+                         "the export's second pass")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     workers = a.workers or simplify.usable_cores()
@@ -88,6 +91,8 @@ def main():
         v, f = glb.clean_mesh(v, f)
         if a.cache:
             np.savez(a.cache, v=v, f=f)
+    if a.pre_decimate:
+        v, f = simplify.simplify(v, f, a.pre_decimate, workers=1)
     print(f"grid {a.grid}: {len(f):,} faces ({time.perf_counter() - t:.1f}s)", flush=True)
     rng = np.random.default_rng(0)
     input_samples = sample_surface(v, f, a.samples, rng)
@@ -95,7 +100,8 @@ def main():
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = None
-    res = {"grid": a.grid, "faces_in": int(len(f)), "vertices_in": int(len(v)), "usable_cores": simplify.usable_cores(),
+    res = {"grid": a.grid, "pre_decimated": a.pre_decimate or None, "faces_in": int(len(f)),
+           "vertices_in": int(len(v)), "usable_cores": simplify.usable_cores(),
            "workers": workers, "host": platform.node(), "commit": commit, "runs": []}
     for target in [int(x) for x in a.targets.split(",")]:
         for rep in range(a.repeat):

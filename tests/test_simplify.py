@@ -118,7 +118,7 @@ def test_parallel_keeps_a_closed_mesh_closed_near_target(mug, workers):
 
 
 def test_serial_result_is_repaired_too(mug):
-    v, f, grid = mug
+    v, f, _ = mug
     target = len(f) // 8
     info = {}
     v2, f2 = simplify.simplify(v, f, target, workers=1, info=info)
@@ -285,9 +285,50 @@ def test_cut_through_a_pinched_vertex_falls_back_to_serial(monkeypatch):
     fid, used, local, locked = pieces[0]
     assert simplify._decimate_part(v[used], local, len(fid) // 6, 7.0, locked)[2] is None  # it moved
     with pytest.warns(RuntimeWarning, match="non-manifold vertex.*simplifying serially"):
-        v2, f2 = simplify.simplify(v, f, target, workers=2)
+        _, f2 = simplify.simplify(v, f, target, workers=2)
     assert 0.97 * target <= len(f2) <= target
     assert (edge_counts(f2) == 2).all()
+
+
+def test_a_worker_that_dies_mid_job_means_serial_this_time(mug, monkeypatch):
+    v, f, _ = mug
+    target = len(f) // 6
+    expected = simplify.simplify(v, f, target, workers=1)
+    real_receive = simplify._Worker.receive
+
+    def die_then_receive(self):
+        self.proc.kill()
+        self.proc.wait()
+        return real_receive(self)
+
+    monkeypatch.setattr(simplify._Worker, "receive", die_then_receive)
+    with pytest.warns(RuntimeWarning, match="EOFError.*simplifying serially"):
+        out = simplify.simplify(v, f, target, workers=2)
+    assert np.array_equal(out[0], expected[0]) and np.array_equal(out[1], expected[1])
+    monkeypatch.setattr(simplify._Worker, "receive", real_receive)
+    info = {}
+    simplify.simplify(v, f, target, workers=2, info=info)  # fresh workers next time
+    assert info["parts"] == 2
+
+
+def test_threads_share_the_workers_one_at_a_time(mug):
+    import threading
+
+    v, f, _ = mug
+    target = len(f) // 6
+    expected = simplify.simplify(v, f, target, workers=2)
+    results = [None] * 3
+
+    def run(i):
+        results[i] = simplify.simplify(v, f, target, workers=2)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        assert np.array_equal(r[0], expected[0]) and np.array_equal(r[1], expected[1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,7 +365,7 @@ def test_make_manifold_cancels_coincident_faces():
     assert np.array_equal(f2, f)
     assert_closed_oriented_manifold(v2, f2)
     # one more copy: the pair cancels, leaving the open tetrahedron
-    v3, f3 = simplify.make_manifold(v, np.concatenate([f, [[0, 1, 2]]]))
+    _, f3 = simplify.make_manifold(v, np.concatenate([f, [[0, 1, 2]]]))
     assert np.array_equal(f3, f[1:]) and (edge_counts(f3) == 1).sum() == 3
 
 

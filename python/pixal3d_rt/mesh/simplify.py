@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 import warnings
-from typing import Optional
 
 import numpy as np
 
 PARALLEL_MIN_FACES = 400_000  # below this, starting and feeding the workers costs more than it saves
 DISABLE_PARALLEL_ENV = "PIXAL3D_DISABLE_PARALLEL_SIMPLIFY"
-_SEAM_SLACK = 1.01  # the seam pass is skipped when the stitched parts are already this close
+_SEAM_SLACK = 1.01  # a face count within this factor of the target needs no further pass
 _SEAM_FACES_PER_VERTEX = 2  # faces a locked cut vertex keeps beside it in its part's result, about
 
 
@@ -57,12 +57,16 @@ def usable_cores() -> int:
 
 
 class _Worker:
+    """One worker subprocess running `_serve`."""
+
     def __init__(self):
         import subprocess
         import sys
 
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        # the child finds this package where the parent did (an in-tree run, a path set at run time)
+        extra = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + extra)
         self.proc = subprocess.Popen([sys.executable, "-c", "from pixal3d_rt.mesh.simplify import _serve; _serve()"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
 
@@ -88,16 +92,22 @@ class _Worker:
 
 
 _workers: list[_Worker] = []
+_workers_pid = 0  # the process that started them: a forked child must not share their pipes
+_workers_lock = threading.Lock()  # one caller at a time talks to them (e.g. a server's export threads)
+_atexit_registered = False
 
 
 def _get_workers(n: int) -> list[_Worker]:
-    global _workers
+    global _workers, _workers_pid, _atexit_registered
+    if _workers_pid != os.getpid():
+        _workers, _workers_pid = [], os.getpid()  # inherited through fork: the parent's, left alone
     _workers = [w for w in _workers if w.alive()]
-    while len(_workers) < n:
-        if not _workers:
-            import atexit
+    if not _atexit_registered:
+        import atexit
 
-            atexit.register(shutdown_workers)
+        atexit.register(shutdown_workers)
+        _atexit_registered = True
+    while len(_workers) < n:
         _workers.append(_Worker())
     return _workers[:n]
 
@@ -105,8 +115,9 @@ def _get_workers(n: int) -> list[_Worker]:
 def shutdown_workers() -> None:
     """Stop the worker processes (otherwise kept until the interpreter exits)."""
     global _workers
-    for w in _workers:
-        w.close()
+    if _workers_pid == os.getpid():
+        for w in _workers:
+            w.close()
     _workers = []
 
 
@@ -275,7 +286,7 @@ def _stitch(vertices: np.ndarray, faces: np.ndarray, label: np.ndarray, target: 
     for p, (fid, used, local, shared_local) in enumerate(pieces):
         # its share of the target, plus about the faces its locked cut vertices keep around them: the
         # seam pass removes those, where the cut kept the surface dense
-        part_target = max(int(round(target * len(fid) / n_f)) + _SEAM_FACES_PER_VERTEX * len(shared_local), 1)
+        part_target = max(round(target * len(fid) / n_f) + _SEAM_FACES_PER_VERTEX * len(shared_local), 1)
         if part_target >= len(fid):  # nothing to remove: keep the part as it is
             jobs.append(None)
             continue
@@ -342,8 +353,8 @@ def _seam_pass(v: np.ndarray, f: np.ndarray, cut: np.ndarray, target: int, agg: 
     return _compact(nv, np.concatenate([f[~band], gid[tri]]))
 
 
-def simplify(vertices, faces, target_faces: int, *, aggressiveness: float = 7.0, workers: Optional[int] = None,
-             repair: bool = True, info: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
+def simplify(vertices, faces, target_faces: int, *, aggressiveness: float = 7.0, workers: int | None = None,
+             repair: bool = True, info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decimate to about `target_faces` faces. vertices [V,3] float, faces [F,3] int (numpy).
     workers: processes for the parallel path (default: the usable cores, 1 when
     PIXAL3D_DISABLE_PARALLEL_SIMPLIFY is set; 1 = serial); repair: run `make_manifold` on the result.
@@ -363,14 +374,18 @@ def simplify(vertices, faces, target_faces: int, *, aggressiveness: float = 7.0,
     if workers > 1 and len(f) >= PARALLEL_MIN_FACES and target_faces * 2 <= len(f):
         t = time.perf_counter()
         stitched = None
-        try:
-            pool = _get_workers(workers)  # they start while the parts are cut
-            stitched = _stitch(v, f, partition_faces(face_centroids(v, f), len(pool)), target_faces,
-                               aggressiveness, pool)
-            why = "a cut ran through a non-manifold vertex"
-        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:  # a worker failed or died
-            shutdown_workers()  # their pipes may hold half a message
-            why = f"{type(e).__name__}: {e}"
+        with _workers_lock:
+            try:
+                pool = _get_workers(workers)  # they start while the parts are cut
+                stitched = _stitch(v, f, partition_faces(face_centroids(v, f), len(pool)), target_faces,
+                                   aggressiveness, pool)
+                why = "a cut ran through a non-manifold vertex"
+            except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:  # a worker failed or died
+                shutdown_workers()  # their pipes may hold half a message
+                why = f"{type(e).__name__}: {e}"
+            except BaseException:  # interrupted mid-conversation: the pipes are out of step
+                shutdown_workers()
+                raise
         info["parts_s"] = time.perf_counter() - t
         if stitched is None:
             warnings.warn(f"parallel simplification failed ({why}); simplifying serially", RuntimeWarning,
