@@ -94,7 +94,9 @@ def nearest_distances(points: torch.Tensor, to: torch.Tensor) -> torch.Tensor:
 
 def _nearest_torch(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     rows = max(1, (1 << 25) // max(q.shape[0], 1))  # about 256 MB of float64 distances per chunk
-    return torch.cat([torch.cdist(p[s : s + rows], q).min(dim=1).values for s in range(0, p.shape[0], rows)])
+    # the difference form, not |a|²+|b|²-2ab: a point on itself is at exactly 0, as with cKDTree
+    return torch.cat([torch.cdist(p[s : s + rows], q, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+                      for s in range(0, p.shape[0], rows)])
 
 
 def chamfer_fscore(points: torch.Tensor, ref_points: torch.Tensor, tau: float = DEFAULT_TAU) -> dict:
