@@ -82,6 +82,7 @@ def test_export_with_parallel_simplification_is_closed_and_valid(tmp_path, monke
 
     monkeypatch.setattr(simplify, "PARALLEL_MIN_FACES", 0)
     monkeypatch.setattr(simplify, "usable_cores", lambda: 2)
+    monkeypatch.setattr(simplify, "PARALLEL_MIN_CORES", 2)
     monkeypatch.delenv(simplify.DISABLE_PARALLEL_ENV, raising=False)
     stitched = []
     real_stitch = simplify._stitch

@@ -136,16 +136,20 @@ def test_parallel_is_deterministic(mug):
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
-def test_env_switch_turns_parallel_off(mug, monkeypatch):
+def test_default_workers_and_env_switch(mug, monkeypatch):
     v, f, _ = mug
-    monkeypatch.setenv(simplify.DISABLE_PARALLEL_ENV, "1")
-    info = {}
-    simplify.simplify(v, f, len(f) // 4, info=info)
-    assert info["parts"] == 1
-    monkeypatch.setenv(simplify.DISABLE_PARALLEL_ENV, "0")
-    info = {}
-    simplify.simplify(v, f, len(f) // 4, info=info)
-    assert info["parts"] == simplify.usable_cores()  # 1 on a one-core machine: serial either way
+    target = len(f) // 4
+
+    def parts(cores, env):
+        monkeypatch.setattr(simplify, "usable_cores", lambda: cores)
+        monkeypatch.setenv(simplify.DISABLE_PARALLEL_ENV, env)
+        info = {}
+        simplify.simplify(v, f, target, info=info)
+        return info["parts"]
+
+    assert parts(4, "0") == 4 and parts(4, "") == 4
+    assert parts(4, "1") == 1 and parts(4, "yes") == 1
+    assert parts(simplify.PARALLEL_MIN_CORES - 1, "0") == 1  # too few cores to gain
 
 
 def test_several_components_each_stay_closed():

@@ -13,7 +13,8 @@ Steps (`export_glb`), each also a public function here or in `bake.py` / `uv.py`
      `fill_small_holes`  close boundary loops shorter than `max_hole_perimeter` (upstream: 3e-2) with a
                          fan around the loop centroid; `remove_small_components` drops floaters.
   2. `simplify_mesh`     quadric decimation to `decimation_target` faces (a face count, as upstream), in
-                         spatial parts on all cores, pinches undone so closed stays closed (simplify.py).
+                         spatial parts on all cores (from four), pinches undone so closed stays closed
+                         (simplify.py).
   3. `uv.uv_unwrap`      xatlas charts + packing at the texture size.
   4. `bake.bake_texture` UV-space rasterisation, trilinear sampling of the sparse voxels (flex_gemm
                          grid_sample_3d semantics), seam fill.
@@ -315,9 +316,9 @@ def fill_small_holes(vertices: np.ndarray, faces: np.ndarray, max_perimeter: flo
 def simplify_mesh(vertices: np.ndarray, faces: np.ndarray, target_faces: int, *, aggressiveness: float = 7.0,
                   workers: Optional[int] = None, info: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
     """Quadric edge-collapse decimation to about `target_faces` faces (`fast-simplification`, the
-    library trimesh uses; prebuilt wheels), on all usable cores for large meshes, then the pinches it
-    leaves undone so that a closed surface stays closed (`simplify.simplify`, `simplify.make_manifold`;
-    workers=1 or PIXAL3D_DISABLE_PARALLEL_SIMPLIFY=1: one process). Meshes at or below the target are
+    library trimesh uses; prebuilt wheels), on all usable cores for large meshes (from four cores),
+    then the pinches it leaves undone so that a closed surface stays closed (`simplify.simplify`,
+    `simplify.make_manifold`; workers=1 or PIXAL3D_DISABLE_PARALLEL_SIMPLIFY=1: one process). Meshes at or below the target are
     returned unchanged; so is everything when the library is missing (with a warning: the export still
     works, only larger). The result may hold coincident vertices (two sheets that touch): clean it with
     `clean_mesh(..., merge_vertices=False)`. Returns (vertices float32, faces int64)."""

@@ -11,8 +11,8 @@ parallelises only across processes:
   3. the stitched mesh is still dense along the cuts: a closed one gets a pass over the band of faces
      around the cuts only (its rim locked); an open one a pass over the whole mesh, so that its open
      borders (locked in the parts too) thin out as in the serial run.
-Small meshes (below `PARALLEL_MIN_FACES`) and one usable core take the serial path;
-PIXAL3D_DISABLE_PARALLEL_SIMPLIFY=1 forces it.
+Small meshes (below `PARALLEL_MIN_FACES`) and machines with fewer than `PARALLEL_MIN_CORES` usable
+cores take the serial path by default; PIXAL3D_DISABLE_PARALLEL_SIMPLIFY=1 forces it.
 
 Forstmann's collapse has no link-condition test: it pinches thin walls, tubes and handles into edges
 shared by four or more faces, vertices where two cones touch, and pairs of coincident faces.
@@ -30,7 +30,12 @@ import warnings
 
 import numpy as np
 
-PARALLEL_MIN_FACES = 400_000  # below this, starting and feeding the workers costs more than it saves
+PARALLEL_MIN_FACES = 400_000  # smaller meshes stay in one process (the workers' start and feeding are fixed costs)
+# By default the parts run only with this many usable cores: this process's own share of the parallel
+# path (cutting, sending, stitching, the seam band, the repair) is a quarter to a half of a one-process
+# run, so two workers shorten the critical path a little and lose when other work shares the cores
+# (benchmarks/results/simplify_cpu.json); from four the same accounting predicts a clear gain
+PARALLEL_MIN_CORES = 4
 DISABLE_PARALLEL_ENV = "PIXAL3D_DISABLE_PARALLEL_SIMPLIFY"
 _SEAM_SLACK = 1.01  # a face count within this factor of the target needs no further pass
 _SEAM_FACES_PER_VERTEX = 2  # faces a locked cut vertex keeps beside it in its part's result, about
@@ -356,8 +361,9 @@ def _seam_pass(v: np.ndarray, f: np.ndarray, cut: np.ndarray, target: int, agg: 
 def simplify(vertices, faces, target_faces: int, *, aggressiveness: float = 7.0, workers: int | None = None,
              repair: bool = True, info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decimate to about `target_faces` faces. vertices [V,3] float, faces [F,3] int (numpy).
-    workers: processes for the parallel path (default: the usable cores, 1 when
-    PIXAL3D_DISABLE_PARALLEL_SIMPLIFY is set; 1 = serial); repair: run `make_manifold` on the result.
+    workers: processes for the parallel path (default: the usable cores if at least
+    PARALLEL_MIN_CORES, else 1; 1 when PIXAL3D_DISABLE_PARALLEL_SIMPLIFY is set; 1 = serial);
+    repair: run `make_manifold` on the result.
     info, if given, receives "parts" (1 = serial), "stitched_faces" (after the parts), "seam" ("band",
     "whole" or "none"), seconds per stage ("parts_s", "seam_s", "serial_s", "repair_s") and the
     workers' CPU seconds ("worker_cpu_s").
@@ -368,7 +374,8 @@ def simplify(vertices, faces, target_faces: int, *, aggressiveness: float = 7.0,
     v = np.asarray(vertices, dtype=np.float32)
     f = np.asarray(faces, dtype=np.int64)
     if workers is None:
-        workers = 1 if env_disabled(DISABLE_PARALLEL_ENV) else usable_cores()
+        cores = usable_cores()
+        workers = cores if cores >= PARALLEL_MIN_CORES and not env_disabled(DISABLE_PARALLEL_ENV) else 1
     out = None
     info["parts"] = 1
     if workers > 1 and len(f) >= PARALLEL_MIN_FACES and target_faces * 2 <= len(f):
