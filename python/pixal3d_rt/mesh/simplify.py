@@ -30,9 +30,9 @@ import warnings
 
 import numpy as np
 
-PARALLEL_MIN_FACES = 400_000  # smaller meshes stay in one process (the workers' start and feeding are fixed costs)
+PARALLEL_MIN_FACES = 400_000  # smaller meshes stay in one process (starting and feeding workers is a fixed cost)
 # By default the parts run only with this many usable cores: this process's own share of the parallel
-# path (cutting, sending, stitching, the seam band, the repair) is a quarter to a half of a one-process
+# path (cutting, sending, stitching, the seam band, the repair) is a fifth to a half of a one-process
 # run, so two workers shorten the critical path a little and lose when other work shares the cores
 # (benchmarks/results/simplify_cpu.json); from four the same accounting predicts a clear gain
 PARALLEL_MIN_CORES = 4
