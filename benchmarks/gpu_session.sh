@@ -12,13 +12,16 @@ if [ -d .whl ]; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
 export PYTHONUNBUFFERED=1
-budgets=6,8,12,16,24
+# each resolution's budgets reach down to its target (512: 3 GB, 1024: 4 GB, 1536: 8 GB)
+declare -A budgets=([512]=3,4,6,8,12,16,24 [1024]=4,6,8,12,16,24 [1536]=6,8,12,16,24)
+# UPSTREAM=DIR (upstream's source, never in this repository) adds the per-stage ratios against its modules
+upstream=${UPSTREAM:+--upstream $UPSTREAM}
 case "$part" in
   tests)  # the CUDA paths the CPU never ran: residency streams and events, the backend's unload, the planner's runs
     python3 -m pytest -q tests/test_residency.py tests/test_cuda_backend.py tests/test_planner.py 2>&1 | tee "$out/gpu_tests.log" ;;
   1024|1536|512)
-    pixal3d-rt bench --preset reference --resolution "$part" --runs 2 --glb-runs 1 --vram-budget "$budgets" \
-      --gpu-profile rtx4090-24gb --out "$out/bench_$part" 2>&1 | tee "$out/bench_$part.log" ;;
+    pixal3d-rt bench --preset reference --resolution "$part" --runs 2 --glb-runs 1 --vram-budget "${budgets[$part]}" \
+      --gpu-profile rtx4090-24gb $upstream --out "$out/bench_$part" 2>&1 | tee "$out/bench_$part.log" ;;
   quality)
     pixal3d-rt bench --preset reference --resolution 512 --runs 1 --glb-runs 0 --quality --out "$out/quality_512" 2>&1 \
       | tee "$out/quality_512.log" ;;

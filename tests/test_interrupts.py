@@ -47,6 +47,8 @@ def _stop_at(proc, marker: str, sig, watch: Path | None = None) -> str:
         seen.append(line)
         if marker in line:
             break
+    else:  # a renamed stage must not turn the test into an uninterrupted run
+        raise AssertionError(f"no progress line holds {marker}:\n{''.join(seen)}")
     if watch is not None:
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline and not _temps(watch.parent, watch.name):
@@ -62,7 +64,7 @@ def _temps(folder: Path, name: str) -> list:
 
 
 INFER_POINTS = [  # (signal, progress line to stop at, stop inside the GLB write)
-    (signal.SIGINT, "[dinov3]", False),
+    (signal.SIGINT, "[dinov3_lr]", False),
     (signal.SIGINT, "[glb_export]", False),
     (signal.SIGINT, "[glb_export]", True),
     (signal.SIGKILL, "[ss_flow]", False),
