@@ -228,7 +228,7 @@ class MemoryModel:
 
     def units_for(self, resolution: int, tokens: dict) -> dict:
         """Counts per stage: the known ones from `tokens` (stage name -> count), the rest predicted
-        (HR tokens: the measured count of the cost table scaled with the output grid)."""
+        (HR tokens and decoded voxels: the measured count of the cost table scaled with the output grid)."""
         out = dict(tokens)
         if resolution != 512 and "shape_hr_flow" not in out:
             c = self.costs.get("shape_hr_flow")
@@ -240,6 +240,10 @@ class MemoryModel:
                 out[key] = c.measured_at if c is not None and c.measured_at else default
         out.setdefault("tex_flow", out.get("shape_hr_flow", 0))
         out.setdefault("shape_latent", out["shape_lr_flow"] if resolution == 512 else out["shape_hr_flow"])
+        if "voxels" not in out:  # the decoded count of the measured object, its surface growing with the grid past 1024
+            c = self.costs.get("shape_decoder")
+            base = c.measured_at if c is not None and c.measured_at else 4_200_000
+            out["voxels"] = int(base * max(1.0, resolution / 1024) ** 2)
         return out
 
     def _stage_plans(self, resolution: int, units: dict, resident: set) -> list:

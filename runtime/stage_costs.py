@@ -29,7 +29,15 @@ def _flow(at: int, source: str, scale: float = 1.0) -> StageCost:
 
 
 _FLOWS = "eager_baseline_h200.json (bytes), flows_h200.json (seconds)"
-_DECODE = "sparse_conv_h200.json: decode peak 3.30 GB − 1.14 GB resident, 216 ms warm, at 17,489 latent tokens"
+# decoders: bytes and seconds per decoded voxel (the reference mug: 4,136,708 voxels at 1024, 4,163,240 at 512)
+_DECODE = ("sparse_conv_h200.json: decode peak 3.30 GB − 1.14 GB resident, 216 ms warm, 4,136,708 voxels at 1024; "
+           "bench 512 under an 8 GiB plan: 591 B/voxel, the larger, kept")
+_DECODE_BYTES = 591
+_DECODE_S = 0.216 / 4_136_708
+# mesh extraction: bench at 512 (8 GiB plan) measured 770 B/voxel for the unchunked extraction (torch peak 4.85 GB
+# over 1.65 GB resident, 4,163,240 voxels); the chunked one allocates 303 B/voxel less (LiveBytes on the CPU, same tensors)
+_EXTRACT = ("bench_512 (8 GiB plan): 770 B/voxel unchunked, 14 ms, 4,163,240 voxels; less 303 B/voxel "
+            "for the chunked edge lookup (CPU LiveBytes: 458 -> 155 B/voxel)")
 H200_COSTS = {
     "ss_flow": _flow(4096, _FLOWS),
     "shape_lr_flow": _flow(4377, _FLOWS),
@@ -42,9 +50,11 @@ H200_COSTS = {
     "tex_cond": StageCost(transient_fixed=144_391_168 - 17_489 * 8_280 + 359_437_824, transient_per_unit=8_280,
                           seconds_fixed=0.357, measured_at=17_489,
                           source="conditioning_h200.json (back-projection + NAF lazy map at T=1024)"),
-    "shape_decoder": StageCost(transient_per_unit=(3_296_782_848 - 1_139_666_944) / 17_489,
-                               seconds_per_unit=0.216 / 17_489, measured_at=17_489, source=_DECODE),
+    "shape_decoder": StageCost(transient_per_unit=_DECODE_BYTES, seconds_per_unit=_DECODE_S, measured_at=4_136_708,
+                               source=_DECODE),
     # the texture decoder runs the same widths over the same levels (guided by the shape's subdivisions)
-    "tex_decoder": StageCost(transient_per_unit=(3_296_782_848 - 1_139_666_944) / 17_489,
-                             seconds_per_unit=0.216 / 17_489, measured_at=17_489, source=_DECODE + " (shape decoder)"),
+    "tex_decoder": StageCost(transient_per_unit=_DECODE_BYTES, seconds_per_unit=_DECODE_S, measured_at=4_136_708,
+                             source=_DECODE + " (shape decoder)"),
+    "mesh_extraction": StageCost(transient_per_unit=770 - 303, seconds_per_unit=0.014 / 4_163_240, measured_at=4_163_240,
+                                 source=_EXTRACT),
 }

@@ -4,8 +4,9 @@ timings, token counts, export specs and the benchmark.
 Each stage names the networks it runs (pipeline model keys, plus "dinov3" and "naf"), the values it
 reads and writes, and the values it frees once done. `tokens` names the count its activations scale
 with, a key of `Result.tokens`: a flow stage's own name (its token count), "shape_latent" for the
-decoders (the latent they decode: LR tokens at 512, HR tokens otherwise); "voxels" counts their output. `cascade` marks the stages that
-only run at 1024/1536 (512 is shape only).
+upsampling (the latent it reads), "voxels" for the decoders and the mesh extraction (the decoded
+voxels: their work follows the output grid, not the latent). `cascade` marks the stages that only run
+at 1024/1536 (512 is shape only).
 """
 from __future__ import annotations
 
@@ -44,11 +45,11 @@ STAGES = (
     Stage("tex_flow", ("tex_slat_flow_model_1024",), ("cond_tex", "shape_latent"), ("tex_latent",),
           frees=("cond_tex",), tokens="tex_flow", cascade=True, sampled=True),
     Stage("shape_decoder", ("shape_slat_decoder",), ("shape_latent",), ("mesh_fields", "subdivisions"),
-          tokens="shape_latent"),
-    Stage("mesh_extraction", (), ("mesh_fields",), ("mesh",), frees=("mesh_fields",), tokens="shape_latent"),
+          tokens="voxels"),
+    Stage("mesh_extraction", (), ("mesh_fields",), ("mesh",), frees=("mesh_fields",), tokens="voxels"),
     Stage("tex_decoder", ("tex_slat_decoder",), ("tex_latent", "subdivisions"), ("pbr_voxels",),
-          frees=("subdivisions",), tokens="shape_latent", cascade=True),
-    Stage("glb_export", (), ("mesh", "pbr_voxels"), ("glb",), tokens="shape_latent"),
+          frees=("subdivisions",), tokens="voxels", cascade=True),
+    Stage("glb_export", (), ("mesh", "pbr_voxels"), ("glb",), tokens="voxels"),
 )
 BY_NAME = {s.name: s for s in STAGES}
 STAGE_NAMES = tuple(BY_NAME)

@@ -320,8 +320,9 @@ class Pipeline:
             plan = self._run_stage(st, v, sw, plan, progress)
             for name in st.frees:
                 v.pop(name, None)
-            if plan is not None and st.name == "upsample":  # the HR count is known now: plan the rest again
-                plan = self.plan(resolution, budget, v["tokens"], fixed={p.stage: p for p in plan.stages[:plan.stages.index(plan[st.name]) + 1]})
+            if plan is not None and st.name in ("upsample", "shape_decoder"):  # HR tokens / voxels known: plan the rest again
+                # plan.budget: a retry's tighter budget holds for the rest of the run
+                plan = self.plan(resolution, plan.budget / 2**30, v["tokens"], fixed={p.stage: p for p in plan.stages[:plan.stages.index(plan[st.name]) + 1]})
                 self.last_plan = plan
         self._release_placements()
         latents = {"shape_slat": v["shape_latent"]}
@@ -486,7 +487,7 @@ class Pipeline:
         v["tokens"]["voxels"] = int(h.coords.shape[0])
 
     def _stage_mesh_extraction(self, v, sp, progress):
-        h = v.pop("mesh_fields")
+        h = v["mesh_fields"]  # freed after the stage: a retry after running out of memory needs it again
         if self.structure is not None:
             h = self.structure.mesh_fields(h, v["res"])
         v["mesh"] = self.models["shape_slat_decoder"].extract_meshes(h)[0]  # batch of one

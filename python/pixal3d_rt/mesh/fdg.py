@@ -3,8 +3,8 @@
 Golden README §3.4 pins it: one vertex per voxel (its dual vertex, in input order); for every voxel
 row i and axis a (row-major over [N, 3]) with intersected[i, a], the four voxels sharing that edge
 c + O[a][k] form a quad if all exist inside the grid; each quad becomes two triangles by the
-split-weight rule (or, without weights, upstream's normal-alignment rule). Vectorised: a sorted key
-table and searchsorted stand in for upstream's GPU hash map (same key -> row mapping).
+split-weight rule (or, without weights, upstream's normal-alignment rule). Vectorised over chunks of
+flagged edges; a sorted key table stands in for upstream's GPU hash map (VoxelTable).
 """
 from __future__ import annotations
 
@@ -34,24 +34,41 @@ def _grid_dims(grid_size) -> tuple[int, int, int]:
     return w, h, d
 
 
-def lookup_voxels(coords: torch.Tensor, queries: torch.Tensor, dims: tuple[int, int, int]) -> torch.Tensor:
-    """Row of each query voxel in `coords` (unique [N, 3]), or -1: absent, or outside [0, W)x[0, H)x[0, D).
+# flagged edges looked up per chunk: the [M, 4, 3] neighbour coordinates of every edge at once
+# were the extraction's peak (hundreds of bytes per voxel)
+EDGE_CHUNK = 1 << 20
 
-    The bounds check comes before the flat key x·H·D + y·D + z is formed, so (x, y, D) never aliases
-    (x, y+1, 0), as in o_voxel's hashmap_lookup_3d.
-    """
-    w, h, d = dims
-    c = coords.to(torch.int64)
-    keys = (c[:, 0] * h + c[:, 1]) * d + c[:, 2]
-    sorted_keys, order = torch.sort(keys)
-    q = queries.to(torch.int64)
-    inside = (q >= 0).all(dim=-1) & (q[..., 0] < w) & (q[..., 1] < h) & (q[..., 2] < d)
-    qk = (q[..., 0] * h + q[..., 1]) * d + q[..., 2]
-    if sorted_keys.numel() == 0:
-        return torch.full(qk.shape, -1, dtype=torch.int64, device=coords.device)
-    pos = torch.searchsorted(sorted_keys, qk).clamp_max_(sorted_keys.numel() - 1)
-    found = inside & (sorted_keys[pos] == qk)
-    return torch.where(found, order[pos], -1)
+
+class VoxelTable:
+    """Row lookup in unique voxels [N, 3]: a sorted key table and searchsorted stand in for
+    o_voxel's GPU hash map (same key -> row mapping), sorted once for any number of lookups."""
+
+    def __init__(self, coords: torch.Tensor, dims: tuple[int, int, int]):
+        self.dims = dims
+        w, h, d = dims
+        c = coords.to(torch.int64)
+        self.sorted_keys, self.order = torch.sort((c[:, 0] * h + c[:, 1]) * d + c[:, 2])
+
+    def lookup(self, queries: torch.Tensor) -> torch.Tensor:
+        """Row of each query voxel, or -1: absent, or outside [0, W)x[0, H)x[0, D).
+
+        The bounds check comes before the flat key x·H·D + y·D + z is formed, so (x, y, D) never
+        aliases (x, y+1, 0), as in o_voxel's hashmap_lookup_3d.
+        """
+        w, h, d = self.dims
+        q = queries.to(torch.int64)
+        inside = (q >= 0).all(dim=-1) & (q[..., 0] < w) & (q[..., 1] < h) & (q[..., 2] < d)
+        qk = (q[..., 0] * h + q[..., 1]) * d + q[..., 2]
+        if self.sorted_keys.numel() == 0:
+            return torch.full(qk.shape, -1, dtype=torch.int64, device=q.device)
+        pos = torch.searchsorted(self.sorted_keys, qk).clamp_max_(self.sorted_keys.numel() - 1)
+        found = inside & (self.sorted_keys[pos] == qk)
+        return torch.where(found, self.order[pos], -1)
+
+
+def lookup_voxels(coords: torch.Tensor, queries: torch.Tensor, dims: tuple[int, int, int]) -> torch.Tensor:
+    """Row of each query voxel in `coords` (unique [N, 3]), or -1 (VoxelTable.lookup)."""
+    return VoxelTable(coords, dims).lookup(queries)
 
 
 def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -92,11 +109,15 @@ def flexible_dual_grid_to_mesh(
     vertices = (coords.float() + dual_vertices) * voxel_size + aabb[0].reshape(1, 3)
 
     # every flagged (row, axis), row-major, looks up its four edge-neighbour voxels
-    n = coords.shape[0]
-    edge_voxels = coords.to(torch.int64).reshape(n, 1, 1, 3) + EDGE_NEIGHBOR_OFFSETS.to(device)  # [N, 3, 4, 3]
-    candidates = edge_voxels[intersected.to(torch.bool)]  # [M, 4, 3]
-    rows = lookup_voxels(coords, candidates, dims)  # [M, 4]
-    quads = rows[(rows >= 0).all(dim=1)]  # [L, 4]
+    table, offsets = VoxelTable(coords, dims), EDGE_NEIGHBOR_OFFSETS.to(device)
+    flagged = intersected.to(torch.bool).nonzero()  # [M, 2] (row, axis), row-major
+    quads = []
+    for s in range(0, flagged.shape[0], EDGE_CHUNK):
+        row, axis = flagged[s : s + EDGE_CHUNK].unbind(1)
+        rows = table.lookup(coords[row].to(torch.int64).unsqueeze(1) + offsets[axis])  # [m, 4]
+        quads.append(rows[(rows >= 0).all(dim=1)])
+    quads = torch.cat(quads) if quads else torch.zeros(0, 4, dtype=torch.int64, device=device)  # [L, 4]
+    del table, flagged
 
     if split_weight is None:
         t02, t13 = quads[:, SPLIT_02.to(device)], quads[:, SPLIT_13.to(device)]
