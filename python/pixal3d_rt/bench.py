@@ -656,6 +656,9 @@ def markdown(report: dict) -> str:
         lines += ["", f"_{report['note']}_"]
     for part in report["resolutions"]:
         lines += ["", f"## resolution {part['resolution']}"]
+        if "run_environment" in part:  # a merged report: each resolution from its own call
+            re_ = part["run_environment"]
+            lines.append(f"measured at commit {str(re_.get('commit'))[:10]}, {re_.get('date_utc')}")
         if "error" in part:
             lines.append(f"failed: {part['error']}")
         if "load" not in part:

@@ -330,7 +330,7 @@ class Pipeline:
             latents["tex_slat"] = v["tex_latent"]
         vertices, faces = v["mesh"]
         voxel_coords, voxel_attrs = v.get("pbr_voxels", (None, None))
-        small = self.preset is not None
+        small = self.preset == "tiny"  # the reference preset exports at full size
         defaults = {"texture_size": 256 if small else 2048, "decimation_target": 20_000 if small else 200_000,
                     "device": self.device if self.device.type == "cuda" else None}
         return Result(vertices.cpu(), faces.cpu(), voxel_coords, voxel_attrs, v["res"], sw.rows, v["tokens"], latents,
