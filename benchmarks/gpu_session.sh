@@ -10,7 +10,7 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
+PIP_NO_BUILD_ISOLATION=0 PIP_NO_INDEX=1 python3 -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . >/dev/null || exit 1
 export PYTHONUNBUFFERED=1
 # each resolution's budgets reach down to its target (512: 3 GB, 1024: 4 GB, 1536: 8 GB)
 declare -A budgets=([512]=3,4,6,8,12,16,24 [1024]=4,6,8,12,16,24 [1536]=6,8,12,16,24)
