@@ -86,8 +86,11 @@ def lattice(grid: int, p_occ: float, p_flag: float, seed: int):
     return coords, dual, flags, weights
 
 
+@pytest.mark.parametrize("edge_chunk", [None, 7], ids=["one_chunk", "chunks_of_7"])
 @pytest.mark.parametrize("grid,p_occ,p_flag,seed", [(8, 0.8, 0.5, 0), (4, 0.9, 0.7, 1), (8, 0.3, 0.9, 2), (2, 1.0, 1.0, 3)])
-def test_matches_naive_loop(grid, p_occ, p_flag, seed):
+def test_matches_naive_loop(grid, p_occ, p_flag, seed, edge_chunk, monkeypatch):
+    if edge_chunk:  # flagged edges looked up in many chunks, the last one short
+        monkeypatch.setattr("pixal3d_rt.mesh.fdg.EDGE_CHUNK", edge_chunk)
     coords, dual, flags, weights = lattice(grid, p_occ, p_flag, seed)
     for w in (weights, None):
         v, f, q = flexible_dual_grid_to_mesh(coords, dual, flags, w, aabb=AABB, grid_size=grid, return_quads=True)
