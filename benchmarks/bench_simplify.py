@@ -66,7 +66,7 @@ def distance_voxels(points, v, f, grid, reach=3.0):
 
 def main():
     from pixal3d_rt.mesh import glb, simplify
-    from pixal3d_rt.reference_shape import ReferenceStructure
+    from common import reference_surface
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", type=int, default=1024)
@@ -83,14 +83,7 @@ def main():
     a = ap.parse_args()
     workers = a.workers or simplify.usable_cores()
     t = time.perf_counter()
-    if a.cache and Path(a.cache).exists():
-        d = np.load(a.cache)
-        v, f = d["v"], d["f"]
-    else:
-        v, f = ReferenceStructure().surface_mesh(a.grid)
-        v, f = glb.clean_mesh(v, f)
-        if a.cache:
-            np.savez(a.cache, v=v, f=f)
+    v, f = reference_surface(a.grid, a.cache)
     if a.pre_decimate:
         v, f = simplify.simplify(v, f, a.pre_decimate, workers=1)
     print(f"grid {a.grid}: {len(f):,} faces ({time.perf_counter() - t:.1f}s)", flush=True)

@@ -221,7 +221,7 @@ def xatlas_threads_and_gil(v, f, texture_size):
 
 def main():
     from pixal3d_rt.mesh import glb, simplify, uv
-    from pixal3d_rt.reference_shape import ReferenceStructure
+    from common import reference_surface
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", type=int, default=512)
@@ -233,14 +233,7 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     workers = a.workers or simplify.usable_cores()
-    if a.cache and Path(a.cache).exists():
-        d = np.load(a.cache)
-        v, f = d["v"], d["f"]
-    else:
-        v, f = ReferenceStructure().surface_mesh(a.grid)
-        v, f = glb.clean_mesh(v, f)
-        if a.cache:
-            np.savez(a.cache, v=v, f=f)
+    v, f = reference_surface(a.grid, a.cache)
     v, f, _ = glb.prepare_mesh(v, f, decimation_target=a.faces)
     print(f"grid {a.grid}: {len(f):,} faces after prepare_mesh", flush=True)
     try:
