@@ -3,7 +3,8 @@ files: benchmarks/results/bench_<preset>_<gpu>.{json,md} and its two charts.
 
     python benchmarks/merge_bench.py OUT_PREFIX bench_512/bench.json bench_1024/bench.json ...
 
-Each resolution keeps the commit and environment of the run that measured it.
+Each resolution keeps the commit and environment of the run that measured it. Paths inside the
+checkout that ran it (the example image) are written relative to it, so no machine's path is kept.
 """
 import json
 import shutil
@@ -14,7 +15,19 @@ from pathlib import Path
 from pixal3d_rt.bench import write_report
 
 
-def merge(reports: list) -> dict:
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _relative(x, root: str):
+    """Strings under `root` made relative to it, through dicts and lists."""
+    if isinstance(x, dict):
+        return {k: _relative(v, root) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_relative(v, root) for v in x]
+    return x[len(root):] if isinstance(x, str) and x.startswith(root) else x
+
+
+def merge(reports: list, root: Path = REPO) -> dict:
     merged = json.loads(json.dumps(reports[0]))
     merged["resolutions"] = []
     budgets, profiles = set(), []
@@ -29,7 +42,7 @@ def merge(reports: list) -> dict:
     merged["settings"]["budgets_gib"] = sorted(budgets, reverse=True)
     merged["settings"]["gpu_profiles"] = profiles
     merged["environment"]["commit"] = "(below)"  # each resolution: resolutions[].run_environment
-    return merged
+    return _relative(merged, str(root) + "/")
 
 
 def main(argv=None):
