@@ -66,11 +66,6 @@ class VoxelTable:
         return torch.where(found, self.order[pos], -1)
 
 
-def lookup_voxels(coords: torch.Tensor, queries: torch.Tensor, dims: tuple[int, int, int]) -> torch.Tensor:
-    """Row of each query voxel in `coords` (unique [N, 3]), or -1 (VoxelTable.lookup)."""
-    return VoxelTable(coords, dims).lookup(queries)
-
-
 def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # upstream calls torch.cross without dim: the first dimension of size 3, which for exactly
     # 3 quads is the quad dimension rather than xyz; keep that behaviour so faces match upstream
