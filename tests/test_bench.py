@@ -88,6 +88,28 @@ def test_bench_markdown_and_charts(tiny_bench):
     assert "bench.json" in res.stdout
 
 
+def test_merge_bench_writes_one_results_file_without_machine_paths(tiny_bench, tmp_path):
+    out, _ = tiny_bench
+    report = json.loads((out / "bench.json").read_text())
+    second = json.loads(json.dumps(report))  # another call's report at another resolution
+    second["resolutions"][0]["resolution"] = 512
+    second["environment"]["commit"] = "f" * 40
+    (tmp_path / "b512.json").write_text(json.dumps(second))
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(repo / "benchmarks" / "merge_bench.py"), str(tmp_path / "bench_x"),
+                          str(tmp_path / "b512.json"), str(out / "bench.json")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    merged_text = (tmp_path / "bench_x.json").read_text()
+    merged = json.loads(merged_text)
+    assert [p["resolution"] for p in merged["resolutions"]] == [512, 1024]
+    assert merged["resolutions"][0]["run_environment"]["commit"] == "f" * 40
+    assert str(repo) + "/" not in merged_text and merged["settings"]["images"] == ["examples/mug.png"]
+    md = (tmp_path / "bench_x.md").read_text()
+    assert "## resolution 512" in md and "## resolution 1024" in md and "measured at commit ffffffffff" in md
+    for name in ("bench_x_waterfall.png", "bench_x_memory.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
 # every stage of the 1024 cascade that computes a tensor the quality column compares
 QUALITY_STAGES = {"dinov3_lr", "dinov3_hr", "ss_flow", "ss_decoder", "shape_lr_cond", "shape_lr_flow", "shape_hr_cond",
                   "shape_hr_flow", "tex_cond", "tex_flow", "shape_decoder", "tex_decoder"}
