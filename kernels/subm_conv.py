@@ -64,27 +64,41 @@ def build_neighbor_map_reference(coords: torch.Tensor) -> torch.Tensor:
     neighbour one step outside the occupied range can never alias another voxel's key), keys are
     sorted once and each of the 27 shifted key sets is found with searchsorted.
     """
-    n = coords.shape[0]
-    device = coords.device
-    if n == 0:
-        return torch.empty(0, KERNEL_VOLUME, dtype=torch.int32, device=device)
-    c = coords.to(torch.int64)
-    xyz = c[:, 1:] - c[:, 1:].amin(dim=0) + 1  # >= 1, so x-1 >= 0 inside the padded box
-    ext = xyz.amax(dim=0) + 2  # per-axis padded extent: components of any neighbour lie in [0, ext)
-    ex, ey, ez = (int(e) for e in ext.tolist())
-    if (int(c[:, 0].max()) + 1) * ex * ey * ez >= 2**63:
-        raise ValueError("build_neighbor_map: coordinate range too large for 64-bit keys")
-    keys = ((c[:, 0] * ex + xyz[:, 0]) * ey + xyz[:, 1]) * ez + xyz[:, 2]
-    sorted_keys, order = torch.sort(keys)
-    step = torch.tensor([ey * ez, ez, 1], dtype=torch.int64, device=device)
-    shifts = (NEIGHBOR_OFFSETS.to(device) * step).sum(dim=1).tolist()
-    nmap = torch.empty(n, KERNEL_VOLUME, dtype=torch.int32, device=device)
-    for v, shift in enumerate(shifts):
-        q = keys + shift
-        pos = torch.searchsorted(sorted_keys, q).clamp_max_(n - 1)
-        found = sorted_keys[pos] == q
-        nmap[:, v] = torch.where(found, order[pos], -1).to(torch.int32)
-    return nmap
+    table = SortedKeyTable(coords)
+    return table.rows(0, table.n)
+
+
+class SortedKeyTable:
+    """The reference's lookup structure (keys, sorted keys, order: 24 B/voxel): `rows(s, e)` is rows
+    s:e of `build_neighbor_map_reference`, so a caller can take the map in chunks."""
+
+    def __init__(self, coords: torch.Tensor):
+        self.n = n = coords.shape[0]
+        self.device = device = coords.device
+        if n == 0:
+            return
+        c = coords.to(torch.int64)
+        xyz = c[:, 1:] - c[:, 1:].amin(dim=0) + 1  # >= 1, so x-1 >= 0 inside the padded box
+        ext = xyz.amax(dim=0) + 2  # per-axis padded extent: components of any neighbour lie in [0, ext)
+        ex, ey, ez = (int(e) for e in ext.tolist())
+        if (int(c[:, 0].max()) + 1) * ex * ey * ez >= 2**63:
+            raise ValueError("build_neighbor_map: coordinate range too large for 64-bit keys")
+        self.keys = ((c[:, 0] * ex + xyz[:, 0]) * ey + xyz[:, 1]) * ez + xyz[:, 2]
+        self.sorted_keys, self.order = torch.sort(self.keys)
+        step = torch.tensor([ey * ez, ez, 1], dtype=torch.int64, device=device)
+        self.shifts = (NEIGHBOR_OFFSETS.to(device) * step).sum(dim=1).tolist()
+
+    def rows(self, s: int, e: int) -> torch.Tensor:
+        nmap = torch.empty(max(0, e - s), KERNEL_VOLUME, dtype=torch.int32, device=self.device)
+        if nmap.shape[0] == 0:
+            return nmap
+        keys = self.keys[s:e]
+        for v, shift in enumerate(self.shifts):
+            q = keys + shift
+            pos = torch.searchsorted(self.sorted_keys, q).clamp_max_(self.n - 1)
+            found = self.sorted_keys[pos] == q
+            nmap[:, v] = torch.where(found, self.order[pos], -1).to(torch.int32)
+        return nmap
 
 
 def _rows_per_chunk(chunk: int | None, ci: int, itemsize: int) -> int:
@@ -160,49 +174,80 @@ def cuda_hash_applies(coords: torch.Tensor) -> bool:
 
 def build_neighbor_map_cuda(coords: torch.Tensor) -> torch.Tensor:
     """`build_neighbor_map` on the GPU hash table (kernels/cuda/hashmap.cuh); same result as the reference.
+    Raises CudaKernelsUnavailable if the module cannot load."""
+    table = CudaHashTable(coords)
+    return table.rows(0, table.n)
 
-    Keys and the padded box are the reference's; the table holds 2N..4N slots (int64 key + int32 row:
-    12-24 bytes per voxel, freed on return). Raises CudaKernelsUnavailable if the module cannot load.
-    """
-    import numpy as np
 
-    from pixal3d_rt.kernels.cuda_loader import load_module
+class CudaHashTable:
+    """The GPU hash table of a coordinate set (kernels/cuda/hashmap.cuh): keys and the padded box are
+    the reference's; 2N..4N slots of int64 key + int32 row (12-24 B/voxel), alive while the object is.
+    `rows(s, e)` is rows s:e of the neighbour map. Coordinates with a negative batch index go to the
+    reference (keys would meet the table's empty marker)."""
 
-    n = coords.shape[0]
-    device = coords.device
-    nmap = torch.empty(n, KERNEL_VOLUME, dtype=torch.int32, device=device)
-    if n == 0:
+    def __init__(self, coords: torch.Tensor):
+        import numpy as np
+
+        from pixal3d_rt.kernels.cuda_loader import load_module
+
+        self.n = n = coords.shape[0]
+        self.device = device = coords.device
+        self.fallback = None
+        if n == 0:
+            return
+        self.c = c = coords.to(torch.int32).contiguous()
+        lo, hi = torch.stack([c.amin(dim=0), c.amax(dim=0)]).tolist()
+        if lo[0] < 0:
+            self.fallback = SortedKeyTable(coords)
+            return
+        ex, ey, ez = (hi[k] - lo[k] + 3 for k in (1, 2, 3))  # occupied extent + one cell of padding per side
+        if (hi[0] + 1) * ex * ey * ez >= 2**63:
+            raise ValueError("build_neighbor_map: coordinate range too large for 64-bit keys")
+        capacity = 1 << max(5, (2 * n - 1).bit_length())  # power of two >= 2N: load factor <= 1/2
+        self.keys = torch.full((capacity,), -1, dtype=torch.int64, device=device)
+        self.vals = torch.empty(capacity, dtype=torch.int32, device=device)
+        self.module = load_module(device.index if device.index is not None else torch.cuda.current_device())
+        i64 = np.int64
+        self.box = (i64(capacity - 1), i64(lo[1]), i64(lo[2]), i64(lo[3]), i64(ex), i64(ey), i64(ez))
+        self.module.launch("pixal3d_hash_insert", n, self._table(0, n) + self.box)
+
+    def _table(self, s: int, e: int) -> tuple:
+        import numpy as np
+
+        u64 = np.uint64
+        # rows s:e of the int32 [N, 4] coordinates: 16 bytes a row
+        return (u64(self.c.data_ptr() + 16 * s), np.int64(e - s), u64(self.keys.data_ptr()), u64(self.vals.data_ptr()))
+
+    def rows(self, s: int, e: int) -> torch.Tensor:
+        if self.fallback is not None:
+            return self.fallback.rows(s, e)
+        import numpy as np
+
+        nmap = torch.empty(max(0, e - s), KERNEL_VOLUME, dtype=torch.int32, device=self.device)
+        if nmap.shape[0]:
+            self.module.launch("pixal3d_hash_neighbors", KERNEL_VOLUME * (e - s),
+                               self._table(s, e) + self.box + (np.uint64(nmap.data_ptr()),))
         return nmap
-    c = coords.to(torch.int32).contiguous()
-    lo, hi = torch.stack([c.amin(dim=0), c.amax(dim=0)]).tolist()
-    if lo[0] < 0:  # keys would go negative and meet the table's empty marker; rare enough for the reference
-        return build_neighbor_map_reference(coords)
-    ex, ey, ez = (hi[k] - lo[k] + 3 for k in (1, 2, 3))  # occupied extent + one cell of padding per side
-    if (hi[0] + 1) * ex * ey * ez >= 2**63:
-        raise ValueError("build_neighbor_map: coordinate range too large for 64-bit keys")
-    capacity = 1 << max(5, (2 * n - 1).bit_length())  # power of two >= 2N: load factor <= 1/2
-    keys = torch.full((capacity,), -1, dtype=torch.int64, device=device)
-    vals = torch.empty(capacity, dtype=torch.int32, device=device)
-    module = load_module(device.index if device.index is not None else torch.cuda.current_device())
-    u64, i64 = np.uint64, np.int64
-    box = (i64(capacity - 1), i64(lo[1]), i64(lo[2]), i64(lo[3]), i64(ex), i64(ey), i64(ez))
-    table = (u64(c.data_ptr()), i64(n), u64(keys.data_ptr()), u64(vals.data_ptr()))
-    module.launch("pixal3d_hash_insert", n, table + box)
-    module.launch("pixal3d_hash_neighbors", KERNEL_VOLUME * n, table + box + (u64(nmap.data_ptr()),))
-    return nmap
+
+
+def neighbor_table(coords: torch.Tensor):
+    """The lookup structure of `build_neighbor_map` (GPU hash table when its guard holds, else the
+    reference's sorted keys), for taking the map in row chunks: `.rows(s, e)`."""
+    if cuda_hash_applies(coords):
+        from pixal3d_rt.kernels.cuda_loader import CudaKernelsUnavailable
+
+        try:
+            return CudaHashTable(coords)
+        except CudaKernelsUnavailable as e:
+            _warn_once("CUDA neighbour-map kernel", e)
+    return SortedKeyTable(coords)
 
 
 def build_neighbor_map(coords: torch.Tensor) -> torch.Tensor:
     """Neighbour map int32 [N, 27] of coords [N, 4] (see `build_neighbor_map_reference` for the
     definition); on CUDA through the GPU hash table when its guard holds."""
-    if cuda_hash_applies(coords):
-        from pixal3d_rt.kernels.cuda_loader import CudaKernelsUnavailable
-
-        try:
-            return build_neighbor_map_cuda(coords)
-        except CudaKernelsUnavailable as e:
-            _warn_once("CUDA neighbour-map kernel", e)
-    return build_neighbor_map_reference(coords)
+    table = neighbor_table(coords)
+    return table.rows(0, table.n)
 
 
 _triton_import_error: Exception | None = None

@@ -92,7 +92,9 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 
 class NvmlProbe:
-    """Device memory of this process as NVML reports it (or None without NVML / a GPU)."""
+    """Device memory of this process as NVML reports it (or None without NVML / a GPU). Where the
+    process list is hidden (containers), the device's used memory less what was used before this
+    process created its CUDA context stands in (`idle_device_used`)."""
 
     def __init__(self, device_index: int | None = 0):
         self.handle = None
@@ -107,8 +109,11 @@ class NvmlProbe:
             self.handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
             self.driver = _text(pynvml.nvmlSystemGetDriverVersion())
             self.pid = os.getpid()
-            self.source = "nvml process" if self._process_bytes() is not None else "nvml device used"
-            self.device_used_at_start = pynvml.nvmlDeviceGetMemoryInfo(self.handle).used
+            self.idle_used = idle_device_used(device_index)
+            if self._process_bytes() is not None:
+                self.source = "nvml process"
+            else:
+                self.source = "nvml device used" + (" above idle" if self.idle_used else "")
         except Exception:  # no NVML library, no GPU: the peak is reported as unavailable
             self.handle = None
 
@@ -125,8 +130,39 @@ class NvmlProbe:
             value = self._process_bytes()
             if value is not None:
                 return value
-        # containers can hide the process list: the device's used memory stands in (sole user)
-        return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+        # containers can hide the process list: the device's used memory above idle stands in (sole user)
+        return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used) - self.idle_used
+
+
+_IDLE_USED: dict = {}
+
+
+def idle_device_used(index: int) -> int:
+    """Device memory used before this process created its CUDA context (driver reservations, other
+    processes): read once, on the first call before any CUDA call; 0 if CUDA was already up or NVML is
+    missing. Call it early (the bench worker and the pipeline's constructors do)."""
+    if index not in _IDLE_USED:
+        used = 0
+        if not torch.cuda.is_initialized():
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                used = int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+            except Exception:  # no NVML library or no GPU: nothing to subtract
+                used = 0
+        _IDLE_USED[index] = used
+    return _IDLE_USED[index]
+
+
+def nvml_index(device) -> int:
+    """NVML's index of a torch CUDA device, found without creating a CUDA context (torch counts the
+    devices CUDA_VISIBLE_DEVICES leaves visible; NVML counts all of them)."""
+    index = torch.device(device).index or 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if index < len(visible) and visible[index].isdigit():
+        return int(visible[index])
+    return index
 
 
 def _text(v):

@@ -31,8 +31,9 @@ def _flow(at: int, source: str, scale: float = 1.0) -> StageCost:
 _FLOWS = "eager_baseline_h200.json (bytes), flows_h200.json (seconds)"
 # decoders: bytes and seconds per decoded voxel (the reference mug: 4,136,708 voxels at 1024, 4,163,240 at 512)
 _DECODE = ("sparse_conv_h200.json: decode peak 3.30 GB − 1.14 GB resident, 216 ms warm, 4,136,708 voxels at 1024; "
-           "bench 512 under an 8 GiB plan: 591 B/voxel, the larger, kept")
-_DECODE_BYTES = 591
+           "bench 512 under an 8 GiB plan: 591 B/voxel, the larger; less 99 B/voxel for the finest level's neighbour "
+           "map taken in row chunks (CPU LiveBytes, one fused up-block: 808 -> 709 B/child)")
+_DECODE_BYTES = 591 - 99
 _DECODE_S = 0.216 / 4_136_708
 # mesh extraction: bench at 512 (8 GiB plan) measured 770 B/voxel for the unchunked extraction (torch peak 4.85 GB
 # over 1.65 GB resident, 4,163,240 voxels); the chunked one allocates 303 B/voxel less (LiveBytes on the CPU, same tensors)
@@ -55,6 +56,7 @@ H200_COSTS = {
     # the texture decoder runs the same widths over the same levels (guided by the shape's subdivisions)
     "tex_decoder": StageCost(transient_per_unit=_DECODE_BYTES, seconds_per_unit=_DECODE_S, measured_at=4_136_708,
                              source=_DECODE + " (shape decoder)"),
-    "mesh_extraction": StageCost(transient_per_unit=770 - 303, seconds_per_unit=0.014 / 4_163_240, measured_at=4_163_240,
+    # carried: the decoded fields it reads (int32 coords [4] + 7 half channels per voxel)
+    "mesh_extraction": StageCost(carried_per_unit=4 * 4 + 7 * 2, transient_per_unit=770 - 303, seconds_per_unit=0.014 / 4_163_240, measured_at=4_163_240,
                                  source=_EXTRACT),
 }

@@ -181,6 +181,10 @@ def test_gpu_paths_match_reference():
     bias = torch.randn(80, device="cuda").half()
     got = subm_conv.subm_conv3d(feats, want, weight, bias)
     assert rel_l2(got.cpu(), reference_fp64(feats.cpu(), want.cpu(), weight.cpu(), bias.cpu())) < 2e-3
+    table = subm_conv.neighbor_table(coords)
+    assert isinstance(table, subm_conv.CudaHashTable)
+    rows = torch.cat([table.rows(s, min(table.n, s + 777)) for s in range(0, table.n, 777)])
+    assert torch.equal(rows, want)
 
 
 def _tiny_decoders(seed: int):
@@ -207,6 +211,7 @@ def _tiny_decoders(seed: int):
 @pytest.mark.parametrize("chunk", [None, 150])
 def test_decoder_fused_head_matches_separate_head(chunk):
     # the GPU path fuses the output head into the last up-block's conv chunks (fuse_head); same result
+    from pixal3d_rt.models.sc_vae import NMAP_KEY
     from pixal3d_rt.models.sparse import SparseTensor
 
     shape, tex = _tiny_decoders(11)
@@ -217,8 +222,11 @@ def test_decoder_fused_head_matches_separate_head(chunk):
         for fuse in (False, True):
             for m in (shape, tex):
                 m.fuse_head, m.chunk_size = fuse, chunk
-            h, subs = shape(SparseTensor(latent, coords), return_subs=True)
-            t = tex(SparseTensor(latent, coords), guide_subs=subs)
+            cache = {}
+            h, subs = shape(SparseTensor(latent, coords), return_subs=True, cache=cache)
+            # fused, the finest level's map is taken in row chunks and never kept for the texture decoder
+            assert (NMAP_KEY in cache[len(subs)]) is not fuse and all(NMAP_KEY in cache[i] for i in range(len(subs)))
+            t = tex(SparseTensor(latent, coords), guide_subs=subs, cache=cache)
             # a guide that keeps no child at the last step: the fused head must give [0, 6]
             empty = [s if i < len(subs) - 1 else SparseTensor(-torch.ones_like(s.feats), s.coords) for i, s in enumerate(subs)]
             e = tex(SparseTensor(latent, coords), guide_subs=empty)

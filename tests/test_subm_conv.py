@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pixal3d_rt.kernels.subm_conv import build_neighbor_map, subm_conv3d
+from pixal3d_rt.kernels.subm_conv import build_neighbor_map, neighbor_table, subm_conv3d
 
 
 def random_coords(n_per_batch: list[int], extent: int, seed: int, offset: int = 0) -> torch.Tensor:
@@ -63,6 +63,17 @@ def test_neighbor_map_matches_naive(sizes, extent):
     nmap = build_neighbor_map(coords)
     assert nmap.shape == (coords.shape[0], 27)
     assert torch.equal(nmap.long(), naive_neighbor_map(coords))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 23, 1000])
+def test_neighbor_table_rows_in_chunks(chunk):
+    # the decoders' finest level takes its map in row chunks from the table: the chunks, in order, are the map
+    coords = random_coords([37, 61, 5], 6, seed=4, offset=2)
+    coords = coords[torch.randperm(coords.shape[0], generator=torch.Generator().manual_seed(5))]
+    table = neighbor_table(coords)
+    got = torch.cat([table.rows(s, min(table.n, s + chunk)) for s in range(0, table.n, chunk)])
+    assert got.dtype == torch.int32 and torch.equal(got.long(), naive_neighbor_map(coords))
+    assert table.rows(10, 10).shape == (0, 27)
 
 
 def test_neighbor_map_row_order_and_large_coords():

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from .progress import Progress
-from .runtime.memory import NvmlProbe
+from .runtime.memory import NvmlProbe, nvml_index
 from .runtime.stages import RUN_STAGES
 
 SAMPLE_PERIOD_S = 0.005
@@ -289,7 +289,8 @@ def gpu_environment(nvml: NvmlProbe) -> dict:
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return {"gpu": props.name, "gpu_memory_bytes": int(props.total_memory), "compute_capability": f"{props.major}.{props.minor}",
-            "sm_count": props.multi_processor_count, "driver": getattr(nvml, "driver", None), "nvml": nvml.source}
+            "sm_count": props.multi_processor_count, "driver": getattr(nvml, "driver", None), "nvml": nvml.source,
+            "nvml_idle_used_bytes": getattr(nvml, "idle_used", None)}
 
 
 def git_commit() -> dict:
@@ -365,7 +366,7 @@ def run_worker(args: dict, save=lambda part: None) -> dict:
 
     device = args["device"]
     cuda = str(device).startswith("cuda")
-    nvml = NvmlProbe(torch.cuda.current_device() if cuda else None)
+    nvml = NvmlProbe(nvml_index(device) if cuda else None)  # before the first CUDA call: its idle reading
     sampler = MemorySampler(nvml)
     import tempfile
 

@@ -252,6 +252,7 @@ class Pipeline:
         from .checkpoints import check_weights, locate_weights
 
         device = device or default_device()
+        _note_idle_memory(device)
         say = as_progress(progress)
         t0 = time.perf_counter()
         need = None if resolution != 512 else set(k for k in _all_models() if k not in HIRES_ONLY)
@@ -283,6 +284,7 @@ class Pipeline:
 
         t0 = time.perf_counter()
         device = device or default_device()
+        _note_idle_memory(device)
         w, geometry = build_preset(name, device=device)
         pipe = cls(w, device=device, geometry=geometry, preset=name, backend=backend)
         pipe.structure = preset_structure(name)
@@ -730,20 +732,28 @@ def _free_device_cache(device) -> None:
         torch.cuda.empty_cache()
 
 
+def _note_idle_memory(device) -> None:
+    """Read the device's used memory before this process's CUDA context exists (`device_overhead`
+    subtracts it: what others hold is not this process's overhead)."""
+    if torch.device(device).type == "cuda":
+        from .runtime.memory import idle_device_used, nvml_index
+
+        idle_device_used(nvml_index(device))
+
+
 def device_overhead(device) -> int:
     """Device memory this process holds outside torch's allocator (CUDA context, libraries): what a
     budget loses before any tensor. 0 on the CPU."""
     device = torch.device(device)
     if device.type != "cuda":
         return 0
-    from .runtime.memory import NvmlProbe
+    from .runtime.memory import NvmlProbe, idle_device_used, nvml_index
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    probe = NvmlProbe(index)
-    used = probe.read() if probe.source == "nvml process" else None
-    if used is None:  # no per-process figure: everything used on the device counts against the budget
+    probe = NvmlProbe(nvml_index(device))
+    used = probe.read()
+    if used is None:  # no NVML: everything used on the device above idle counts against the budget
         free, total = torch.cuda.mem_get_info(device)
-        used = total - free
+        used = total - free - idle_device_used(nvml_index(device))
     return max(0, used - torch.cuda.memory_reserved(device))
 
 

@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixal3d_rt.kernels.layernorm import layer_norm
-from pixal3d_rt.kernels.subm_conv import build_neighbor_map, chunk_bytes, conv_workspace_bytes_per_row, subm_conv3d
+from pixal3d_rt.kernels.subm_conv import (KERNEL_VOLUME, build_neighbor_map, chunk_bytes, conv_workspace_bytes_per_row,
+                                          neighbor_table, subm_conv3d)
 from pixal3d_rt.mesh.fdg import flexible_dual_grid_to_mesh
 from pixal3d_rt.models.sparse import SparseTensor
 
@@ -97,14 +98,16 @@ def channel_to_spatial_index(coords: torch.Tensor, keep: torch.Tensor):
 
     coords [N, 4], keep bool [N, 8]. Parent p makes one child per set bit j of keep[p], ascending j,
     parent-major; the child sits at 2·coord[p] + (j & 1, (j >> 1) & 1, (j >> 2) & 1).
-    Returns (child coords int32 [M, 4], parent index int64 [M], j int64 [M], child count per parent [N]).
+    Returns (child coords int32 [M, 4], slot int64 [M] = 8·parent + j, child count per parent [N]).
     """
     counts = keep.sum(dim=1)
-    parent, j = keep.nonzero(as_tuple=True)  # row-major: parent-major, ascending j
+    slot = keep.reshape(-1).nonzero().squeeze(1)  # row-major: parent-major, ascending j
+    j = slot & 7
     bits = torch.stack([j & 1, (j >> 1) & 1, (j >> 2) & 1], dim=1).to(coords.dtype)
-    child = coords[parent].clone()
+    del j
+    child = coords[slot >> 3]
     child[:, 1:] = child[:, 1:] * 2 + bits
-    return child, parent, j, counts
+    return child, slot, counts
 
 
 class SparseResBlockC2S3d(nn.Module):
@@ -154,7 +157,7 @@ class SparseResBlockC2S3d(nn.Module):
         C'-wide output of the finest level is never held whole; the children then carry its result.
         """
         logits = self.subdivision(x, subdiv)
-        child_coords, parent, j, counts = channel_to_spatial_index(x.coords, logits > 0)
+        child_coords, slot, counts = channel_to_spatial_index(x.coords, logits > 0)
         n, m = x.feats.shape[0], child_coords.shape[0]
         co = self.out_channels
         nmap = neighbor_map(x)
@@ -173,35 +176,43 @@ class SparseResBlockC2S3d(nn.Module):
             if c1 == c0:
                 continue
             hp = self.conv1(a, nmap[s:e], chunk_size).reshape((e - s) * 8, co)
-            h[c0:c1] = hp[(parent[c0:c1] - s) * 8 + j[c0:c1]]
+            h[c0:c1] = hp[slot[c0:c1] - 8 * s]
             del hp  # before the next chunk's conv: one chunk output alive at a time
         del a
         out = SparseTensor(h, child_coords, {} if child_cache is None else child_cache(child_coords))
         rows_h = _chunk_rows(chunk_size, co * 4)
         for s in range(0, m, rows_h):
             h[s : s + rows_h] = F.silu(self.norm2(h[s : s + rows_h]))
-        nmap_out = neighbor_map(out)
         xs = x.feats.reshape(n * 8, self.channels // 8)
         rep = co // (self.channels // 8)
 
         def skip(s: int, e: int) -> torch.Tensor:
             """The children's slices of x, channels repeated up to C', for children rows s:e."""
-            return xs[parent[s:e] * 8 + j[s:e]].repeat_interleave(rep, dim=1)
+            return xs[slot[s:e]].repeat_interleave(rep, dim=1)
 
         if epilogue is None:
-            h = self.conv2(h, nmap_out, chunk_size)
+            h = self.conv2(h, neighbor_map(out), chunk_size)
             for s in range(0, m, rows_h):
                 h[s : s + rows_h] += skip(s, s + rows_h)
             return out.replace(h), logits
-        # per row: the conv's workspace plus about 16 bytes per channel of conv output, skip and the
-        # epilogue's fp32 temporaries
-        rows_e = _chunk_rows(chunk_size, conv_workspace_bytes_per_row(h, nmap_out, self.conv2.weight) + co * 16)
+        # the finest level: its neighbour map is taken in row chunks from the lookup table (unless a
+        # caller handed it in), never held whole (108 B/voxel)
+        nmap_out = out.cache.get(NMAP_KEY)
+        table = neighbor_table(child_coords) if nmap_out is None else None
+        # per row: the conv's workspace, its map rows, and about 16 bytes per channel of conv output,
+        # skip and the epilogue's fp32 temporaries
+        map_rows = torch.empty(0, KERNEL_VOLUME, dtype=torch.int32, device=h.device)
+        rows_e = _chunk_rows(chunk_size, conv_workspace_bytes_per_row(h, map_rows, self.conv2.weight)
+                             + 4 * KERNEL_VOLUME + co * 16)
         res = None
         for s in range(0, m, rows_e):
-            y = epilogue(self.conv2(h, nmap_out[s : s + rows_e], chunk_size) + skip(s, s + rows_e))
+            e = min(m, s + rows_e)
+            nmap_rows = nmap_out[s:e] if table is None else table.rows(s, e)
+            y = epilogue(self.conv2(h, nmap_rows, chunk_size) + skip(s, e))
+            del nmap_rows
             if res is None:
                 res = torch.empty(m, y.shape[1], dtype=y.dtype, device=y.device)
-            res[s : s + y.shape[0]] = y
+            res[s:e] = y
         if res is None:  # no children
             res = epilogue(h[:0])
         return out.replace(res), logits
