@@ -425,6 +425,7 @@ class HostWeightStore:
     def __init__(self, budget_bytes: int | None = None):
         self.budget = budget_bytes
         self.networks: OrderedDict[str, NetworkWeights] = OrderedDict()  # least recently used first
+        self._held: set = set()  # networks a `held` block keeps
 
     def add(self, key: str, weights: NetworkWeights) -> NetworkWeights:
         self.networks[key] = weights
@@ -453,6 +454,18 @@ class HostWeightStore:
         finally:
             self.fit()
 
+    @contextmanager
+    def held(self, key: str):
+        """The network's host copy present and kept for the block, for a user that makes its own device
+        copies from it (the cuda flow backend reads its weights there at each new condition)."""
+        w = self.acquire(key)
+        self._held.add(key)
+        try:
+            yield w
+        finally:
+            self._held.discard(key)
+            self.fit()
+
     def fit(self) -> None:
         """Drop least recently used networks (not in use, with a file) until the copies fit the budget."""
         if self.budget is not None:
@@ -463,5 +476,5 @@ class HostWeightStore:
         for k, w in list(self.networks.items()):
             if held <= limit:
                 return
-            if k != keep and w.reader is not None and not w.in_use and w.host_bytes():
+            if k != keep and k not in self._held and w.reader is not None and not w.in_use and w.host_bytes():
                 held -= w.drop_host()

@@ -270,6 +270,26 @@ def test_host_store_reads_networks_per_stage_under_a_host_budget(tmp_path, tiny)
     assert any(not w.host_loaded for w in store.networks.values())  # dropped again after their stage
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda backend needs a CUDA GPU")
+def test_host_store_serves_the_cuda_backend_flows(tmp_path, tiny):
+    """The cuda backend makes its own device copies of a flow from the host copy: under a host store
+    that drops networks after their stage, each flow stage has it read back first; same result."""
+    from pixal3d_rt.checkpoints import write_weights
+
+    pipe, _ = tiny
+    d = write_weights(pipe.w, tmp_path / "weights")
+    ref = Pipeline.from_pretrained(d, device="cuda", resolution=512, backend="cuda").run(IMAGE, 512, steps=1)
+    budget = 1.2e6  # bytes: about one tiny network at a time
+    stored = Pipeline.from_pretrained(d, device="cuda", resolution=512, backend="cuda", vram_budget=8,
+                                      host_budget=budget / GIB)
+    for _ in range(2):  # the second image finds the flows dropped again
+        r = stored.run(IMAGE, 512, steps=1)
+        assert torch.equal(r.latents["shape_slat"].feats, ref.latents["shape_slat"].feats)
+        assert torch.equal(r.vertices, ref.vertices) and torch.equal(r.faces, ref.faces)
+        flow = stored.host_store.networks["shape_slat_flow_model_512"]
+        assert not flow.host_loaded and stored.host_store.held_bytes() <= budget
+
+
 def test_offload_then_a_budgeted_run(tiny):
     """A pipeline whose networks were loaded where they compute moves them all to host copies; a
     budgeted run then places them per stage and gives the same asset."""

@@ -635,8 +635,10 @@ class Pipeline:
                 if engine is not None:  # an engine takes and frees its own device memory (Engine.placed)
                     stack.enter_context(engine.placed(mode, sp.weight_bytes.get(net)))
                     continue
-                if self.backend == "cuda" and net in self.flows:
-                    continue  # the backend holds its own device copies (_flow)
+                if self.backend == "cuda" and net in self.flows:  # the backend makes its own device copies (_flow)
+                    if self.host_store is not None and net in self.host_store.networks:
+                        stack.enter_context(self.host_store.held(net))  # ... from the host copy, read if dropped
+                    continue
                 nw = self._placements.get(net)
                 if nw is None and mode == RESIDENT and _on(self.network(net), self.device):
                     continue  # already where it computes (loaded there): nothing to move
