@@ -2,9 +2,9 @@
 # The GPU measurements the memory planner and the benchmark suite still need, one part per device call
 # (each well inside 10 minutes). Run from the repository root on the GPU machine, with wheels for
 # what it lacks carried in .whl/ (trimesh, xatlas, fast-simplification, nvidia-ml-py, matplotlib):
-#   bash benchmarks/gpu_session.sh tests|1024|1536|512|quality   (results under $OUT)
+#   bash benchmarks/gpu_session.sh tests|1024|1536|512|host|quality   (results under $OUT)
 set -uo pipefail
-part=${1:?part: tests, 1024, 1536, 512 or quality}
+part=${1:?part: tests, 1024, 1536, 512, host or quality}
 out=${OUT:-bench-out}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -22,6 +22,9 @@ case "$part" in
   1024|1536|512)
     pixal3d-rt bench --preset reference --resolution "$part" --runs 2 --glb-runs 1 --vram-budget "${budgets[$part]}" \
       --gpu-profile rtx4090-24gb $upstream --out "$out/bench_$part" 2>&1 | tee "$out/bench_$part.log" ;;
+  host)  # host RSS of the 1024 cascade with the weights read per stage into a host store (6 GiB device budget)
+    pixal3d-rt bench --preset reference --resolution 1024 --runs 1 --glb-runs 0 --vram-budget 6 --budget-runs 2 \
+      --host-budget 8 --out "$out/host_1024" 2>&1 | tee "$out/host_1024.log" ;;
   quality)
     pixal3d-rt bench --preset reference --resolution 512 --runs 1 --glb-runs 0 --quality --out "$out/quality_512" 2>&1 \
       | tee "$out/quality_512.log" ;;

@@ -549,6 +549,9 @@ main.add_command(serve)
 @click.option("--budget-runs", type=click.IntRange(1, 20), default=2, show_default=True,
               help="Runs per budget: the first places the weights from the host, the rest keep what the plan keeps resident; "
               "the time ratio is the last run's.")
+@click.option("--host-budget", "host_budget", type=click.FloatRange(0.1, 4096), default=None, metavar="GB",
+              help="Budget runs read the networks per stage from their files into host memory of this size "
+              "(a preset's are written in the official layout to a temporary folder first).")
 @click.option("--gpu-profile", "profiles", multiple=True, type=click.Choice(["rtx3060-12gb", "rtx4070-12gb", "rtx4080-16gb", "rtx4090-24gb", "rtx5090-32gb"]),
               help="Run at that card's memory and add a roofline projection of each stage's time (labelled projection).")
 @click.option("--glb-runs", type=click.IntRange(0, 100), default=None, help="How many runs per resolution go on to the GLB export (default: all).")
@@ -566,7 +569,7 @@ main.add_command(serve)
               help="An option passed to the sections named (repeatable), e.g. --section-arg=--quick; --section-arg=--help lists them.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"), show_default=True,
               help="Folder for bench.json, bench.md and the charts.")
-def bench_cmd(preset, weights, resolutions, images, runs, backend, device, seed, steps, budgets, budget_runs, profiles, glb_runs, quality,
+def bench_cmd(preset, weights, resolutions, images, runs, backend, device, seed, steps, budgets, budget_runs, host_budget, profiles, glb_runs, quality,
               quality_engines, upstream_dir, sections, section_args, out_dir):
     """Time and measure every stage from image to GLB (cold, warm, memory budgets); JSON, Markdown, charts.
     With --section: a micro-benchmark section instead."""
@@ -600,7 +603,7 @@ def bench_cmd(preset, weights, resolutions, images, runs, backend, device, seed,
                    "structure; timings and memory are real, the assets are not generations.", err=True)
     report = run_bench(preset=preset, weights=weights, resolutions=[int(r) for r in resolutions] or [1024], images=images,
                        runs=runs, backend=backend, out_dir=out_dir, device=device, seed=seed, steps=steps,
-                       budgets_gib=budget_list, budget_runs=budget_runs, gpu_profiles=profiles, glb_runs=glb_runs, quality=quality, engines=quality_engines,
+                       budgets_gib=budget_list, budget_runs=budget_runs, host_budget_gib=host_budget, gpu_profiles=profiles, glb_runs=glb_runs, quality=quality, engines=quality_engines,
                        upstream=upstream_dir)
     click.echo((out_dir / "bench.md").read_text())
     failed = [p["resolution"] for p in report["resolutions"] if "error" in p]
