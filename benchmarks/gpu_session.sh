@@ -12,8 +12,8 @@ if [ -d .whl ]; then
 fi
 PIP_NO_BUILD_ISOLATION=0 PIP_NO_INDEX=1 python3 -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . >/dev/null || exit 1
 export PYTHONUNBUFFERED=1
-# each resolution's budgets reach down to its target (512: 3 GB, 1024: 4 GB, 1536: 8 GB)
-declare -A budgets=([512]=3,4,6,8,12,16,24 [1024]=4,6,8,12,16,24 [1536]=6,8,12,16,24)
+# each resolution's budgets reach down to its target (512: 3 GB, 1024: 4 GB, 1536: 8 GB); BUDGETS=a,b,... overrides
+declare -A budgets=([512]=${BUDGETS:-3,4,6,8} [1024]=${BUDGETS:-4,6,8,12} [1536]=${BUDGETS:-6,8,12})
 # UPSTREAM=DIR (upstream's source, never in this repository) adds the per-stage ratios against its modules
 upstream=${UPSTREAM:+--upstream $UPSTREAM}
 case "$part" in
@@ -21,7 +21,7 @@ case "$part" in
     python3 -m pytest -q tests/test_residency.py tests/test_cuda_backend.py tests/test_planner.py 2>&1 | tee "$out/gpu_tests.log" ;;
   1024|1536|512)
     pixal3d-rt bench --preset reference --resolution "$part" --runs 2 --glb-runs 1 --vram-budget "${budgets[$part]}" \
-      --gpu-profile rtx4090-24gb $upstream --out "$out/bench_$part" 2>&1 | tee "$out/bench_$part.log" ;;
+      $upstream --out "$out/bench_$part" 2>&1 | tee "$out/bench_$part.log" ;;
   host)  # host RSS of the 1024 cascade with the weights read per stage into a host store (6 GiB device budget)
     pixal3d-rt bench --preset reference --resolution 1024 --runs 1 --glb-runs 0 --vram-budget 6 --budget-runs 2 \
       --host-budget 8 --out "$out/host_1024" 2>&1 | tee "$out/host_1024.log" ;;
