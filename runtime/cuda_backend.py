@@ -33,7 +33,8 @@ rounding placement; tests/test_cuda_backend.py checks each against the eager pat
 Runtime parameters kept for the memory scheduler (only resident/unchunked is tuned): `residency`
 ("resident", or "streamed": the large block matrices live in pinned host memory and are copied
 block by block to the device on a side stream, one block ahead, by runtime/residency.py's
-`WeightStreamer`; no CUDA graphs then) and `token_chunk` (rows per chunk of the row-local work after
+`WeightStreamer`; no CUDA graphs then; `resident_blocks` keeps the first blocks on the device, so
+only the rest cross the bus each forward) and `token_chunk` (rows per chunk of the row-local work after
 attention: to_out, norms, cross-attention, MLP; attention itself sees all tokens). `unload()` frees
 the backend's device copies between stages; the next call (or `load()`) makes them again.
 
@@ -68,6 +69,7 @@ class BackendOptions:
     attention: str = "auto"  # one of ATTENTION_CHOICES
     graphs: bool = True  # CUDA graphs (CUDA, resident weights only)
     residency: str = RESIDENT  # RESIDENT | STREAMED (runtime/residency.py); per stage: unload()/load()
+    resident_blocks: int = 0  # STREAMED: the first blocks whose matrices stay on the device (the rest stream)
     token_chunk: int | None = None  # rows per chunk of the post-attention work (None: all rows)
     proj_cache_bytes: int = 12 << 30  # per condition; above it proj_linear runs every forward
     fused: bool | None = None  # Triton row kernels (None: on CUDA unless PIXAL3D_NO_TRITON=1)
@@ -223,7 +225,9 @@ class FlowBackend:
         self.out_w, self.out_b = small(m.out_layer.weight), small(m.out_layer.bias)
         self.blocks, host = [], []
         streamed = self.opts.residency == STREAMED
-        for blk in m.blocks:
+        kept = min(len(m.blocks), max(0, int(self.opts.resident_blocks))) if streamed else len(m.blocks)
+        self.first_streamed = kept
+        for b, blk in enumerate(m.blocks):
             sa = blk.self_attn
             cross = blk.cross_attn.cross_attn_block if isinstance(blk.cross_attn, ProjectAttention) else blk.cross_attn
             big = {"qkv_w": sa.to_qkv.weight, "out_w": sa.to_out.weight, "cq_w": cross.to_q.weight,
@@ -246,13 +250,13 @@ class FlowBackend:
                 bp.src["proj_w"] = pl.weight
                 bp.proj_b = small(pl.bias, dt)
                 bp.bias_sum = (pl.bias.float() + cross.to_out.bias.float()).to(device=dev, dtype=dt)
-            if streamed:  # the model's host tensors themselves when they already are pinned, in dt
+            if b >= kept:  # streamed: the model's host tensors themselves when they already are pinned, in dt
                 host.append({k: host_copy(v, dt, pin=self.cuda) for k, v in big.items()})
             else:
                 for k, v in big.items():
                     setattr(bp, k, small(v, dt))
             self.blocks.append(bp)
-        self.streamer = WeightStreamer(host, self.device, cyclic=True) if streamed else None
+        self.streamer = WeightStreamer(host, self.device, cyclic=True) if host else None
         self._modulations = torch.stack([bp.modulation for bp in self.blocks])  # [blocks, 6C] fp32
 
     def _precompute_weight(self, bp, name: str) -> torch.Tensor:
@@ -589,7 +593,8 @@ class FlowBackend:
         h = torch.empty(n * S, C, dtype=dt, device=self.device)
         fk.residual_norm(x, norm=fk.NORM_MOD, na=mod[0, 1], nb=mod[0, 0], h_out=h[:n], use_triton=tri)
         for b, bp in enumerate(self.blocks):
-            W = SimpleNamespace(**self.streamer.fetch(b)) if self.streamer is not None else bp
+            streamed = self.streamer is not None and b >= self.first_streamed
+            W = SimpleNamespace(**self.streamer.fetch(b - self.first_streamed)) if streamed else bp
             T = x.shape[0]
             qkv = F.linear(h[:T], W.qkv_w, bp.qkv_b)
             a = self._self_attention(qkv, st, bp, T // n)
@@ -639,8 +644,8 @@ class FlowBackend:
                                      nb=mod[b + 1, 0], out_x=x[r0:r1], h_out=h[r0:r1], use_triton=tri)
                 else:
                     fk.residual_norm(x[r0:r1], y=y, gate=mod[b, 5], out_x=x[r0:r1], use_triton=tri)
-            if self.streamer is not None:  # this block's matrices are done with: at most two blocks on the device
+            if streamed:  # this block's matrices are done with: at most two streamed blocks on the device
                 del W
-                self.streamer.release(b)
+                self.streamer.release(b - self.first_streamed)
         xf = x.float()
         return F.linear(F.layer_norm(xf, xf.shape[-1:]), self.out_w, self.out_b)

@@ -100,6 +100,7 @@ class StagePlan:
     proj_cache: bool = True
     graphs: bool = True
     decoder_chunk_bytes: int | None = None
+    resident_units: int = 0  # a streamed flow: its first units kept on the device (the rest stream)
     predicted_peak: int = 0
     predicted_seconds: float | None = None
     measured: bool = True  # its activation coefficients were measured
@@ -116,6 +117,8 @@ class StagePlan:
             out.append("no graphs")
         if self.decoder_chunk_bytes:
             out.append(f"chunk {self.decoder_chunk_bytes >> 20} MiB")
+        if self.resident_units:
+            out.append(f"{self.resident_units} blocks kept")
         return ", ".join(out) or "—"
 
 
@@ -167,10 +170,10 @@ class MemoryModel:
     # --------------------------------------------------------------------------------------
     # predictions
 
-    def _weights_bytes(self, net: str, mode: str) -> int:
+    def _weights_bytes(self, net: str, mode: str, kept_units: int = 0) -> int:
         size = self.networks[net]
-        if mode == STREAMED and size.units:
-            return size.rest_bytes + 2 * size.unit_bytes
+        if mode == STREAMED and size.units:  # the kept units plus two in flight
+            return min(size.bytes, size.rest_bytes + (kept_units + 2) * size.unit_bytes)
         return size.bytes
 
     def transient(self, sp: StagePlan) -> float:
@@ -197,7 +200,7 @@ class MemoryModel:
         return c.carried_fixed + c.carried_per_unit * sp.units
 
     def peak(self, sp: StagePlan, resident: set) -> int:
-        stage_weights = sum(self._weights_bytes(n, m) for n, m in sp.weights.items() if m != RESIDENT)
+        stage_weights = sum(self._weights_bytes(n, m, sp.resident_units) for n, m in sp.weights.items() if m != RESIDENT)
         resident_weights = sum(self.networks[n].bytes for n in resident)
         live = self.carried(sp) + self.transient(sp)
         return int(resident_weights + stage_weights + live * (1 + FRAGMENTATION) + self.overhead)
@@ -220,7 +223,11 @@ class MemoryModel:
                 t += size.bytes / self.h2d
             elif mode == STREAMED:
                 # one block ahead on a side stream: the stage takes the longer of compute and copies
-                t = max(t, forwards * (size.bytes - size.rest_bytes) / self.h2d) + size.rest_bytes / self.h2d
+                # (the kept units are copied once)
+                kept = min(sp.resident_units, size.units) / size.units if size.units else 0.0
+                units_bytes = size.bytes - size.rest_bytes
+                t = (max(t, forwards * units_bytes * (1 - kept) / self.h2d)
+                     + (size.rest_bytes + units_bytes * kept) / self.h2d)
         return t
 
     # --------------------------------------------------------------------------------------
@@ -290,7 +297,8 @@ class MemoryModel:
                 final.append(fixed[sp.stage])
                 continue
             self._fit_stage(sp, budget, resident)
-            sp.weight_bytes = {n: self._weights_bytes(n, m) for n, m in sp.weights.items()}
+            self._keep_units(sp, budget, resident)
+            sp.weight_bytes = {n: self._weights_bytes(n, m, sp.resident_units) for n, m in sp.weights.items()}
             sp.predicted_peak = self.peak(sp, resident)
             sp.predicted_seconds = self.seconds(sp)
             final.append(sp)
@@ -304,6 +312,7 @@ class MemoryModel:
         total = 0.0
         for sp in self._stage_plans(resolution, units, resident):
             self._fit_stage(sp, budget, resident)
+            self._keep_units(sp, budget, resident)
             total += self.seconds(sp, transfers_only=not sp.measured) or 0.0
         return total
 
@@ -338,6 +347,19 @@ class MemoryModel:
                         self._turn(sp, name, now)
                 return True
         return False
+
+    def _keep_units(self, sp: StagePlan, budget: int, resident: set) -> None:
+        """A streamed flow (cuda backend) keeps as many of its units on the device as the budget
+        leaves room for: only the others cross the bus at every forward."""
+        if not (BY_NAME[sp.stage].sampled and self.flow_knobs):
+            return
+        streamed = [self.networks[n] for n, m in sp.weights.items() if m == STREAMED and self.networks[n].units]
+        if len(streamed) != 1 or not streamed[0].unit_bytes:
+            return
+        size = streamed[0]
+        sp.resident_units = 0
+        room = budget - self.peak(sp, resident)
+        sp.resident_units = max(0, min(size.units - 1, int(room // size.unit_bytes)))
 
     @staticmethod
     def _turn(sp: StagePlan, key: str, value):

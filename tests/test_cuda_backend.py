@@ -321,7 +321,8 @@ def test_texture_concat_condition_and_its_refresh():
 
 
 @pytest.mark.parametrize("opts", [dict(token_chunk=10), dict(residency="streamed"), dict(proj_cache_bytes=0),
-                                  dict(token_chunk=7, residency="streamed", proj_cache_bytes=0)])
+                                  dict(token_chunk=7, residency="streamed", proj_cache_bytes=0),
+                                  dict(residency="streamed", resident_blocks=1)])
 def test_residency_and_chunking_leave_results_unchanged(opts):
     m = _slat("bfloat16")
     x, cond, neg, _ = _sparse_case(n=50)
@@ -332,7 +333,10 @@ def test_residency_and_chunking_leave_results_unchanged(opts):
         assert _rel(a.feats, b.feats) < 1e-6  # bf16: only GEMM row blocking can differ
     be = _wrap(m, **opts)
     if opts.get("residency") == "streamed":
-        assert not hasattr(be.blocks[0], "qkv_w") and be.streamer is not None  # matrices live on the host
+        kept = opts.get("resident_blocks", 0)
+        assert len(be.blocks) > kept and be.streamer is not None and len(be.streamer.host) == len(be.blocks) - kept
+        # the first `kept` blocks' matrices on the device, the others' on the host
+        assert all(hasattr(bp, "qkv_w") == (i < kept) for i, bp in enumerate(be.blocks))
 
 
 def test_weights_converted_once_to_the_torso_dtype():

@@ -213,6 +213,35 @@ def test_full_size_plans_on_this_machine():
         plan_offline("reference", 1024, 1, overhead_gib=0.5)
 
 
+def test_streamed_flows_keep_the_units_the_budget_has_room_for():
+    """A streamed flow keeps its first blocks on the device while they fit: counted in the predicted
+    peak (inside the budget, one more block would not fit) and in the weights' bytes; a stage bound by
+    its copies gets shorter."""
+    from dataclasses import replace
+
+    from pixal3d_rt.pipeline import memory_model_for
+    from pixal3d_rt.reference_preset import build_reference
+    from pixal3d_rt.runtime.stage_costs import H200_COSTS
+
+    w, _ = build_reference("meta")
+    model = memory_model_for(w, H200_COSTS, "cuda", int(0.9 * GIB))
+    plan = model.plan(4 * GIB, 1024)
+    streamed = [sp for sp in plan.stages if STREAMED in sp.weights.values()]
+    assert streamed and plan.peak <= 4 * GIB
+    for sp in streamed:
+        (net,) = [n for n, m in sp.weights.items() if m == STREAMED]
+        size = model.networks[net]
+        assert 0 < sp.resident_units < size.units
+        assert sp.weight_bytes[net] == size.rest_bytes + (sp.resident_units + 2) * size.unit_bytes
+        resident = set(plan.resident)
+        assert model.peak(sp, resident) == sp.predicted_peak <= 4 * GIB
+        assert model.peak(replace(sp, resident_units=sp.resident_units + 1), resident) > 4 * GIB
+        assert f"{sp.resident_units} blocks kept" in sp.knobs()
+    # where the copies bound the stage, fewer of them make it shorter (compute-bound ones stay about the same)
+    faster = [model.seconds(sp) < 0.9 * model.seconds(replace(sp, resident_units=0)) for sp in streamed]
+    assert any(faster)
+
+
 def _cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "pixal3d_rt.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=900)

@@ -612,7 +612,8 @@ class Pipeline:
             return flow
         # built for this stage only: its device copies leave with it
         self._stage_flow = wrap_flow(self.models[key], key, device=str(self.device), graphs=sp.graphs, token_chunk=chunk,
-                                     residency="streamed" if mode == STREAMED else "resident", proj_cache_bytes=cache)
+                                     residency="streamed" if mode == STREAMED else "resident", proj_cache_bytes=cache,
+                                     resident_blocks=sp.resident_units)
         return self._stage_flow
 
     def _decoder(self, key: str, sp):
