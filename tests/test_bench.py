@@ -173,6 +173,28 @@ def test_quality_table_in_the_markdown(tiny_bench):
     assert "- cuda: not run" in md and "- engines: not run" in md
 
 
+def test_budget_table_in_the_markdown(tiny_bench):
+    # budget runs need CUDA: their rows as a GPU worker records them, rendered from the CPU run's report
+    from pixal3d_rt.bench import markdown
+
+    report = json.loads((tiny_bench[0] / "bench.json").read_text())
+    part = report["resolutions"][0]
+    part["non_torch_overhead_bytes"] = 900_000_000
+    part["host_store"] = {"budget_gib": 8, "weights": "written from the preset", "write_s": 12.0}
+    part["budgets"] = [
+        {"budget_gib": 6, "passed": True, "nvml_peak_bytes": 5_900_000_000, "torch_peak_allocated_bytes": 4_800_000_000,
+         "host_rss_peak_bytes": 9_100_000_000, "time_ratio_vs_unbudgeted": 1.18, "first_run_time_ratio_vs_unbudgeted": 1.52,
+         "plan": [{"stage": "shape_hr_flow", "predicted_peak_bytes": 5_700_000_000}]},
+        {"budget_gib": 3, "passed": False, "failed_stage": "plan", "nvml_peak_bytes": None,
+         "torch_peak_allocated_bytes": None, "host_rss_peak_bytes": None},
+    ]
+    md = markdown(report)
+    assert "non-torch overhead 0.90 GB; weights read per stage into a 8 GiB host store)" in md
+    assert "| host RSS GB | time vs unbudgeted (first run) |" in md
+    assert "| 6 | pass |  | 5.70 | 5.90 | 4.80 | 9.10 | 1.18× (1.52×) |" in md
+    assert "| 3 | no plan | plan |" in md
+
+
 def test_quality_engines_needs_quality_and_an_engine_directory(tmp_path):
     base = CLI + ["bench", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path)]
     res = subprocess.run(base + ["--quality-engines", str(tmp_path)], capture_output=True, text=True, timeout=120)
