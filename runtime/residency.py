@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
+import weakref
 from functools import partial
 from typing import Callable
 
@@ -48,6 +49,54 @@ def host_copy(t: torch.Tensor, dtype: torch.dtype | None = None, pin: bool = Fal
     """`t` as a contiguous host tensor of `dtype` (pinned if `pin`): `t` itself when it already is one."""
     h = t.detach().to("cpu", dtype or t.dtype).contiguous()
     return h.pin_memory() if pin and not h.is_pinned() else h
+
+
+PAGE = 4096
+
+
+class PinnedArena:
+    """Page-locked host memory of exactly the bytes asked for, carved into tensors: torch's pinned
+    allocator rounds every tensor up to a power of two (a flow's matrices then take 1.38x their bytes
+    of locked host memory). The buffer is registered with CUDA (cudaHostRegister) and unregistered by
+    `release()` or when the arena is collected; its tensors stay valid after that, only no longer
+    page-locked. Falls back to torch's pinned allocator where registration fails."""
+
+    def __init__(self, shapes: list[tuple[tuple, torch.dtype]]):
+        offsets, n = [], 0
+        for shape, dtype in shapes:
+            n = -(-n // 256) * 256  # every tensor 256-byte aligned
+            offsets.append(n)
+            n += dtype.itemsize * _numel(shape)
+        self.nbytes = n
+        raw = torch.empty(n + PAGE, dtype=torch.uint8)
+        start = -raw.data_ptr() % PAGE  # page-aligned, as cudaHostRegister maps whole pages
+        self.buffer = raw[start : start + n]
+        self._registered = None
+        if n:
+            cudart = torch.cuda.cudart()
+            if cudart.cudaHostRegister(self.buffer.data_ptr(), n, 0) == cudart.cudaError.success:
+                self._registered = weakref.finalize(self, cudart.cudaHostUnregister, self.buffer.data_ptr())
+            else:
+                self.buffer = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        self.tensors = [self.buffer[o : o + dtype.itemsize * _numel(shape)].view(dtype).view(shape)
+                        for o, (shape, dtype) in zip(offsets, shapes)]
+
+    @property
+    def registered(self) -> bool:
+        return self._registered is not None and self._registered.alive
+
+    def release(self) -> None:
+        """Unlock the pages now (the memory goes once no tensor of the arena is left)."""
+        if self._registered is not None:
+            self._registered()
+        self.tensors, self.buffer = [], None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _device_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -216,11 +265,17 @@ class NetworkWeights:
         in_units = {id(e) for unit in self._units for e in unit}
         self._rest = [e for e in entries.values() if id(e) not in in_units]
         self._entries = list(entries.values())
+        self._arenas: list[PinnedArena] = []  # the file's tensors' page-locked host memory (CUDA)
+        from_file = [e for e in self._entries if e.persistent and host_loaded]
+        for e, master in zip(from_file, self._new_masters(from_file)):
+            master.copy_(e.tensor.detach())
+            e.master = master
+            e.tensor.data = e.master
         for e in self._entries:
-            if host_loaded or not e.persistent:
+            if not e.persistent:  # buffers outside the file stay for the network's lifetime
                 e.master = host_copy(e.tensor, pin=self.pin)
                 e.tensor.data = e.master
-            else:
+            elif not host_loaded:
                 e.tensor.data = self._placeholder(e)
         self._unit_nbytes = [sum(e.nbytes for e in unit) for unit in self._units]
         self._copies = _DeviceCopies()
@@ -330,7 +385,18 @@ class NetworkWeights:
                 e.master = None
                 if not self._resident:
                     e.tensor.data = self._placeholder(e)
+        for arena in self._arenas:
+            arena.release()
+        self._arenas = []
         return freed
+
+    def _new_masters(self, entries: list[_Entry]) -> list[torch.Tensor]:
+        """Empty host tensors for these entries: on CUDA one page-locked arena of their exact bytes."""
+        if not self.pin:
+            return [torch.empty(e.shape, dtype=e.tensor.dtype) for e in entries]
+        arena = PinnedArena([(e.shape, e.tensor.dtype) for e in entries])
+        self._arenas.append(arena)
+        return arena.tensors
 
     def _placeholder(self, e: _Entry) -> torch.Tensor:
         # empty, so any use of a dropped tensor fails on its shape instead of computing with garbage
@@ -341,8 +407,8 @@ class NetworkWeights:
         missing = [e for e in self._entries if e.master is None]
         if not missing:
             return
-        for e in missing:
-            e.master = torch.empty(e.shape, dtype=e.tensor.dtype, pin_memory=self.pin)
+        for e, master in zip(missing, self._new_masters(missing)):
+            e.master = master
             e.tensor.data = e.master
         try:
             self.reader(self.module)  # converts to each tensor's dtype while reading

@@ -315,3 +315,44 @@ def test_flow_backend_streams_from_the_host_masters_without_another_copy():
     for a, b in zip(got, want):
         assert torch.equal(a.feats, b.feats)
     assert w.live_device_bytes() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locking needs CUDA")
+def test_host_copies_are_one_exact_page_locked_arena_per_read(tmp_path):
+    """On CUDA a network's file tensors live in one page-locked arena of exactly their bytes (torch's
+    pinned allocator would round each up to a power of two), dropped with the host copy and made
+    again by the next read; placements compute as before."""
+    from pixal3d_rt.runtime.residency import PinnedArena
+
+    model, base = _on_disk(tmp_path, "flow", _flow_config(2), 13)
+    case = _flow_case(model, seed=13)
+    with torch.no_grad():
+        want = _run_flow(model, case)
+    module, _ = load_network(base, device="cpu", read=False)
+    torch.cuda.synchronize()
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    w = NetworkWeights(module, "cuda", reader=partial(read_network_file, base=base), host_loaded=False)
+    store = HostWeightStore(0)  # keeps nothing after use
+    store.add("flow", w)
+    for _ in range(2):
+        with torch.no_grad(), store.placed("flow", STAGE):
+            (arena,) = w._arenas
+            assert arena.registered and arena.nbytes < w.bytes() + 256 * len(w._entries)
+            masters = [e.master for e in w._entries if e.persistent]
+            assert all(m.is_pinned() and m.untyped_storage().data_ptr() == arena.buffer.untyped_storage().data_ptr()
+                       for m in masters)
+            assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) == before  # not torch's pinned pool
+            got = _run_flow(w.module, _case_on(case, "cuda"))
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+        assert not w.host_loaded and w._arenas == [] and not arena.registered
+    odd = PinnedArena([((3, 5), torch.bfloat16), ((), torch.float32), ((7,), torch.int64)])
+    assert [tuple(t.shape) for t in odd.tensors] == [(3, 5), (), (7,)] and odd.nbytes == 256 + 256 + 56
+    assert all(t.data_ptr() % 256 == 0 for t in odd.tensors) and odd.registered
+    odd.release()
+    assert not odd.registered
+
+
+def _case_on(case, device):
+    x, t, cond = case
+    moved = lambda st: SparseTensor(st.feats.to(device), st.coords.to(device))  # noqa: E731
+    return moved(x), t.to(device), {"global": cond["global"].to(device), "proj": moved(cond["proj"])}
