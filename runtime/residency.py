@@ -74,7 +74,7 @@ class PinnedArena:
         self._registered = None
         if n:
             cudart = torch.cuda.cudart()
-            if cudart.cudaHostRegister(self.buffer.data_ptr(), n, 0) == cudart.cudaError.success:
+            if int(cudart.cudaHostRegister(self.buffer.data_ptr(), n, 0)) == 0:  # cudaSuccess
                 self._registered = weakref.finalize(self, cudart.cudaHostUnregister, self.buffer.data_ptr())
             else:
                 self.buffer = torch.empty(n, dtype=torch.uint8, pin_memory=True)
