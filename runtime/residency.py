@@ -267,8 +267,7 @@ class NetworkWeights:
         self._entries = list(entries.values())
         self._arenas: list[PinnedArena] = []  # the file's tensors' page-locked host memory (CUDA)
         from_file = [e for e in self._entries if e.persistent and host_loaded]
-        for e, master in zip(from_file, self._new_masters(from_file)):
-            master.copy_(e.tensor.detach())
+        for e, master in zip(from_file, self._new_masters(from_file, fill=True)):
             e.master = master
             e.tensor.data = e.master
         for e in self._entries:
@@ -390,12 +389,18 @@ class NetworkWeights:
         self._arenas = []
         return freed
 
-    def _new_masters(self, entries: list[_Entry]) -> list[torch.Tensor]:
-        """Empty host tensors for these entries: on CUDA one page-locked arena of their exact bytes."""
+    def _new_masters(self, entries: list[_Entry], fill: bool = False) -> list[torch.Tensor]:
+        """Host tensors for these entries (holding the module's values with `fill`, else empty): on
+        CUDA one page-locked arena of their exact bytes; on the CPU the tensors themselves when fit."""
         if not self.pin:
+            if fill:
+                return [host_copy(e.tensor) for e in entries]
             return [torch.empty(e.shape, dtype=e.tensor.dtype) for e in entries]
         arena = PinnedArena([(e.shape, e.tensor.dtype) for e in entries])
         self._arenas.append(arena)
+        if fill:
+            for e, t in zip(entries, arena.tensors):
+                t.copy_(e.tensor.detach())
         return arena.tensors
 
     def _placeholder(self, e: _Entry) -> torch.Tensor:
