@@ -401,6 +401,7 @@ class NetworkWeights:
         if fill:
             for e, t in zip(entries, arena.tensors):
                 t.copy_(e.tensor.detach())
+                e.tensor.data = t  # the old storage goes now, not after the whole network is copied
         return arena.tensors
 
     def _placeholder(self, e: _Entry) -> torch.Tensor:
