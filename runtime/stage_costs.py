@@ -32,8 +32,9 @@ _FLOWS = "eager_baseline_h200.json (bytes), flows_h200.json (seconds)"
 # decoders: bytes and seconds per decoded voxel (the reference mug: 4,136,708 voxels at 1024, 4,163,240 at 512)
 _DECODE = ("sparse_conv_h200.json: decode peak 3.30 GB − 1.14 GB resident, 216 ms warm, 4,136,708 voxels at 1024; "
            "bench 512 under an 8 GiB plan: 591 B/voxel, the larger; less 99 B/voxel for the finest level's neighbour "
-           "map taken in row chunks (CPU LiveBytes, one fused up-block: 808 -> 709 B/child)")
-_DECODE_BYTES = 591 - 99
+           "map taken in row chunks (CPU LiveBytes, one fused up-block: 808 -> 709 B/child), plus the GPU hash "
+           "table's 25 B/voxel over the CPU's sorted keys (2^24 slots x 12 B at 4.1 M voxels vs 24 B/voxel)")
+_DECODE_BYTES = 591 - 99 + 25
 _DECODE_S = 0.216 / 4_136_708
 # mesh extraction: bench at 512 (8 GiB plan) measured 770 B/voxel for the unchunked extraction (torch peak 4.85 GB
 # over 1.65 GB resident, 4,163,240 voxels); the chunked one allocates 303 B/voxel less (LiveBytes on the CPU, same tensors)
