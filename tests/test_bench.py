@@ -507,3 +507,28 @@ def test_quality_engines_path_with_a_cpu_package(tmp_path):
     assert all(e < 1e-4 for e in errors.values()) and eng["mesh"]["f_score"] == 1.0
     assert "engines" not in {u["path"] for u in q["unavailable"]}
     assert "| engines |" in (out / "bench.md").read_text()
+
+
+def test_costs_from_bench_puts_measured_stage_bytes_beside_the_planned_ones(tmp_path):
+    # a CUDA worker's rows (bytes above what was live at the stage's start) against runtime/stage_costs.py
+    from pixal3d_rt.runtime.stage_costs import H200_COSTS
+
+    part = {"resolution": 1024, "runs": [
+        {"kind": "cold", "tokens": {"voxels": 1}, "stages": []},
+        {"kind": "warm", "tokens": {"voxels": 4_000_000, "shape_hr_flow": 17_000}, "stages": [
+            {"stage": "shape_decoder", "wall_s": 0.25, "torch_peak_allocated_bytes": 3_000_000_000,
+             "torch_start_allocated_bytes": 1_000_000_000},
+            {"stage": "preprocess", "wall_s": 0.01, "torch_peak_allocated_bytes": 7, "torch_start_allocated_bytes": 7}]}]}
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"resolutions": [part]}))
+    out = tmp_path / "costs.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "costs_from_bench.py"
+    res = subprocess.run([sys.executable, str(script), str(bench), "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = {r["stage"]: r for r in json.loads(out.read_text())["1024"]}
+    dec = rows["shape_decoder"]
+    assert dec["units"] == 4_000_000 and dec["bytes_per_unit"] == 500.0
+    assert dec["predicted_transient_bytes"] == H200_COSTS["shape_decoder"].transient_per_unit * 4_000_000
+    assert rows["preprocess"]["units"] is None and rows["preprocess"]["transient_bytes"] == 0
+    assert "shape_decoder" in res.stdout

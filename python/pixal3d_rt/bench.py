@@ -126,6 +126,7 @@ class StageRecorder(Progress):
         mark = {"t": time.perf_counter(), "detail": detail}
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
+            mark["allocated"] = int(torch.cuda.memory_allocated())  # live at the start: peak - this = the stage's own
             mark["event"] = torch.cuda.Event(enable_timing=True)
             mark["event"].record()
         if self.counter is not None:
@@ -146,6 +147,7 @@ class StageRecorder(Progress):
             row["gpu_s"] = mark["event"].elapsed_time(end) / 1000.0
             row["torch_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
             row["torch_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+            row["torch_start_allocated_bytes"] = mark["allocated"]
         else:
             row["gpu_s"] = row["torch_peak_allocated_bytes"] = row["torch_peak_reserved_bytes"] = None
         dev, rss = self.sampler.peaks()
