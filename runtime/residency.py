@@ -17,10 +17,11 @@ files when needed again.
 """
 from __future__ import annotations
 
+import math
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-import weakref
 from functools import partial
 from typing import Callable
 
@@ -66,7 +67,7 @@ class PinnedArena:
         for shape, dtype in shapes:
             n = -(-n // 256) * 256  # every tensor 256-byte aligned
             offsets.append(n)
-            n += dtype.itemsize * _numel(shape)
+            n += dtype.itemsize * math.prod(shape)
         self.nbytes = n
         raw = torch.empty(n + PAGE, dtype=torch.uint8)
         start = -raw.data_ptr() % PAGE  # page-aligned, as cudaHostRegister maps whole pages
@@ -78,7 +79,7 @@ class PinnedArena:
                 self._registered = weakref.finalize(self, cudart.cudaHostUnregister, self.buffer.data_ptr())
             else:
                 self.buffer = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-        self.tensors = [self.buffer[o : o + dtype.itemsize * _numel(shape)].view(dtype).view(shape)
+        self.tensors = [self.buffer[o : o + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
                         for o, (shape, dtype) in zip(offsets, shapes)]
 
     @property
@@ -90,13 +91,6 @@ class PinnedArena:
         if self._registered is not None:
             self._registered()
         self.tensors, self.buffer = [], None
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _device_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
