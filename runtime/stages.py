@@ -44,11 +44,11 @@ STAGES = (
           frees=("image_hr", "features_hr"), tokens="tex_flow", cascade=True),
     Stage("tex_flow", ("tex_slat_flow_model_1024",), ("cond_tex", "shape_latent"), ("tex_latent",),
           frees=("cond_tex",), tokens="tex_flow", cascade=True, sampled=True),
-    Stage("shape_decoder", ("shape_slat_decoder",), ("shape_latent",), ("mesh_fields", "subdivisions"),
+    Stage("shape_decoder", ("shape_slat_decoder",), ("shape_latent",), ("mesh_fields", "subdivisions", "decoder_cache"),
           tokens="voxels"),
     Stage("mesh_extraction", (), ("mesh_fields",), ("mesh",), frees=("mesh_fields",), tokens="voxels"),
-    Stage("tex_decoder", ("tex_slat_decoder",), ("tex_latent", "subdivisions"), ("pbr_voxels",),
-          frees=("subdivisions",), tokens="voxels", cascade=True),
+    Stage("tex_decoder", ("tex_slat_decoder",), ("tex_latent", "subdivisions", "decoder_cache"), ("pbr_voxels",),
+          frees=("subdivisions", "decoder_cache"), tokens="voxels", cascade=True),
     Stage("glb_export", (), ("mesh", "pbr_voxels"), ("glb",), tokens="voxels"),
 )
 BY_NAME = {s.name: s for s in STAGES}

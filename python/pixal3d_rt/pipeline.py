@@ -497,7 +497,8 @@ class Pipeline:
             v.pop("subdivisions", None), v.pop("decoder_cache", None)
 
     def _stage_tex_decoder(self, v, sp, progress):
-        t = self._decoder("tex_slat_decoder", sp)(v["tex_latent"], guide_subs=v["subdivisions"], cache=v.pop("decoder_cache"))
+        # reads its inputs (the stage table frees them after): a retry after running out of memory needs them again
+        t = self._decoder("tex_slat_decoder", sp)(v["tex_latent"], guide_subs=v["subdivisions"], cache=v["decoder_cache"])
         v["pbr_voxels"] = (t.coords[:, 1:].int().cpu(), (t.feats.float() * 0.5 + 0.5).cpu())
 
     @staticmethod
