@@ -160,7 +160,8 @@ class MemoryModel:
     def __init__(self, networks: dict, costs: dict, *, flow_shapes: dict | None = None, overhead: int = 0,
                  h2d_gbs: float = DEFAULT_H2D_GBS, steps: int = 12, flow_knobs: bool = True):
         self.networks = networks  # name -> NetworkSize
-        self.costs = costs  # stage -> StageCost
+        self.costs = costs  # stage -> StageCost; "stage@R" -> its cost in runs at resolution R, where measured apart
+        self.resolution: int | None = None  # the resolution being planned (set by `plan`)
         self.flow_shapes = flow_shapes or {}  # stage -> FlowShape (flows with a projection cache)
         self.overhead = int(overhead)
         self.h2d = h2d_gbs * 1e9
@@ -170,6 +171,10 @@ class MemoryModel:
     # --------------------------------------------------------------------------------------
     # predictions
 
+    def cost(self, stage: str) -> StageCost | None:
+        """The stage's cost at the resolution being planned (its own entry where one was measured)."""
+        return self.costs.get(f"{stage}@{self.resolution}") or self.costs.get(stage)
+
     def _weights_bytes(self, net: str, mode: str, kept_units: int = 0) -> int:
         size = self.networks[net]
         if mode == STREAMED and size.units:  # the kept units plus two in flight
@@ -177,7 +182,7 @@ class MemoryModel:
         return size.bytes
 
     def transient(self, sp: StagePlan) -> float:
-        c = self.costs.get(sp.stage, StageCost())
+        c = self.cost(sp.stage) or StageCost()
         n = sp.units
         fixed, per_unit = c.transient_fixed, c.transient_per_unit * n
         fs = self.flow_shapes.get(sp.stage)
@@ -196,7 +201,7 @@ class MemoryModel:
         return total
 
     def carried(self, sp: StagePlan) -> float:
-        c = self.costs.get(sp.stage, StageCost())
+        c = self.cost(sp.stage) or StageCost()
         return c.carried_fixed + c.carried_per_unit * sp.units
 
     def peak(self, sp: StagePlan, resident: set) -> int:
@@ -208,7 +213,7 @@ class MemoryModel:
     def seconds(self, sp: StagePlan, transfers_only: bool = False) -> float | None:
         """Predicted seconds of the stage (None when its cost was not measured; transfers_only: the
         weight copies alone, for comparing plans)."""
-        c = self.costs.get(sp.stage)
+        c = self.cost(sp.stage)
         if (c is None or not c.measured) and not transfers_only:
             return None
         n = sp.units
@@ -238,19 +243,23 @@ class MemoryModel:
         (HR tokens and decoded voxels: the measured count of the cost table scaled with the output grid)."""
         out = dict(tokens)
         if resolution != 512 and "shape_hr_flow" not in out:
-            c = self.costs.get("shape_hr_flow")
+            c = self.cost("shape_hr_flow")
             base = c.measured_at if c is not None and c.measured_at else 17_500
             out["shape_hr_flow"] = int(min(base * (resolution / 1024) ** 2, 49_152))
         for key, default in (("ss_flow", 4096), ("shape_lr_flow", 4_400)):
             if key not in out:
-                c = self.costs.get(key)
+                c = self.cost(key)
                 out[key] = c.measured_at if c is not None and c.measured_at else default
         out.setdefault("tex_flow", out.get("shape_hr_flow", 0))
         out.setdefault("shape_latent", out["shape_lr_flow"] if resolution == 512 else out["shape_hr_flow"])
-        if "voxels" not in out:  # the decoded count of the measured object, its surface growing with the grid past 1024
+        if "voxels" not in out:  # the decoded count of the measured object: as measured at this resolution,
+            at = self.costs.get(f"shape_decoder@{resolution}")  # else its surface growing with the grid past 1024
             c = self.costs.get("shape_decoder")
-            base = c.measured_at if c is not None and c.measured_at else 4_200_000
-            out["voxels"] = int(base * max(1.0, resolution / 1024) ** 2)
+            if at is not None and at.measured_at:
+                out["voxels"] = at.measured_at
+            else:
+                base = c.measured_at if c is not None and c.measured_at else 4_200_000
+                out["voxels"] = int(base * max(1.0, resolution / 1024) ** 2)
         return out
 
     def _stage_plans(self, resolution: int, units: dict, resident: set) -> list:
@@ -259,7 +268,7 @@ class MemoryModel:
         for st in stages_for(resolution):
             n = units.get(st.tokens, 0) if st.tokens else 0
             sp = StagePlan(st.name, n, {net: (RESIDENT if net in resident else STAGE) for net in st.networks},
-                           measured=self.costs.get(st.name, StageCost()).measured)
+                           measured=(self.cost(st.name) or StageCost()).measured)
             if st.sampled and not self.flow_knobs:
                 sp.cfg_batched = sp.graphs = False  # eager flows: the sampler calls them once per condition
             plans.append(sp)
@@ -269,6 +278,7 @@ class MemoryModel:
         """The plan for a run at `resolution` inside `budget` bytes of device memory. `tokens`: counts
         known so far (stage name -> count). `fixed`: stage plans already executed (kept as they ran).
         Raises PlanError with the smallest budget that fits when none does."""
+        self.resolution = resolution
         units = self.units_for(resolution, tokens or {})
         nets = networks_for(resolution)
         plans = self._stage_plans(resolution, units, set())

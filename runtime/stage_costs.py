@@ -29,17 +29,24 @@ def _flow(at: int, source: str, scale: float = 1.0) -> StageCost:
 
 
 _FLOWS = "eager_baseline_h200.json (bytes), flows_h200.json (seconds)"
-# decoders: bytes and seconds per decoded voxel (the reference mug: 4,136,708 voxels at 1024, 4,163,240 at 512)
-_DECODE = ("sparse_conv_h200.json: decode peak 3.30 GB − 1.14 GB resident, 216 ms warm, 4,136,708 voxels at 1024; "
-           "bench 512 under an 8 GiB plan: 591 B/voxel, the larger; less 99 B/voxel for the finest level's neighbour "
-           "map taken in row chunks (CPU LiveBytes, one fused up-block: 808 -> 709 B/child), plus the GPU hash "
-           "table's 25 B/voxel over the CPU's sorted keys (2^24 slots x 12 B at 4.1 M voxels vs 24 B/voxel)")
-_DECODE_BYTES = 591 - 99 + 25
-_DECODE_S = 0.216 / 4_136_708
-# mesh extraction: bench at 512 (8 GiB plan) measured 770 B/voxel for the unchunked extraction (torch peak 4.85 GB
-# over 1.65 GB resident, 4,163,240 voxels); the chunked one allocates 303 B/voxel less (LiveBytes on the CPU, same tensors)
-_EXTRACT = ("bench_512 (8 GiB plan): 770 B/voxel unchunked, 14 ms, 4,163,240 voxels; less 303 B/voxel "
-            "for the chunked edge lookup (CPU LiveBytes: 458 -> 155 B/voxel)")
+# decoders and mesh extraction: bytes and seconds per decoded voxel, from the warm runs in
+# bench_reference_h100.json (benchmarks/costs_from_bench.py). The decoders' bytes per voxel differ by
+# resolution (their coarse levels are not in proportion to the decoded voxels): 383 / 1003 / 401 (shape)
+# and 354 / 867 / 355 (texture) at 512 / 1024 / 1536, so each resolution has its entry ("stage@R"),
+# the larger of the two decoders'; seconds 0.459 s / 4,136,708 voxels (texture, 1024), the slowest
+_DECODE = "bench_reference_h100.json, warm run at {r}: {b} B/voxel (the larger decoder)"
+_DECODE_BYTES = {512: 383, 1024: 1003, 1536: 401}
+_DECODE_AT = {512: 4_163_240, 1024: 4_136_708, 1536: 9_015_066}
+_DECODE_S = 0.459 / 4_136_708
+_EXTRACT = ("bench_reference_h100.json (warm runs at 512/1024/1536): 131 / 234 / 234 B/voxel, 0.156 s at "
+            "4,136,708 voxels")
+
+
+def _decoder(r: int) -> StageCost:
+    return StageCost(transient_per_unit=_DECODE_BYTES[r], seconds_per_unit=_DECODE_S, measured_at=_DECODE_AT[r],
+                     source=_DECODE.format(r=r, b=_DECODE_BYTES[r]))
+
+
 H200_COSTS = {
     "ss_flow": _flow(4096, _FLOWS),
     "shape_lr_flow": _flow(4377, _FLOWS),
@@ -52,12 +59,10 @@ H200_COSTS = {
     "tex_cond": StageCost(transient_fixed=144_391_168 - 17_489 * 8_280 + 359_437_824, transient_per_unit=8_280,
                           seconds_fixed=0.357, measured_at=17_489,
                           source="conditioning_h200.json (back-projection + NAF lazy map at T=1024)"),
-    "shape_decoder": StageCost(transient_per_unit=_DECODE_BYTES, seconds_per_unit=_DECODE_S, measured_at=4_136_708,
-                               source=_DECODE),
-    # the texture decoder runs the same widths over the same levels (guided by the shape's subdivisions)
-    "tex_decoder": StageCost(transient_per_unit=_DECODE_BYTES, seconds_per_unit=_DECODE_S, measured_at=4_136_708,
-                             source=_DECODE + " (shape decoder)"),
+    "shape_decoder": _decoder(1024),
+    "tex_decoder": _decoder(1024),
+    **{f"{stage}@{r}": _decoder(r) for stage in ("shape_decoder", "tex_decoder") for r in _DECODE_BYTES},
     # carried: the decoded fields it reads (int32 coords [4] + 7 half channels per voxel)
-    "mesh_extraction": StageCost(carried_per_unit=4 * 4 + 7 * 2, transient_per_unit=770 - 303, seconds_per_unit=0.014 / 4_163_240, measured_at=4_163_240,
-                                 source=_EXTRACT),
+    "mesh_extraction": StageCost(carried_per_unit=4 * 4 + 7 * 2, transient_per_unit=234, seconds_per_unit=0.156 / 4_136_708,
+                                 measured_at=4_136_708, source=_EXTRACT),
 }

@@ -187,12 +187,16 @@ def test_budget_table_in_the_markdown(tiny_bench):
          "plan": [{"stage": "shape_hr_flow", "predicted_peak_bytes": 5_700_000_000}]},
         {"budget_gib": 3, "passed": False, "failed_stage": "plan", "nvml_peak_bytes": None,
          "torch_peak_allocated_bytes": None, "host_rss_peak_bytes": None},
+        {"budget_gib": 4, "passed": True, "nvml_peak_bytes": 7_580_000_000, "torch_peak_allocated_bytes": 5_670_000_000,
+         "held_at_start": {"nvml_bytes": 6_600_000_000, "torch_reserved_bytes": 5_800_000_000}},
     ]
     md = markdown(report)
     assert "non-torch overhead 0.90 GB; weights read per stage into a 8 GiB host store)" in md
-    assert "| host RSS GB | time vs unbudgeted (first run) |" in md
-    assert "| 6 | pass |  | 5.70 | 5.90 | 4.80 | 9.10 | 1.18× (1.52×) |" in md
+    assert "| inside | torch peak GB | host RSS GB | time vs unbudgeted (first run) |" in md
+    assert "| 6 | pass |  | 5.70 | 5.90 | yes | 4.80 | 9.10 | 1.18× (1.52×) |" in md
     assert "| 3 | no plan | plan |" in md
+    assert "| 4 | pass |  | – | 7.58 | no | 5.67 |" in md  # passed under the torch cap, above the budget on NVML
+    assert "held as each budget run started (NVML / torch reserved GB): 4 GiB 6.60 / 5.80" in md
 
 
 def test_quality_engines_needs_quality_and_an_engine_directory(tmp_path):

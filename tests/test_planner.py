@@ -206,11 +206,14 @@ def test_full_size_plans_on_this_machine():
     tight = plan_offline("reference", 1024, 6, overhead_gib=0.5)
     assert tight.peak <= 6 * GIB and not tight.all_resident
     assert tight["shape_hr_flow"].weights["shape_slat_flow_model_1024"] != RESIDENT
-    streamed = plan_offline("reference", 1024, 3, overhead_gib=0.5)
+    streamed = plan_offline("reference", 512, 3, overhead_gib=0.5)
     assert streamed.peak <= 3 * GIB
     assert any(m == STREAMED for sp in streamed.stages for m in sp.weights.values())
     with pytest.raises(BudgetError, match="smallest budget"):
         plan_offline("reference", 1024, 1, overhead_gib=0.5)
+    # the 1024 decoder's measured bytes per voxel (its coarse levels) do not fit 3 GiB: refused, naming the stage
+    with pytest.raises(BudgetError, match="stage shape_decoder .* smallest budget that fits is 4.7 GiB"):
+        plan_offline("reference", 1024, 3, overhead_gib=0.5)
 
 
 def test_streamed_flows_keep_the_units_the_budget_has_room_for():
@@ -225,21 +228,43 @@ def test_streamed_flows_keep_the_units_the_budget_has_room_for():
 
     w, _ = build_reference("meta")
     model = memory_model_for(w, H200_COSTS, "cuda", int(0.9 * GIB))
-    plan = model.plan(4 * GIB, 1024)
+    plan = model.plan(3 * GIB, 512)
     streamed = [sp for sp in plan.stages if STREAMED in sp.weights.values()]
-    assert streamed and plan.peak <= 4 * GIB
+    assert streamed and plan.peak <= 3 * GIB
     for sp in streamed:
         (net,) = [n for n, m in sp.weights.items() if m == STREAMED]
         size = model.networks[net]
         assert 0 < sp.resident_units < size.units
         assert sp.weight_bytes[net] == size.rest_bytes + (sp.resident_units + 2) * size.unit_bytes
         resident = set(plan.resident)
-        assert model.peak(sp, resident) == sp.predicted_peak <= 4 * GIB
-        assert model.peak(replace(sp, resident_units=sp.resident_units + 1), resident) > 4 * GIB
+        assert model.peak(sp, resident) == sp.predicted_peak <= 3 * GIB
+        assert model.peak(replace(sp, resident_units=sp.resident_units + 1), resident) > 3 * GIB
         assert f"{sp.resident_units} blocks kept" in sp.knobs()
     # where the copies bound the stage, fewer of them make it shorter (compute-bound ones stay about the same)
     faster = [model.seconds(sp) < 0.9 * model.seconds(replace(sp, resident_units=0)) for sp in streamed]
     assert any(faster)
+
+
+def test_a_cost_measured_at_a_resolution_serves_plans_at_it():
+    """"stage@R" entries (the decoders' bytes per voxel differ by resolution) win over the stage's own
+    entry in plans at R, and the decoded count predicted at R is the one measured there."""
+    from pixal3d_rt.pipeline import memory_model_for
+    from pixal3d_rt.reference_preset import build_reference
+    from pixal3d_rt.runtime.stage_costs import H200_COSTS
+
+    w, _ = build_reference("meta")
+    model = memory_model_for(w, H200_COSTS, "cuda", int(0.8 * GIB))
+    per_voxel = {}
+    for r in (512, 1024, 1536):
+        plan = model.plan(24 * GIB, r)
+        sp = plan["shape_decoder"]
+        assert model.cost("shape_decoder") is H200_COSTS[f"shape_decoder@{r}"]
+        assert sp.units == H200_COSTS[f"shape_decoder@{r}"].measured_at
+        per_voxel[r] = model.transient(sp) / sp.units
+    assert per_voxel[1024] > 2 * per_voxel[512] and per_voxel[1024] > 2 * per_voxel[1536]
+    del model.costs["shape_decoder@1536"]  # unmeasured there: the generic entry, its count scaled with the grid
+    plan = model.plan(24 * GIB, 1536)
+    assert plan["shape_decoder"].units == int(H200_COSTS["shape_decoder"].measured_at * 1.5 ** 2)
 
 
 def _cli(*args, cwd):

@@ -498,6 +498,11 @@ def _budget_run(pipe, args, sampler, nvml, image, glb, budget_gib, overhead, bas
     done_runs = []  # per finished run, its stage rows
     _release(pipe)
     pipe.offload()  # every network to the host: the plan places them
+    _release(pipe)
+    # what the process still holds as the run starts (memory the cap cannot take back: cached segments
+    # the allocator reuses without asking, graph pools): a budget run is only clean when this is small
+    row["held_at_start"] = {"torch_allocated_bytes": int(torch.cuda.memory_allocated()),
+                            "torch_reserved_bytes": int(torch.cuda.memory_reserved()), "nvml_bytes": nvml.read()}
     if cap <= torch.cuda.memory_allocated():
         row.update({"passed": False, "failed_stage": "load",
                     "error": f"resident weights {torch.cuda.memory_allocated() / GIB:.1f} GiB exceed the cap of {cap / GIB:.1f} GiB"})
@@ -732,17 +737,23 @@ def markdown(report: dict) -> str:
             hs = part.get("host_store")
             store = f"; weights read per stage into a {hs['budget_gib']} GiB host store" if hs else ""
             lines += ["", f"### memory budgets (non-torch overhead {_gb(part.get('non_torch_overhead_bytes'))} GB{store})", "",
-                      "| budget GiB | result | failed in | predicted peak GB | NVML peak GB | torch peak GB | host RSS GB "
+                      "| budget GiB | result | failed in | predicted peak GB | NVML peak GB | inside | torch peak GB | host RSS GB "
                       "| time vs unbudgeted (first run) |",
-                      "|---:|---|---|---:|---:|---:|---:|---:|"]
+                      "|---:|---|---|---:|---:|---|---:|---:|---:|"]
             for b in part["budgets"]:
                 predicted = max((r["predicted_peak_bytes"] for r in b.get("plan") or []), default=None)
                 ratio, first = b.get("time_ratio_vs_unbudgeted"), b.get("first_run_time_ratio_vs_unbudgeted")
                 result = "pass" if b["passed"] else ("no plan" if b.get("failed_stage") == "plan" else "OOM")
                 times = "" if ratio is None else f"{ratio:.2f}×" + (f" ({first:.2f}×)" if first is not None else "")
+                peak = b.get("nvml_peak_bytes")
+                inside = "" if peak is None else ("yes" if peak <= b["budget_gib"] * GIB else "no")
                 lines.append(f"| {b['budget_gib']} | {result} | {b.get('failed_stage') or ''} | {_gb(predicted)} | "
-                             f"{_gb(b.get('nvml_peak_bytes'))} | {_gb(b.get('torch_peak_allocated_bytes'))} | "
+                             f"{_gb(peak)} | {inside} | {_gb(b.get('torch_peak_allocated_bytes'))} | "
                              f"{_gb(b.get('host_rss_peak_bytes'))} | {times} |")
+            held = [(b["budget_gib"], b["held_at_start"]) for b in part["budgets"] if b.get("held_at_start")]
+            if held:
+                lines += ["", "held as each budget run started (NVML / torch reserved GB): " + ", ".join(
+                    f"{g} GiB {_gb(h.get('nvml_bytes'))} / {_gb(h.get('torch_reserved_bytes'))}" for g, h in held)]
         if part.get("upstream"):
             from .bench_upstream import markdown as upstream_markdown
 
