@@ -496,8 +496,7 @@ def _budget_run(pipe, args, sampler, nvml, image, glb, budget_gib, overhead, bas
            "scheduler": "runtime/planner.py"}
     done = []  # the stages that finished under the cap
     done_runs = []  # per finished run, its stage rows
-    _release(pipe)
-    pipe.offload()  # every network to the host: the plan places them
+    pipe.offload()  # every network to the host (flows unloaded): the plan places them
     _release(pipe)
     # what the process still holds as the run starts (memory the cap cannot take back: cached segments
     # the allocator reuses without asking, graph pools): a budget run is only clean when this is small

@@ -753,11 +753,11 @@ def device_overhead(device) -> int:
         return 0
     from .runtime.memory import NvmlProbe, idle_device_used, nvml_index
 
-    probe = NvmlProbe(nvml_index(device))
-    used = probe.read()
+    index = nvml_index(device)
+    used = NvmlProbe(index).read()
     if used is None:  # no NVML: everything used on the device above idle counts against the budget
         free, total = torch.cuda.mem_get_info(device)
-        used = total - free - idle_device_used(nvml_index(device))
+        used = total - free - idle_device_used(index)
     return max(0, used - torch.cuda.memory_reserved(device))
 
 
