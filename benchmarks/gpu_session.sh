@@ -2,9 +2,10 @@
 # The GPU measurements the memory planner and the benchmark suite still need, one part per device call
 # (each well inside 10 minutes). Run from the repository root on the GPU machine, with wheels for
 # what it lacks carried in .whl/ (trimesh, xatlas, fast-simplification, nvidia-ml-py, matplotlib):
-#   bash benchmarks/gpu_session.sh tests|1024|1536|512|host|quality   (results under $OUT)
+#   bash benchmarks/gpu_session.sh PART [PART ...]   (PART: tests, budget-tests, 1024, 1536, 512, host, quality;
+#   results under $OUT; PIXAL3D_COMMIT=<sha> names the commit of a tree copied without its history)
 set -uo pipefail
-part=${1:?part: tests, 1024, 1536, 512, host or quality}
+[ $# -gt 0 ] || { echo "parts: tests, budget-tests, 1024, 1536, 512, host or quality" >&2; exit 2; }
 out=${OUT:-bench-out}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -16,7 +17,12 @@ export PYTHONUNBUFFERED=1
 declare -A budgets=([512]=${BUDGETS:-3,4,6,8} [1024]=${BUDGETS:-4,6,8,12} [1536]=${BUDGETS:-6,8,12})
 # UPSTREAM=DIR (upstream's source, never in this repository) adds the per-stage ratios against its modules
 upstream=${UPSTREAM:+--upstream $UPSTREAM}
+status=0
+for part in "$@"; do
 case "$part" in
+  budget-tests)  # the budget paths' GPU tests: host stores under the cuda backend, fresh budget workers
+    python3 -m pytest -q --tb=long tests/test_planner.py tests/test_bench.py -k "host_store or fresh_worker" 2>&1 \
+      | tee "$out/gpu_budget_tests.log" ;;
   tests)  # the CUDA paths the CPU never ran: residency streams and events, the backend's unload, the planner's runs
     python3 -m pytest -q tests/test_residency.py tests/test_cuda_backend.py tests/test_planner.py 2>&1 | tee "$out/gpu_tests.log" ;;
   1024|1536|512)
@@ -30,3 +36,6 @@ case "$part" in
       | tee "$out/quality_512.log" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
+rc=$?; [ "$rc" = 0 ] || status=$rc
+done
+exit $status

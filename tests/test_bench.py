@@ -395,6 +395,27 @@ def test_bench_refuses_budgets_on_the_cpu(tmp_path):
     assert not (tmp_path / "bench.json").exists()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="budget runs cap torch's CUDA allocator")
+def test_each_budget_runs_in_a_fresh_worker_that_starts_empty(tmp_path):
+    """Memory the unbudgeted runs left cached would be reused under a budget run's cap unseen: every
+    budget runs in its own worker process, which holds nothing but live tensors as it starts."""
+    res = subprocess.run(CLI + ["bench", "--preset", "tiny", "--resolution", "512", "--runs", "2", "--glb-runs", "0",
+                                "--steps", "2", "--vram-budget", "2,1", "--budget-runs", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    part = json.loads((tmp_path / "bench.json").read_text())["resolutions"][0]
+    budgets = part["budgets"]
+    assert [b["budget_gib"] for b in budgets] == [2.0, 1.0]
+    pids = {b["worker_pid"] for b in budgets}
+    assert len(pids) == 2 and part["worker_pid"] not in pids
+    for b in budgets:
+        assert b["passed"], b
+        held = b["held_at_start"]
+        assert held["torch_reserved_bytes"] - held["torch_allocated_bytes"] < 32 << 20
+        assert b["time_ratio_vs_unbudgeted"] > 0  # against the first worker's warm run
+        assert b["torch_cap_bytes"] == int(b["budget_gib"] * 2**30 - part["non_torch_overhead_bytes"])
+
+
 def test_recorder_takes_the_host_peak_of_each_stage():
     sampler = _sampler()
     rec = StageRecorder("cpu", sampler)

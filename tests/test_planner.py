@@ -211,9 +211,9 @@ def test_full_size_plans_on_this_machine():
     assert any(m == STREAMED for sp in streamed.stages for m in sp.weights.values())
     with pytest.raises(BudgetError, match="smallest budget"):
         plan_offline("reference", 1024, 1, overhead_gib=0.5)
-    # the 1024 decoder's measured bytes per voxel (its coarse levels) do not fit 3 GiB: refused, naming the stage
-    with pytest.raises(BudgetError, match="stage shape_decoder .* smallest budget that fits is 4.7 GiB"):
-        plan_offline("reference", 1024, 3, overhead_gib=0.5)
+    # what does not fit even streamed and chunked is named: the 1536 flows' weights and work in 2 GiB
+    with pytest.raises(BudgetError, match="stage \\w+ .* smallest budget that fits is"):
+        plan_offline("reference", 1536, 2, overhead_gib=0.5)
 
 
 def test_streamed_flows_keep_the_units_the_budget_has_room_for():
@@ -261,7 +261,7 @@ def test_a_cost_measured_at_a_resolution_serves_plans_at_it():
         assert model.cost("shape_decoder") is H200_COSTS[f"shape_decoder@{r}"]
         assert sp.units == H200_COSTS[f"shape_decoder@{r}"].measured_at
         per_voxel[r] = model.transient(sp) / sp.units
-    assert per_voxel[1024] > 2 * per_voxel[512] and per_voxel[1024] > 2 * per_voxel[1536]
+        assert per_voxel[r] == pytest.approx(H200_COSTS[f"shape_decoder@{r}"].transient_per_unit, rel=0.01)
     del model.costs["shape_decoder@1536"]  # unmeasured there: the generic entry, its count scaled with the grid
     plan = model.plan(24 * GIB, 1536)
     assert plan["shape_decoder"].units == int(H200_COSTS["shape_decoder"].measured_at * 1.5 ** 2)

@@ -63,6 +63,24 @@ def test_levels_nest_from_64_on():
     assert sorted(map(tuple, kept.tolist())) == sorted(map(tuple, children.tolist()))
 
 
+def test_levels_of_a_decode_past_512_grow_about_4x_as_a_trained_decoders():
+    s = ReferenceStructure()
+    top = s.occupancy(64)
+
+    def counts(out_grid):
+        coords, grid, n = top, 64, [top.shape[0]]
+        for _ in range(2):
+            keep = s.subdivision(coords, grid, torch.zeros(len(coords), 8), out_grid) > 0
+            c = _children(coords[:, 1:].long())[keep.reshape(-1)]
+            coords, grid = torch.cat([torch.zeros_like(c[:, :1]), c], 1).int(), grid * 2
+            n.append(c.shape[0])
+        return n
+
+    fine, lr = counts(1024), counts(512)
+    assert all(3.0 < b / a < 5.0 for a, b in zip(fine[1:], fine[2:]))  # 128 -> 256: area scaling
+    assert lr[2] > 2 * fine[2]  # the LR decode's shells are thicker (its 512³ set makes the HR tokens)
+
+
 def test_reference_surface_is_closed_non_convex_and_has_a_handle():
     v, f = ReferenceStructure().surface_mesh(64)
     f = f.long()

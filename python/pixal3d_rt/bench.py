@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -344,11 +345,20 @@ def _load(args, sampler):
     import torch
 
     from .pipeline import Pipeline
+    from .presets import preset_structure
 
     recorder = StageRecorder(args["device"], sampler)
     recorder.stage("load", "networks")
     t0 = time.perf_counter()
-    if args.get("preset"):
+    files = args.get("weights") or args.get("host_store_dir")
+    if args.get("host_budget_gib") is not None and args.get("budgets_gib") and files:
+        # as `infer --weights W --vram-budget B --host-budget H` loads: nothing on the device, the flows
+        # and decoders read per stage from their files into a host store
+        pipe = Pipeline.from_pretrained(files, device=args["device"], resolution=args["resolution"], backend=args.get("backend"),
+                                        vram_budget=float(args["budgets_gib"][0]), host_budget=float(args["host_budget_gib"]))
+        if args.get("preset"):  # the preset's structure (token counts of a real object) over its written weights
+            pipe.structure = preset_structure(args["preset"])
+    elif args.get("preset"):
         pipe = Pipeline.from_preset(args["preset"], device=args["device"], backend=args.get("backend"))
     else:
         pipe = Pipeline.from_pretrained(args["weights"], device=args["device"], resolution=args["resolution"],
@@ -373,7 +383,7 @@ def run_worker(args: dict, save=lambda part: None) -> dict:
     import tempfile
 
     res = args["resolution"]
-    part = {"resolution": res, "nvml_source": nvml.source, "runs": [], "budgets": []}
+    part = {"resolution": res, "nvml_source": nvml.source, "runs": [], "budgets": [], "worker_pid": os.getpid()}
     if cuda:
         part["gpu_environment"] = gpu_environment(nvml)
     pipe, part["load"] = _load(args, sampler)
@@ -410,26 +420,34 @@ def run_worker(args: dict, save=lambda part: None) -> dict:
 
         part["quality"] = quality_pass(pipe, args, load_image(images[0]), say=lambda m: _say(f"[bench {res}] {m}"))
         save(part)
-    if cuda and args.get("budgets_gib"):  # last: the budget runs move the weights to the host
-        if args.get("host_budget_gib") is not None:
-            part["host_store"] = _use_host_store(pipe, args)
-            save(part)
+    if cuda and part["runs"]:
+        # the device memory outside torch's allocator once every kernel ran: the budget runs' caps leave it out
         part["non_torch_overhead_bytes"] = _non_torch_overhead(nvml)
-        warm = part["runs"][-1] if part["runs"] else None
-        # the budget runs write no GLB: against a warm run without one, the same whole `pipe.run` call
-        if warm is None:
-            baseline = None
-        elif warm.get("glb_faces") is None:
-            baseline = warm["total_wall_s"]
-        else:
-            baseline = sum(r["wall_s"] for r in warm["stages"] if r["stage"] in RUN_STAGES)
+        part["unbudgeted_baseline_s"] = _baseline_seconds(part["runs"][-1])
+        save(part)
+    if args.get("host_budget_gib") is not None and part["runs"] and not args.get("weights"):
+        part["host_store_dir"] = _write_preset_weights(pipe)  # for the budget workers' host stores
+        save(part)
+    if cuda and args.get("budgets_gib"):  # last: the budget runs move the weights to the host
+        if pipe.host_store is not None:
+            part["host_store"] = {"budget_gib": args["host_budget_gib"], "held_bytes_at_start": pipe.host_store.held_bytes(),
+                                  "weights": str(args.get("weights") or "written from the preset")}
+        overhead = args.get("non_torch_overhead_bytes", part.get("non_torch_overhead_bytes"))
+        baseline = args.get("baseline_s", part.get("unbudgeted_baseline_s"))
         for budget in args["budgets_gib"]:
             part["budgets"].append(_budget_run(pipe, args, sampler, nvml, load_image(images[0]), glb, budget,
-                                               part["non_torch_overhead_bytes"], baseline))
+                                               overhead, baseline))
             save(part)
     sampler.stop()
     part["sampler_samples"] = sampler.samples
     return part
+
+
+def _baseline_seconds(warm: dict) -> float:
+    """The budget runs write no GLB: the same whole `pipe.run` call of an unbudgeted warm run."""
+    if warm.get("glb_faces") is None:
+        return warm["total_wall_s"]
+    return sum(r["wall_s"] for r in warm["stages"] if r["stage"] in RUN_STAGES)
 
 
 def _count_pass(pipe, args, sampler, image, glb):
@@ -448,25 +466,17 @@ def _count_pass(pipe, args, sampler, image, glb):
     return [{"stage": r["stage"], "flops": r["flops"], "bytes_moved": r["bytes_moved"]} for r in rec.rows]
 
 
-def _use_host_store(pipe, args) -> dict:
-    """The budget runs read the pipeline networks per stage from their files into a host store of
-    --host-budget GiB (a preset's networks are first written in the official layout to a temporary
-    folder, as `infer --weights W --host-budget` would read them)."""
+def _write_preset_weights(pipe) -> str:
+    """The preset's networks in the official layout in a temporary folder, for `--host-budget` runs
+    that read them per stage as `infer --weights W --host-budget` does."""
     import tempfile
 
-    from .checkpoints import locate_weights, write_weights
+    from .checkpoints import write_weights
 
     t0 = time.perf_counter()
-    src = args.get("weights")
-    if not src:
-        src = write_weights(pipe.w, Path(tempfile.mkdtemp(prefix="pixal3d-bench-weights-")))
-    written = time.perf_counter() - t0
-    pipe.offload()
-    pipe.use_host_store(int(args["host_budget_gib"] * GIB), locate_weights(str(src)))
-    _release(pipe)
-    _say(f"[bench {args['resolution']}] host store of {args['host_budget_gib']} GiB over the files in {src}")
-    return {"budget_gib": args["host_budget_gib"], "weights": "written from the preset" if not args.get("weights") else str(src),
-            "write_s": round(written, 1)}
+    d = write_weights(pipe.w, Path(tempfile.mkdtemp(prefix="pixal3d-bench-weights-")))
+    _say(f"[bench] preset weights written to {d} in {time.perf_counter() - t0:.1f} s")
+    return str(d)
 
 
 def _non_torch_overhead(nvml: NvmlProbe) -> int | None:
@@ -607,33 +617,59 @@ def run_bench(preset=None, weights=None, resolutions=(1024,), images=(), runs=2,
     elif preset:
         report["note"] = f"{preset} preset: small random networks (structural demo)"
     for res in resolutions:
-        job = {**settings, "resolution": int(res), "out": str(out), "budgets_gib": budgets if device.startswith("cuda") else [],
-               "count": bool(gpu_profiles)}
-        part_path = out / f"worker_{res}.json"
-        job_path = out / f"job_{res}.json"
-        job_path.write_text(json.dumps(job))
+        job = {**settings, "resolution": int(res), "out": str(out), "budgets_gib": [], "count": bool(gpu_profiles)}
         say(f"[bench] resolution {res}: fresh worker process")
-        proc = subprocess.Popen([sys.executable, "-m", "pixal3d_rt.bench", str(job_path), str(part_path)])
-        stopped = None
-        try:
-            status = proc.wait()
-        except (KeyboardInterrupt, SystemExit) as e:  # the worker stops too; what it saved is reported
-            proc.terminate()
-            status, stopped = proc.wait(), e
-        if part_path.is_file():
-            part = json.loads(part_path.read_text())
-            if status != 0:  # what it measured before it failed is kept
-                part["error"] = f"worker exited with status {status} after what is recorded here"
-            part_path.unlink()
-        else:
-            part = {"resolution": int(res), "error": f"worker exited with status {status}"}
+        part, stopped = _worker_process(job, out, f"{res}")
         report["resolutions"].append(part)
         report["environment"].update(part.get("gpu_environment", {}))
-        job_path.unlink()
         write_report(report, out, say)  # what is done so far survives a later failure
+        # each budget in a fresh process: memory the unbudgeted runs left cached (which the allocator
+        # reuses without asking the cap) cannot hide in it, and it starts as `infer --vram-budget` does
+        store_dir = part.pop("host_store_dir", None)
+        for budget in (budgets if device.startswith("cuda") and stopped is None else []):
+            bjob = {**job, "runs": 0, "count": False, "quality": False, "upstream": None, "budgets_gib": [budget],
+                    "baseline_s": part.get("unbudgeted_baseline_s"), "host_store_dir": store_dir,
+                    "non_torch_overhead_bytes": part.get("non_torch_overhead_bytes")}
+            say(f"[bench] resolution {res}, budget {budget} GiB: fresh worker process")
+            bpart, stopped = _worker_process(bjob, out, f"{res}_budget_{budget}")
+            rows = bpart.get("budgets") or [{"budget_gib": budget, "passed": False, "failed_stage": "worker",
+                                             "error": bpart.get("error", "no row recorded")}]
+            for row in rows:
+                row["worker_pid"] = bpart.get("worker_pid")
+            part["budgets"].extend(rows)
+            if bpart.get("host_store"):
+                part["host_store"] = bpart["host_store"]
+            write_report(report, out, say)
+            if stopped is not None:
+                break
+        if store_dir:
+            shutil.rmtree(store_dir, ignore_errors=True)
         if stopped is not None:
             raise stopped
     return report
+
+
+def _worker_process(job: dict, out: Path, tag: str) -> tuple[dict, BaseException | None]:
+    """Run one bench worker (python -m pixal3d_rt.bench) on `job`; returns what it recorded (an
+    "error" key when it failed) and the KeyboardInterrupt/SystemExit that stopped it, if one did."""
+    part_path, job_path = out / f"worker_{tag}.json", out / f"job_{tag}.json"
+    job_path.write_text(json.dumps(job))
+    proc = subprocess.Popen([sys.executable, "-m", "pixal3d_rt.bench", str(job_path), str(part_path)])
+    stopped = None
+    try:
+        status = proc.wait()
+    except (KeyboardInterrupt, SystemExit) as e:  # the worker stops too; what it saved is reported
+        proc.terminate()
+        status, stopped = proc.wait(), e
+    if part_path.is_file():
+        part = json.loads(part_path.read_text())
+        if status != 0:  # what it measured before it failed is kept
+            part["error"] = f"worker exited with status {status} after what is recorded here"
+        part_path.unlink()
+    else:
+        part = {"resolution": job["resolution"], "error": f"worker exited with status {status}"}
+    job_path.unlink()
+    return part, stopped
 
 
 def write_report(report: dict, out: Path, say=_say, with_charts: bool = True) -> dict:

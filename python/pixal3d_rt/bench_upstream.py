@@ -276,7 +276,7 @@ def _structure_hooks(net, structure):
     def hook(i):
         def replace(mod, args, out):
             grid = net.resolution * 2 ** i // 2 ** levels
-            return out.replace(structure.subdivision(out.coords, grid, out.feats))
+            return out.replace(structure.subdivision(out.coords, grid, out.feats, net.resolution))
         return replace
 
     return [h.register_forward_hook(hook(i)) for i, h in enumerate(heads)]

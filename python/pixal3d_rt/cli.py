@@ -596,6 +596,8 @@ def bench_cmd(preset, weights, resolutions, images, runs, backend, device, seed,
         _fail(f"--vram-budget {budgets}: expected GiB numbers separated by commas, e.g. 6,8,12")
     if (budget_list or profiles) and device == "cpu":
         _fail("--vram-budget and --gpu-profile need a CUDA device")
+    if host_budget is not None and not budget_list:
+        _fail("--host-budget is the budget runs' host memory: give --vram-budget too")
     from .bench import run_bench
 
     if preset == "reference":

@@ -28,11 +28,15 @@ HALF_HEIGHT = 0.335
 BOTTOM = 0.065
 HANDLE_RADIUS = 0.151  # torus in the x-y plane, centred on the outer wall
 HANDLE_THICKNESS = 0.038
-# shell thickness per grid, in half-diagonals (1 elsewhere): the upsampled set that becomes the HR
-# tokens is thicker than one voxel, as the trained decoder's is. From 64³ on, each level's radius is
-# at least half of (its child level's + 1), so those levels nest; the 32³ set (the sparse structure)
-# is the thinnest shell, and the upsampling keeps the children of it that are active
+# shell thickness per grid, in half-diagonals (1 elsewhere), for decodes whose output grid is at most
+# THICK_UP_TO (the LR decode whose 512³ voxels become the HR tokens, and 512 runs): that set is thicker
+# than one voxel, as the trained decoder's is. From 64³ on, each level's radius is at least half of
+# (its child level's + 1), so those levels nest; the 32³ set (the sparse structure) is the thinnest
+# shell, and the upsampling keeps the children of it that are active. Decodes to finer grids keep
+# one-voxel shells at every level: a level then has about 4x its parent's voxels, as a trained
+# decoder's levels grow (a thick 512³ level under a 1024³ output would hold ~4x too many voxels)
 SHELL_THICKNESS = {64: 1.375, 128: 1.75, 256: 2.5, 512: 4.0}
+THICK_UP_TO = 512
 CHUNK = 1 << 22  # points per evaluation chunk
 FIELD_CHUNK = 1 << 18  # voxels per chunk of mesh_fields (~0.2 KB of temporaries each, inside the extraction's peak)
 
@@ -66,17 +70,20 @@ def _sdf_chunked(sdf, points: torch.Tensor) -> torch.Tensor:
     return torch.cat([sdf(points[s : s + CHUNK]) for s in range(0, points.shape[0], CHUNK)]) if points.shape[0] else points[:, 0]
 
 
-def shell_radius(grid: int) -> float:
-    """The |f| up to which a voxel is active at `grid`: its half-diagonal times the level's thickness."""
-    return SHELL_THICKNESS.get(grid, 1.0) * math.sqrt(3) / 2 / grid
+def shell_radius(grid: int, out_grid: int | None = None) -> float:
+    """The |f| up to which a voxel is active at `grid` in a decode to `out_grid` (None: `grid`): its
+    half-diagonal times the level's thickness."""
+    thick = (out_grid or grid) <= THICK_UP_TO
+    return (SHELL_THICKNESS.get(grid, 1.0) if thick else 1.0) * math.sqrt(3) / 2 / grid
 
 
 class ReferenceStructure:
     """The structure a Pipeline takes from a reference shape instead of its networks (its `structure`).
 
     occupancy(grid): the sparse-structure voxels [N, 4] (batch 0) at the LR grid;
-    subdivision(coords, grid, logits): for parents [N, 4] at `grid`, logits [N, 8] whose sign keeps
-      exactly the active children at 2·grid (child j at 2c + (j&1, j>>1&1, j>>2&1));
+    subdivision(coords, grid, logits, out_grid): for parents [N, 4] at `grid` in a decode to `out_grid`,
+      logits [N, 8] whose sign keeps exactly the active children at 2·grid (child j at 2c + (j&1,
+      j>>1&1, j>>2&1));
     mesh_fields(h, grid): the shape decoder's output with its seven mesh channels (dual vertex,
       edge crossings, split weight) replaced by the reference surface's at `grid`.
     """
@@ -86,20 +93,20 @@ class ReferenceStructure:
     def __init__(self, sdf=mug_sdf):
         self.sdf = sdf
 
-    def active(self, coords: torch.Tensor, grid: int) -> torch.Tensor:
-        """bool [N]: which voxels (int [N, 3]) are active at `grid`."""
-        return _sdf_chunked(self.sdf, _centres(coords, grid)).abs() <= shell_radius(grid)
+    def active(self, coords: torch.Tensor, grid: int, out_grid: int | None = None) -> torch.Tensor:
+        """bool [N]: which voxels (int [N, 3]) are active at `grid` in a decode to `out_grid`."""
+        return _sdf_chunked(self.sdf, _centres(coords, grid)).abs() <= shell_radius(grid, out_grid)
 
     def voxels(self, grid: int, device="cpu") -> torch.Tensor:
         """All active voxels at `grid` as int32 [N, 3], found level by level from 8³ down."""
         level, coords = 8, torch.stack(torch.meshgrid(*[torch.arange(8, device=device)] * 3, indexing="ij"), -1).reshape(-1, 3)
-        coords = coords[self.active(coords, level)]
+        coords = coords[self.active(coords, level, grid)]
         while level < grid:
             if grid % (level * 2):
                 break
             coords = _children(coords)
             level *= 2
-            coords = coords[self.active(coords, level)]
+            coords = coords[self.active(coords, level, grid)]
         if level != grid:  # grids that are not 8·2^k: test every child of the covering coarser level
             scale = grid / level
             lo = (coords.float() * scale).floor().long()
@@ -113,9 +120,9 @@ class ReferenceStructure:
         c = self.voxels(grid, device)
         return torch.cat([torch.zeros_like(c[:, :1]), c], 1)
 
-    def subdivision(self, coords: torch.Tensor, grid: int, logits: torch.Tensor) -> torch.Tensor:
+    def subdivision(self, coords: torch.Tensor, grid: int, logits: torch.Tensor, out_grid: int | None = None) -> torch.Tensor:
         child = _children(coords[:, 1:].long())  # [N*8, 3], child j of parent p at row 8p + j
-        keep = self.active(child, 2 * grid).reshape(-1, 8)
+        keep = self.active(child, 2 * grid, out_grid).reshape(-1, 8)
         return torch.where(keep, 1.0, -1.0).to(logits.dtype)
 
     def mesh_fields(self, h: SparseTensor, grid: int, voxel_margin: float = 0.5) -> SparseTensor:

@@ -330,7 +330,7 @@ class SparseUnetVaeDecoder(nn.Module):
                 guide = None if guide_subs is None else guide_subs[i].feats
                 if self.structure is not None:
                     grid = self.resolution * 2 ** i // 2 ** (len(self.blocks) - 1)
-                    guide = self.structure.subdivision(h.coords, grid, block.subdivision(h, None))
+                    guide = self.structure.subdivision(h.coords, grid, block.subdivision(h, None), self.resolution)
                 if stop_level is not None and i == stop_level - 1:
                     logits = block.subdivision(h, guide)
                     child, *_ = channel_to_spatial_index(h.coords, logits > 0)
