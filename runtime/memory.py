@@ -167,3 +167,26 @@ def nvml_index(device) -> int:
 
 def _text(v):
     return v.decode() if isinstance(v, bytes) else v
+
+
+def device_memory_breakdown(device=None, top: int = 12) -> dict:
+    """What torch's CUDA allocator holds now, per memory pool (0 = the default pool; others: CUDA
+    graph pools) in reserved and allocated bytes, and its largest allocated blocks with where they
+    were allocated (frames only while `torch.cuda.memory._record_memory_history` records)."""
+    pools: dict[str, dict] = {}
+    blocks = []
+    for seg in torch.cuda.memory_snapshot():
+        if device is not None and seg.get("device") != torch.device(device).index:
+            continue
+        pool = str(tuple(seg.get("segment_pool_id", (0, 0))))
+        entry = pools.setdefault(pool, {"pool": pool, "reserved_bytes": 0, "allocated_bytes": 0, "segments": 0})
+        entry["reserved_bytes"] += seg["total_size"]
+        entry["allocated_bytes"] += seg["allocated_size"]
+        entry["segments"] += 1
+        for b in seg["blocks"]:
+            if b["state"] == "active_allocated":
+                frames = [f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in b.get("frames", [])
+                          if "pixal3d" in f["filename"] or "/runtime/" in f["filename"] or "/kernels/" in f["filename"]]
+                blocks.append({"bytes": b["size"], "pool": pool, "frames": frames[:6]})
+    blocks.sort(key=lambda b: -b["bytes"])
+    return {"pools": sorted(pools.values(), key=lambda p: -p["reserved_bytes"]), "largest_blocks": blocks[:top]}

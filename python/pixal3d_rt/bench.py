@@ -121,6 +121,7 @@ class StageRecorder(Progress):
         self.counter = counter
         self.rows: list[dict] = []
         self.open: dict = {}
+        self.oom_notes: list[dict] = []
 
     def stage(self, name, detail=""):
         torch = self.torch
@@ -128,6 +129,7 @@ class StageRecorder(Progress):
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             mark["allocated"] = int(torch.cuda.memory_allocated())  # live at the start: peak - this = the stage's own
+            mark["reserved"] = int(torch.cuda.memory_reserved())  # held by the allocator as it starts (graph pools too)
             mark["event"] = torch.cuda.Event(enable_timing=True)
             mark["event"].record()
         if self.counter is not None:
@@ -149,6 +151,7 @@ class StageRecorder(Progress):
             row["torch_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
             row["torch_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
             row["torch_start_allocated_bytes"] = mark["allocated"]
+            row["torch_start_reserved_bytes"] = mark["reserved"]
         else:
             row["gpu_s"] = row["torch_peak_allocated_bytes"] = row["torch_peak_reserved_bytes"] = None
         dev, rss = self.sampler.peaks()
@@ -157,6 +160,13 @@ class StageRecorder(Progress):
         if self.counter is not None:
             row.update(self.counter.since(mark["counts"]))
         self.rows.append(row)
+
+    def note(self, text):
+        """A stage that ran out of memory is retried (Pipeline._run_stage): what the allocator held then."""
+        if self.cuda and "out of memory" in text:
+            from .runtime.memory import device_memory_breakdown
+
+            self.oom_notes.append({"note": text[:600], "memory": device_memory_breakdown()})
 
     def failed_stage(self):
         """The stage that was running when an exception left the pipeline (None if none was)."""
@@ -518,8 +528,11 @@ def _budget_run(pipe, args, sampler, nvml, image, glb, budget_gib, overhead, bas
     else:
         torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, cap / total)))
         torch.cuda.reset_peak_memory_stats()
+        if os.environ.get("PIXAL3D_MEMORY_HISTORY", "0") == "1":  # where each block held at a failure was allocated
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
         sampler.mark()
         rec = StageRecorder(args["device"], sampler)
+        recs = [rec]
         t0 = time.perf_counter()
         try:
             # the first run places the weights from the host; later ones keep what the plan keeps resident
@@ -527,6 +540,7 @@ def _budget_run(pipe, args, sampler, nvml, image, glb, budget_gib, overhead, bas
             for k in range(max(1, int(args.get("budget_runs") or 1))):
                 if k:
                     rec = StageRecorder(args["device"], sampler)
+                    recs.append(rec)
                 run = _one_run(pipe, rec, image, args["resolution"], args["seed"], args["steps"], glb, glb=False,
                                vram_budget=budget_gib)
                 walls.append(run["total_wall_s"])
@@ -548,6 +562,12 @@ def _budget_run(pipe, args, sampler, nvml, image, glb, budget_gib, overhead, bas
                         "wall_s_until_failure": time.perf_counter() - t0})
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
+        if not row["passed"]:
+            from .runtime.memory import device_memory_breakdown
+
+            row["memory_at_failure"] = device_memory_breakdown()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        row["out_of_memory_retries"] = [n for r in recs for n in r.oom_notes]
         row["stages_done"] = [r["stage"] for r in rec.rows]
         # every run's stages count for the peaks (the last one's, finished or not, for the times)
         done = [r for rows in done_runs if rows is not rec.rows for r in rows] + rec.rows
@@ -563,6 +583,7 @@ def _budget_run(pipe, args, sampler, nvml, image, glb, budget_gib, overhead, bas
                             "predicted_peak_bytes": sp.predicted_peak, "predicted_s": sp.predicted_seconds,
                             "nvml_peak_bytes": peak(sp.stage, "nvml_peak_bytes"),
                             "torch_peak_allocated_bytes": peak(sp.stage, "torch_peak_allocated_bytes"),
+                            "torch_start_reserved_bytes": last.get(sp.stage, {}).get("torch_start_reserved_bytes"),
                             "wall_s": last.get(sp.stage, {}).get("wall_s")} for sp in plan.stages]
         row["torch_peak_allocated_bytes"] = max([r["torch_peak_allocated_bytes"] or 0 for r in done] + [int(torch.cuda.max_memory_allocated())])
     dev, _ = sampler.peaks()  # the window of the stage that was running (or of the check above)

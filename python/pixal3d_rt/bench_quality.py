@@ -140,7 +140,7 @@ class RecordingStructure(_SSLogits):
         self.occupancy_coords = self.own_occupancy(device)
         return self.occupancy_coords
 
-    def subdivision(self, coords, grid, logits):
+    def subdivision(self, coords, grid, logits, out_grid=None):
         self.subdivisions.append((coords.detach().cpu(), (logits > 0).cpu()))
         return logits
 
@@ -169,7 +169,7 @@ class ReplayStructure(_SSLogits):
                                    "coord_iou": ia.numel() / union if union else 1.0}
         return self.recorded.occupancy_coords.to(device)
 
-    def subdivision(self, coords, grid, logits):
+    def subdivision(self, coords, grid, logits, out_grid=None):
         ref_coords, ref_keep = self.recorded.subdivisions[self.calls]
         self.calls += 1
         ia, ib = match_rows(coords, ref_coords)

@@ -229,8 +229,11 @@ class Pipeline:
         t0 = time.perf_counter()
         norms = {(n.normalized_shape[0], n.weight is not None): n for key in ("shape_slat_decoder", "tex_slat_decoder")
                  if key in self.models for n in self.models[key].modules() if isinstance(n, LayerNorm32)}
-        for (width, _), norm in norms.items():
-            norm(torch.zeros(2, width, device=self.device, dtype=convs[0].weight.dtype).normal_())
+        for (width, affine), norm in norms.items():
+            # a stand-in of the same shape on the device: under a budget the decoders' own weights are on
+            # the host (or not read yet)
+            probe = LayerNorm32(width, elementwise_affine=affine, eps=norm.eps).to(self.device)
+            probe(torch.zeros(2, width, device=self.device, dtype=convs[0].weight.dtype).normal_())
         torch.cuda.synchronize(self.device)
         spent["layer_norm_s"] = time.perf_counter() - t0
         return spent
@@ -318,14 +321,15 @@ class Pipeline:
         sw = _Stopwatch(self.device, progress, self.probe)
         plan = self.plan(resolution, budget) if budget is not None else None
         self.last_plan = plan
-        for st in stages_for(resolution):
-            plan = self._run_stage(st, v, sw, plan, progress)
-            for name in st.frees:
-                v.pop(name, None)
-            if plan is not None and st.name in ("upsample", "shape_decoder"):  # HR tokens / voxels known: plan the rest again
-                # plan.budget: a retry's tighter budget holds for the rest of the run
-                plan = self.plan(resolution, plan.budget / 2**30, v["tokens"], fixed={p.stage: p for p in plan.stages[:plan.stages.index(plan[st.name]) + 1]})
-                self.last_plan = plan
+        with _allocator_cap(self.device, budget if plan is not None and budget != "auto" else None):
+            for st in stages_for(resolution):
+                plan = self._run_stage(st, v, sw, plan, progress)
+                for name in st.frees:
+                    v.pop(name, None)
+                if plan is not None and st.name in ("upsample", "shape_decoder"):  # HR tokens / voxels known: plan the rest again
+                    # plan.budget: a retry's tighter budget holds for the rest of the run
+                    plan = self.plan(resolution, plan.budget / 2**30, v["tokens"], fixed={p.stage: p for p in plan.stages[:plan.stages.index(plan[st.name]) + 1]})
+                    self.last_plan = plan
         self._release_placements()
         latents = {"shape_slat": v["shape_latent"]}
         if resolution != 512:
@@ -736,6 +740,25 @@ def _free_device_cache(device) -> None:
         torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def _allocator_cap(device, budget_gib):
+    """Torch's allocator capped at the budget less the non-torch overhead for a budgeted run: its
+    cache of freed blocks would otherwise grow past the budget on a larger card (it empties the cache
+    and retries at the cap instead). A tighter cap already set (a benchmark's) stays."""
+    device = torch.device(device)
+    if budget_gib is None or device.type != "cuda":
+        yield
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    before = torch.cuda.get_per_process_memory_fraction(device)
+    cap = (float(budget_gib) * 2**30 - device_overhead(device)) / total
+    torch.cuda.set_per_process_memory_fraction(max(0.0, min(before, cap)), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(before, device)
+
+
 def _note_idle_memory(device) -> None:
     """Read the device's used memory before this process's CUDA context exists (`device_overhead`
     subtracts it: what others hold is not this process's overhead)."""
@@ -758,7 +781,15 @@ def device_overhead(device) -> int:
     if used is None:  # no NVML: everything used on the device above idle counts against the budget
         free, total = torch.cuda.mem_get_info(device)
         used = total - free - idle_device_used(index)
-    return max(0, used - torch.cuda.memory_reserved(device))
+    now = max(0, used - torch.cuda.memory_reserved(device))
+    # the kernel images a run loads as it goes (our Triton kernels, cuBLAS's, the flows' graphs)
+    # come on top of what is held before the first run
+    first = _FIRST_OVERHEAD.setdefault(index, now)
+    return max(now, first + KERNEL_IMAGES_BYTES)
+
+
+_FIRST_OVERHEAD: dict = {}
+KERNEL_IMAGES_BYTES = 192 << 20  # non-torch device memory a 1024 cascade's first run adds (H100: ~160 MB)
 
 
 def device_name(device) -> str:
