@@ -749,14 +749,15 @@ def _allocator_cap(device, budget_gib):
     if budget_gib is None or device.type != "cuda":
         yield
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    before = torch.cuda.get_per_process_memory_fraction(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    before = float(torch.cuda.get_per_process_memory_fraction(index))
     cap = (float(budget_gib) * 2**30 - device_overhead(device)) / total
-    torch.cuda.set_per_process_memory_fraction(max(0.0, min(before, cap)), device)
+    torch.cuda.set_per_process_memory_fraction(float(max(0.0, min(before, cap))), index)
     try:
         yield
     finally:
-        torch.cuda.set_per_process_memory_fraction(before, device)
+        torch.cuda.set_per_process_memory_fraction(before, index)
 
 
 def _note_idle_memory(device) -> None:
