@@ -407,6 +407,8 @@ class NetworkWeights:
         missing = [e for e in self._entries if e.master is None]
         if not missing:
             return
+        if self._resident:  # reading puts the host copies under the module: its device copies would be lost
+            raise RuntimeError("NetworkWeights.load_host: resident on the device (to_host first)")
         for e, master in zip(missing, self._new_masters(missing)):
             e.master = master
             e.tensor.data = e.master
@@ -506,6 +508,8 @@ class HostWeightStore:
         """The network with its host copy present (re-read if dropped), now the most recently used."""
         w = self.networks[key]
         self.networks.move_to_end(key)
+        if w.resident:  # runs from its device copies; its host copy is read again once it leaves the device
+            return w
         if not w.host_loaded and self.budget is not None:
             self._drop_until(self.budget - (w.bytes() - w.host_bytes()), keep=key)
         w.load_host()

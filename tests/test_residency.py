@@ -249,6 +249,32 @@ def test_host_store_drops_and_rereads_under_its_budget(tmp_path):
         assert torch.equal(v, flow.state_dict()[k]), k
 
 
+def test_a_resident_network_whose_host_copy_was_dropped_keeps_computing_on_its_device_copies(tmp_path):
+    """The store may drop a resident network's host copy (the device copy is what computes); placing
+    it again must neither re-read it nor put the host copies back under the module."""
+    flow_cfg = _flow_config(2)
+    flow, base = _on_disk(tmp_path, "flow", flow_cfg, 11)
+    case = _flow_case(flow, seed=11)
+    with torch.no_grad():
+        want = _run_flow(flow, case)
+    reads = []
+    store = HostWeightStore(0)  # keeps no host copy after use
+    w = _open(store, "flow", base, reads)
+    with store.placed("flow", RESIDENT):
+        pass
+    on_device = [e.tensor.data_ptr() for e in w._entries]
+    assert w.resident and store.held_bytes() == 0 and reads == ["flow"]
+    for _ in range(2):
+        with torch.no_grad(), store.placed("flow", RESIDENT) as placed:
+            assert [e.tensor.data_ptr() for e in placed._entries] == on_device
+            assert torch.equal(_run_flow(placed.module, case), want)
+    assert reads == ["flow"]
+    w.to_host()  # off the device: the next placement reads the file again
+    with torch.no_grad(), store.placed("flow", STAGE) as placed:
+        assert torch.equal(_run_flow(placed.module, case), want)
+    assert reads == ["flow", "flow"]
+
+
 def test_host_store_without_budget_keeps_everything_and_small_budget_drops_after_use(tmp_path):
     _, base = _on_disk(tmp_path, "flow", _flow_config(2), 9)
     reads = []
