@@ -31,21 +31,18 @@ def _flow(at: int, source: str, scale: float = 1.0) -> StageCost:
 _FLOWS = "eager_baseline_h200.json (bytes), flows_h200.json (seconds)"
 # decoders and mesh extraction: bytes and seconds per decoded voxel, from the warm runs in
 # bench_reference_h100.json (benchmarks/costs_from_bench.py), the larger of the two decoders'; each
-# resolution has its entry ("stage@R"); seconds 0.459 s / 4,136,708 voxels (texture, 1024), the slowest
+# resolution has its entry ("stage@R"); seconds 0.353 s / 4,136,708 voxels (texture, 1024), the slowest
 _DECODE = "bench_reference_h100.json, warm run at {r}: {b} B/voxel (the larger decoder)"
-_DECODE_BYTES = {512: 383, 1024: 401, 1536: 401}
+_DECODE_BYTES = {512: 383, 1024: 437, 1536: 401}
 _DECODE_AT = {512: 4_163_240, 1024: 4_136_708, 1536: 9_015_066}
-_DECODE_S = 0.459 / 4_136_708
+_DECODE_S = 0.353 / 4_136_708
 _EXTRACT = ("bench_reference_h100.json (warm runs at 512/1024/1536): 131 / 234 / 234 B/voxel, 0.156 s at "
             "4,136,708 voxels")
 
 
-_DECODE_UNMEASURED = {1024: "taken from 1536 (levels of one-voxel shells at both); not yet measured at 1024"}
-
-
 def _decoder(r: int) -> StageCost:
     return StageCost(transient_per_unit=_DECODE_BYTES[r], seconds_per_unit=_DECODE_S, measured_at=_DECODE_AT[r],
-                     source=_DECODE_UNMEASURED.get(r) or _DECODE.format(r=r, b=_DECODE_BYTES[r]))
+                     source=_DECODE.format(r=r, b=_DECODE_BYTES[r]))
 
 
 H200_COSTS = {
@@ -63,6 +60,9 @@ H200_COSTS = {
     "shape_decoder": _decoder(1024),
     "tex_decoder": _decoder(1024),
     **{f"{stage}@{r}": _decoder(r) for stage in ("shape_decoder", "tex_decoder") for r in _DECODE_BYTES},
+    # the LR latent decoded to its 512³ coordinates (levels 0-3 of the shape decoder, no output head)
+    "upsample": StageCost(transient_per_unit=215_179, seconds_per_unit=0.080 / 4_144, measured_at=4_144,
+                          source="bench_reference_h100.json, warm run at 1024: 0.89 GB, 0.080 s at 4,144 LR tokens"),
     # carried: the decoded fields it reads (int32 coords [4] + 7 half channels per voxel)
     "mesh_extraction": StageCost(carried_per_unit=4 * 4 + 7 * 2, transient_per_unit=234, seconds_per_unit=0.156 / 4_136_708,
                                  measured_at=4_136_708, source=_EXTRACT),

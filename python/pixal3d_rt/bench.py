@@ -433,7 +433,8 @@ def run_worker(args: dict, save=lambda part: None) -> dict:
     if cuda and part["runs"]:
         # the device memory outside torch's allocator once every kernel ran: the budget runs' caps leave it out
         part["non_torch_overhead_bytes"] = _non_torch_overhead(nvml)
-        part["unbudgeted_baseline_s"] = _baseline_seconds(part["runs"][-1])
+        warm = [r for r in part["runs"] if r["kind"] == "warm"]  # a cold run's time says nothing of the budget's cost
+        part["unbudgeted_baseline_s"] = _baseline_seconds(warm[-1]) if warm else None
         save(part)
     if args.get("host_budget_gib") is not None and part["runs"] and not args.get("weights"):
         part["host_store_dir"] = _write_preset_weights(pipe)  # for the budget workers' host stores
