@@ -355,6 +355,39 @@ def test_clean_mesh_removes_junk():
     assert tris == {((0, 0, 0), (0, 1, 0), (1, 0, 0)), ((0, 0, 0), (0, 0, 1), (1, 0, 0))}
 
 
+def _junk_mesh(seed: int, n_v: int, n_f: int):
+    """Random vertices with bit-identical copies, -0.0 beside 0.0 and a NaN; faces with duplicates in
+    other windings, degenerate and out-of-range ones, unreferenced vertices."""
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=(n_v, 3)).astype(np.float32)
+    v[3], v[4], v[5, 0] = -0.0, 0.0, np.nan
+    v = np.concatenate([v, v[rng.integers(0, n_v, n_v // 3)]])
+    f = rng.integers(0, len(v) + 3, size=(n_f, 3))  # some indices out of range
+    f = np.concatenate([f, f[rng.integers(0, n_f, n_f // 5)][:, ::-1], f[:7] * [1, 1, 0] + [0, 0, 1]])
+    f[rng.integers(0, len(f), 9), 2] = -1
+    return v, f[rng.permutation(len(f))]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))])
+@pytest.mark.parametrize("seed,n_v,n_f", [(0, 7, 2), (1, 11, 29), (2, 1001, 3007), (3, 20_011, 70_003)])
+@pytest.mark.parametrize("merge", [True, False])
+def test_clean_mesh_in_torch_keeps_the_same_faces_as_numpy(device, seed, n_v, n_f, merge):
+    v, f = _junk_mesh(seed, n_v, n_f)
+    rv, rf = glb.clean_mesh(v, f, merge_vertices=merge)
+    tv, tf = glb.clean_mesh(torch.from_numpy(v), torch.from_numpy(f), merge_vertices=merge, device=device)
+    assert tv.dtype == np.float32 and tf.dtype == np.int64 and len(tv) == len(rv) and len(tf) == len(rf)
+    # the same faces in the same order, corner by corner, to the bit (vertex numbering may differ)
+    assert np.array_equal(tv[tf].view(np.uint32), rv[rf].view(np.uint32))
+    assert len(np.unique(tf)) == len(tv)  # no unreferenced vertex
+
+
+def test_clean_mesh_torch_off_switch(monkeypatch):
+    v, f = _junk_mesh(4, 101, 307)
+    monkeypatch.setenv(glb.DISABLE_TORCH_CLEAN_ENV, "1")
+    a, b = glb.clean_mesh(v, f, device="cpu"), glb.clean_mesh(v, f)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])  # numpy's own numbering: the reference ran
+
+
 def test_orient_faces_makes_closed_components_outward():
     import trimesh
 

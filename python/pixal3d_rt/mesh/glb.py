@@ -57,6 +57,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..files import atomic_write_bytes  # the one atomic writer
+from .simplify import env_disabled
 
 # ---------------------------------------------------------------------------------------------------
 # small helpers
@@ -127,15 +128,19 @@ def _edge_table(faces: np.ndarray, n_vertices: int):
 # 1. cleaning and orientation
 
 
-def clean_mesh(vertices, faces, *, merge_vertices: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def clean_mesh(vertices, faces, *, merge_vertices: bool = True, device=None) -> tuple[np.ndarray, np.ndarray]:
     """Merge bit-identical vertices, drop faces that index out of range or touch non-finite vertices,
     degenerate faces (a repeated vertex), duplicate faces (the same vertex set in any order or winding),
     then unreferenced vertices. merge_vertices=False keeps coincident vertices apart (after
     `simplify_mesh`, whose repair splits pinched vertices into coincident copies on purpose).
 
     vertices [V,3] float, faces [F,3] int (numpy or torch). Returns (vertices [V',3] float32,
-    faces [F',3] int64); face order otherwise kept.
+    faces [F',3] int64); face order otherwise kept. device: run it in torch there (the GPU for a
+    decoded mesh of millions of faces; PIXAL3D_DISABLE_TORCH_CLEAN=1 keeps numpy): the same faces in the
+    same order, the vertices numbered differently.
     """
+    if device is not None and not env_disabled(DISABLE_TORCH_CLEAN_ENV):
+        return _clean_mesh_torch(vertices, faces, merge_vertices, device)
     v = _to_numpy(vertices, np.float32).reshape(-1, 3)
     f = _to_numpy(faces, np.int64).reshape(-1, 3)
     if len(f) == 0 or len(v) == 0:
@@ -157,6 +162,56 @@ def clean_mesh(vertices, faces, *, merge_vertices: bool = True) -> tuple[np.ndar
     _, keep = _row_groups(np.sort(f, axis=1))
     f = f[np.sort(keep)]
     return _compact(v, f)
+
+
+DISABLE_TORCH_CLEAN_ENV = "PIXAL3D_DISABLE_TORCH_CLEAN"
+
+
+def _row_groups_torch(rows):
+    """`_row_groups` in torch, exact: rows sorted lexicographically by one stable sort per column (from
+    the last), so equal rows sit together in their original order. Returns (group [R] int64,
+    first [G] int64: each group's earliest row)."""
+    import torch
+
+    order = torch.arange(rows.shape[0], device=rows.device)
+    for j in reversed(range(rows.shape[1])):
+        order = order[torch.sort(rows[order, j], stable=True).indices]
+    rs = rows[order]
+    new = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    if rows.shape[0] > 1:
+        new[1:] = (rs[1:] != rs[:-1]).any(dim=1)
+    group = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
+    group[order] = torch.cumsum(new, 0) - 1
+    return group, order[new]
+
+
+def _clean_mesh_torch(vertices, faces, merge_vertices: bool, device) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    def compact(v, f):
+        used = torch.zeros(v.shape[0], dtype=torch.bool, device=v.device)
+        used[f.reshape(-1)] = True
+        return v[used], (torch.cumsum(used, 0) - 1)[f]
+
+    empty = (np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64))
+    v = torch.as_tensor(vertices).to(device=device, dtype=torch.float32).reshape(-1, 3)
+    f = torch.as_tensor(faces).to(device=device, dtype=torch.int64).reshape(-1, 3)
+    if f.shape[0] == 0 or v.shape[0] == 0:
+        return empty
+    f = f[((f >= 0) & (f < v.shape[0])).all(dim=1)]
+    f = f[torch.isfinite(v).all(dim=1)[f].all(dim=1)]
+    v, f = compact(v, f)
+    if f.shape[0] == 0:
+        return empty
+    if merge_vertices:  # +0.0 turns -0.0 into 0.0 so they group alike
+        group, first = _row_groups_torch((v + 0.0).view(torch.int32))
+        f, v = group[f], v[first]
+    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
+    if f.shape[0] == 0:
+        return empty
+    _, keep = _row_groups_torch(torch.sort(f, dim=1).values)
+    v, f = compact(v, f[torch.sort(keep).values])
+    return v.cpu().numpy(), f.cpu().numpy()
 
 
 def orient_faces(vertices: np.ndarray, faces: np.ndarray, *, outward: bool = True) -> tuple[np.ndarray, dict]:
@@ -370,7 +425,8 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 def prepare_mesh(vertices, faces, *, decimation_target: int = 200_000, max_hole_perimeter: float = 3e-2,
-                 min_component_area: float = 1e-5, timings: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 min_component_area: float = 1e-5, timings: Optional[dict] = None,
+                 device="cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Steps 1-2 in upstream's order (simplify to 3x the target, clean up, simplify to the target, clean
     up, unify orientations):
         clean -> [simplify to 3 * target] -> orient -> fill small holes -> orient outward
@@ -378,10 +434,11 @@ def prepare_mesh(vertices, faces, *, decimation_target: int = 200_000, max_hole_
     Quadric decimation does not depend on the winding (its quadrics are sign-free and its fold-over
     test compares each face with itself), so the full-size mesh is only deduplicated before the first
     decimation and the graph work runs on at most 3x the target.
+    The full-size clean runs in torch on `device` (the decoded mesh's millions of faces; None: numpy).
     Returns (vertices [V,3] float32, faces [F,3] int64, closed [F] bool: face's component is closed)."""
     timings = timings if timings is not None else {}
     t = time.perf_counter()
-    v, f = clean_mesh(vertices, faces)
+    v, f = clean_mesh(vertices, faces, device=device)
     timings["clean"] = time.perf_counter() - t
     t = time.perf_counter()
     if decimation_target > 0 and len(f) > 3 * decimation_target:
@@ -492,6 +549,15 @@ def export_glb(path, vertices, faces, voxel_coords, voxel_attrs, grid_size: int,
     return stats
 
 
+def _work_device(device, voxel_attrs):
+    """Where the export's torch steps run: the given device, else that of the voxels, else the CPU."""
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return voxel_attrs.device if isinstance(voxel_attrs, torch.Tensor) else torch.device("cpu")
+
+
 def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
                 decimation_target: int = 200_000, texture_size: int = 2048,
                 progress: Optional[Callable[[str], None]] = None, double_sided="auto",
@@ -529,13 +595,14 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
 
         v, f, closed, surface, remesh_info = prepare_remeshed(
             vertices, faces, grid_size, decimation_target=decimation_target, band=remesh_band,
-            project_back=remesh_project, max_hole_perimeter=max_hole_perimeter, device=device, timings=timings)
+            project_back=remesh_project, max_hole_perimeter=max_hole_perimeter,
+            device=_work_device(device, voxel_attrs), timings=timings)
         say(f"[glb] mesh: {n_in_f:,} -> remeshed {remesh_info['faces']:,} -> {len(f):,} faces (remesh "
             f"{timings['remesh']:.1f}s, simplify {timings['simplify']:.1f}s)")
     else:
         v, f, closed = prepare_mesh(vertices, faces, decimation_target=decimation_target,
                                     max_hole_perimeter=max_hole_perimeter, min_component_area=min_component_area,
-                                    timings=timings)
+                                    timings=timings, device=_work_device(device, voxel_attrs))
         say(f"[glb] mesh: {n_in_f:,} -> {len(f):,} faces (clean {timings['clean']:.1f}s, simplify "
             f"{timings['simplify']:.1f}s, repair {timings['repair']:.1f}s, orient {timings['orient']:.1f}s)")
         if project_texels:
@@ -563,7 +630,7 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
         from .bake import bake_texture
 
         attrs_t = voxel_attrs if isinstance(voxel_attrs, torch.Tensor) else torch.as_tensor(np.asarray(voxel_attrs))
-        dev = torch.device(device) if device is not None else attrs_t.device
+        dev = _work_device(device, attrs_t)
         coords_t = torch.as_tensor(_to_numpy(voxel_coords, np.int64)).to(dev)
         proj = {}
         if surface is not None:  # reach: a voxel (simplification stays well inside), plus the band's offset

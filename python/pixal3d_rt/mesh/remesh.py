@@ -273,14 +273,14 @@ def prepare_remeshed(vertices, faces, grid_size: int, *, decimation_target: int 
 
     timings = timings if timings is not None else {}
     t = time.perf_counter()
-    v, f = glb.clean_mesh(vertices, faces)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    v, f = glb.clean_mesh(vertices, faces, device=dev)
     f, _ = glb.orient_faces(v, f, outward=False)
     v, f, _ = glb.fill_small_holes(v, f, max_hole_perimeter)
     timings["clean"] = time.perf_counter() - t
     surface = (v, f)
     if len(f) == 0:
         return v, f, np.zeros(0, bool), surface, {"faces": 0, "vertices": 0, "sign_flips": 0}
-    dev = torch.device(device) if device is not None else torch.device("cpu")
     t = time.perf_counter()
     steps: dict = {}
     rv, rf = remesh_narrow_band_dc(torch.from_numpy(v).to(dev), torch.from_numpy(f).to(dev), int(grid_size),
