@@ -188,6 +188,18 @@ def test_export_loads_as_pbr_in_trimesh(exported):
     assert [p.name for p in Path(path).parent.iterdir()] == [Path(path).name]
 
 
+def test_textures_are_written_with_zlibs_fastest_level(exported):
+    """PNG is lossless at any level: the textures are deflated at level 1 (zlib header FLEVEL 0),
+    several times faster to write than the default."""
+    data = Path(exported[0]).read_bytes()
+    starts = [i for i in range(len(data)) if data.startswith(b"\x89PNG\r\n\x1a\n", i)]
+    assert len(starts) == 2  # base colour and metallic-roughness
+    for s in starts:
+        idat = data.index(b"IDAT", s)
+        cmf, flg = data[idat + 4], data[idat + 5]
+        assert cmf & 0x0F == 8 and (cmf * 256 + flg) % 31 == 0 and flg >> 6 == 0
+
+
 def test_texture_matches_voxel_field_at_surface_points(exported):
     """Read the raw GLB: interpolate TEXCOORD_0 at face centroids, sample both textures, and compare with
     the attribute field at the same points mapped back to the grid frame ((X,Y,Z) -> (-X, Y, -Z))."""

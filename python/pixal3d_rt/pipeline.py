@@ -377,11 +377,12 @@ class Pipeline:
             except StageOutOfMemory as e:
                 if plan is None or attempt == MAX_OOM_RETRIES:
                     raise
-                self._release_placements(everything=True)
-                _free_device_cache(self.device)
                 tighter = plan.budget * OOM_RETRY_SHRINK
+                # said before the stage is freed: a listener sees what the device held when it ran out
                 progress.note(f"{st.name}: out of memory under the plan ({e}); planning it again inside "
                               f"{tighter / 2**30:.2f} GiB (retry {attempt + 1} of {MAX_OOM_RETRIES})")
+                self._release_placements(everything=True)
+                _free_device_cache(self.device)
                 done = {p.stage: p for p in plan.stages[:plan.stages.index(sp)]}
                 try:
                     plan = self.plan(v["resolution"], tighter / 2**30, v["tokens"], fixed=done)

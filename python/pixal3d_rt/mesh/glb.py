@@ -479,6 +479,11 @@ def quantize_unorm8(x) -> np.ndarray:
     return np.clip(x * 255.0, 0.0, 255.0).astype(np.uint8)
 
 
+# zlib's fastest level for the PNG textures: lossless either way, about 4x faster to write than the
+# default level for a 2048² texture, about a sixth larger
+PNG_COMPRESS_LEVEL = 1
+
+
 def build_textured_mesh(vertices: np.ndarray, faces: np.ndarray, normals: np.ndarray, uvs: Optional[np.ndarray],
                         maps: Optional[np.ndarray], *, double_sided: bool):
     """trimesh.Trimesh in the GLB frame with upstream's PBR material.
@@ -493,10 +498,13 @@ def build_textured_mesh(vertices: np.ndarray, faces: np.ndarray, normals: np.nda
         q = quantize_unorm8(maps)
         base_rgba = np.ascontiguousarray(np.concatenate([q[..., 0:3], q[..., 5:6]], axis=-1))
         metal_rough = np.ascontiguousarray(np.stack([np.zeros_like(q[..., 3]), q[..., 4], q[..., 3]], axis=-1))
+        base_img, mr_img = Image.fromarray(base_rgba), Image.fromarray(metal_rough)
+        for img in (base_img, mr_img):  # read by Image.save when trimesh encodes them (png only)
+            img.encoderinfo = {"compress_level": PNG_COMPRESS_LEVEL}
         material = trimesh.visual.material.PBRMaterial(
-            baseColorTexture=Image.fromarray(base_rgba, mode="RGBA"),
+            baseColorTexture=base_img,
             baseColorFactor=np.array([255, 255, 255, 255], dtype=np.uint8),
-            metallicRoughnessTexture=Image.fromarray(metal_rough, mode="RGB"),
+            metallicRoughnessTexture=mr_img,
             metallicFactor=1.0, roughnessFactor=1.0, alphaMode="OPAQUE", doubleSided=bool(double_sided))
         # trimesh stores OpenGL-style uv (v up) and flips v on export; hand it 1 - v so the file keeps v
         uv_gl = np.stack([uvs[:, 0], 1.0 - uvs[:, 1]], axis=1).astype(np.float64)
