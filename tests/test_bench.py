@@ -189,12 +189,14 @@ def test_budget_table_in_the_markdown(tiny_bench):
          "torch_peak_allocated_bytes": None, "host_rss_peak_bytes": None},
         {"budget_gib": 4, "passed": True, "nvml_peak_bytes": 7_580_000_000, "torch_peak_allocated_bytes": 5_670_000_000,
          "held_at_start": {"nvml_bytes": 6_600_000_000, "torch_reserved_bytes": 5_800_000_000}},
+        {"budget_gib": 2, "passed": False, "failed_stage": "worker", "error": "worker exited with status 1"},
     ]
     md = markdown(report)
     assert "non-torch overhead 0.90 GB; weights read per stage into a 8 GiB host store)" in md
     assert "| inside | torch peak GB | host RSS GB | time vs unbudgeted (first run) |" in md
     assert "| 6 | pass |  | 5.70 | 5.90 | yes | 4.80 | 9.10 | 1.18× (1.52×) |" in md
     assert "| 3 | no plan | plan |" in md
+    assert "| 2 | error | worker |" in md  # a crashed worker is not an out-of-memory measurement
     assert "| 4 | pass |  | – | 7.58 | no | 5.67 |" in md  # passed under the torch cap, above the budget on NVML
     assert "held as each budget run started (NVML / torch reserved GB): 4 GiB 6.60 / 5.80" in md
 

@@ -656,6 +656,8 @@ def run_bench(preset=None, weights=None, resolutions=(1024,), images=(), runs=2,
             bpart, stopped = _worker_process(bjob, out, f"{res}_budget_{budget}")
             rows = bpart.get("budgets") or [{"budget_gib": budget, "passed": False, "failed_stage": "worker",
                                              "error": bpart.get("error", "no row recorded")}]
+            if "error" in bpart:  # a crash, not a measurement (running out of memory is recorded in its row)
+                part.setdefault("error", f"budget {budget} GiB: {bpart['error']}")
             for row in rows:
                 row["worker_pid"] = bpart.get("worker_pid")
             part["budgets"].extend(rows)
@@ -800,7 +802,7 @@ def markdown(report: dict) -> str:
             for b in part["budgets"]:
                 predicted = max((r["predicted_peak_bytes"] for r in b.get("plan") or []), default=None)
                 ratio, first = b.get("time_ratio_vs_unbudgeted"), b.get("first_run_time_ratio_vs_unbudgeted")
-                result = "pass" if b["passed"] else ("no plan" if b.get("failed_stage") == "plan" else "OOM")
+                result = "pass" if b["passed"] else {"plan": "no plan", "worker": "error"}.get(b.get("failed_stage"), "OOM")
                 times = "" if ratio is None else f"{ratio:.2f}×" + (f" ({first:.2f}×)" if first is not None else "")
                 peak = b.get("nvml_peak_bytes")
                 inside = "" if peak is None else ("yes" if peak <= b["budget_gib"] * GIB else "no")
