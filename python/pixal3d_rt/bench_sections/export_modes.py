@@ -8,10 +8,13 @@ closed surface and its PBR voxels at a grid, through `export_glb` in each mode, 
 
 Variants: fast = the default mode (the decoded surface simplified, texels sampled where they land);
 fast_projected = fast + texels re-projected onto the decoded surface (as upstream's bake);
-fast_remesh = the remesh at fast's face count and texture; upstream = --export upstream.
+fast_remesh = the remesh at fast's face count and texture; upstream = --export upstream;
+fast_torch_simplify / upstream_torch_simplify = those with the torch simplifier on the export's device
+(PIXAL3D_TORCH_SIMPLIFY=1, mesh/qem_torch.py).
 """
 import argparse
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -27,6 +30,8 @@ VARIANTS = {
     "fast_projected": {"export": "fast", "project_texels": True},
     "fast_remesh": {"export": "fast", "remesh": True, "double_sided": False},
     "upstream": {"export": "upstream"},
+    "fast_torch_simplify": {"export": "fast", "env": {"PIXAL3D_TORCH_SIMPLIFY": "1"}},
+    "upstream_torch_simplify": {"export": "upstream", "env": {"PIXAL3D_TORCH_SIMPLIFY": "1"}},
 }
 
 
@@ -69,14 +74,24 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.modes.split(","):
             kw = dict(VARIANTS[name])
+            env = kw.pop("env", {})
             args = export_settings(kw.pop("export"), defaults, texture_size=a.texture_size, **kw)
             for rep in range(a.repeat):
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                t = time.perf_counter()
-                stats = export_glb(Path(tmp) / f"{name}.glb", v, f, coords, attrs, a.grid, **args)
-                total = time.perf_counter() - t
+                saved = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)
+                try:
+                    t = time.perf_counter()
+                    stats = export_glb(Path(tmp) / f"{name}.glb", v, f, coords, attrs, a.grid, **args)
+                    total = time.perf_counter() - t
+                finally:
+                    for k, old in saved.items():
+                        if old is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = old
                 row = {"seconds": round(total, 3), "faces": stats["faces"], "closed": stats["closed"],
                        "double_sided": stats["double_sided"], "coverage": round(stats["coverage"], 4),
                        "texture_size": stats["texture_size"], "bytes": stats["bytes"],

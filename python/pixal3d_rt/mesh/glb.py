@@ -57,7 +57,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..files import atomic_write_bytes  # the one atomic writer
-from .simplify import env_disabled
+from .simplify import env_flag
 
 # ---------------------------------------------------------------------------------------------------
 # small helpers
@@ -139,7 +139,7 @@ def clean_mesh(vertices, faces, *, merge_vertices: bool = True, device=None) -> 
     decoded mesh of millions of faces; PIXAL3D_DISABLE_TORCH_CLEAN=1 keeps numpy): the same faces in the
     same order, the vertices numbered differently.
     """
-    if device is not None and not env_disabled(DISABLE_TORCH_CLEAN_ENV):
+    if device is not None and not env_flag(DISABLE_TORCH_CLEAN_ENV):
         return _clean_mesh_torch(vertices, faces, merge_vertices, device)
     v = _to_numpy(vertices, np.float32).reshape(-1, 3)
     f = _to_numpy(faces, np.int64).reshape(-1, 3)
@@ -368,17 +368,27 @@ def fill_small_holes(vertices: np.ndarray, faces: np.ndarray, max_perimeter: flo
 # 2. simplification
 
 
+TORCH_SIMPLIFY_ENV = "PIXAL3D_TORCH_SIMPLIFY"
+
+
 def simplify_mesh(vertices: np.ndarray, faces: np.ndarray, target_faces: int, *, aggressiveness: float = 7.0,
-                  workers: Optional[int] = None, info: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
+                  workers: Optional[int] = None, info: Optional[dict] = None, device=None) -> tuple[np.ndarray, np.ndarray]:
     """Quadric edge-collapse decimation to about `target_faces` faces (`fast-simplification`, the
     library trimesh uses; prebuilt wheels), on all usable cores for large meshes (from four cores),
     then the pinches it leaves undone so that a closed surface stays closed (`simplify.simplify`,
     `simplify.make_manifold`; workers=1 or PIXAL3D_DISABLE_PARALLEL_SIMPLIFY=1: one process). Meshes at or below the target are
     returned unchanged; so is everything when the library is missing (with a warning: the export still
     works, only larger). The result may hold coincident vertices (two sheets that touch): clean it with
-    `clean_mesh(..., merge_vertices=False)`. Returns (vertices float32, faces int64)."""
+    `clean_mesh(..., merge_vertices=False)`. Returns (vertices float32, faces int64).
+    With `device` and PIXAL3D_TORCH_SIMPLIFY=1: the torch simplifier there instead (`qem_torch`: rounds
+    of independent collapses that keep the topology; for the GPU, where the mesh is; not yet the
+    default: unmeasured on a GPU)."""
     if target_faces <= 0 or len(faces) <= target_faces:
         return vertices, faces
+    if device is not None and env_flag(TORCH_SIMPLIFY_ENV):
+        from .qem_torch import simplify_torch
+
+        return simplify_torch(vertices, faces, int(target_faces), device=device)
     try:
         import fast_simplification  # noqa: F401 - the workers import it again
     except ImportError:
@@ -442,7 +452,7 @@ def prepare_mesh(vertices, faces, *, decimation_target: int = 200_000, max_hole_
     timings["clean"] = time.perf_counter() - t
     t = time.perf_counter()
     if decimation_target > 0 and len(f) > 3 * decimation_target:
-        v, f = simplify_mesh(v, f, 3 * decimation_target)
+        v, f = simplify_mesh(v, f, 3 * decimation_target, device=device)
         v, f = clean_mesh(v, f, merge_vertices=False)
     timings["simplify"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -452,7 +462,7 @@ def prepare_mesh(vertices, faces, *, decimation_target: int = 200_000, max_hole_
     v, f, _ = remove_small_components(v, f, info["components"], min_component_area)
     timings["repair"] = time.perf_counter() - t
     t = time.perf_counter()
-    v, f = simplify_mesh(v, f, decimation_target)
+    v, f = simplify_mesh(v, f, decimation_target, device=device)
     timings["simplify"] += time.perf_counter() - t
     t = time.perf_counter()
     v, f = clean_mesh(v, f, merge_vertices=False)

@@ -290,7 +290,7 @@ def prepare_remeshed(vertices, faces, grid_size: int, *, decimation_target: int 
     timings.update(steps)
     timings["remesh"] = time.perf_counter() - t
     t = time.perf_counter()
-    rv, rf = glb.simplify_mesh(rv, rf, decimation_target)
+    rv, rf = glb.simplify_mesh(rv, rf, decimation_target, device=dev)
     timings["simplify"] = time.perf_counter() - t
     t = time.perf_counter()
     rv, rf = glb.clean_mesh(rv, rf, merge_vertices=False)

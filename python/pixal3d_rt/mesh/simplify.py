@@ -41,8 +41,8 @@ _SEAM_SLACK = 1.01  # a face count within this factor of the target needs no fur
 _SEAM_FACES_PER_VERTEX = 2  # faces a locked cut vertex keeps beside it in its part's result, about
 
 
-def env_disabled(var: str) -> bool:
-    """An off-switch from the environment: anything but unset, "", 0, false, no, off turns it on."""
+def env_flag(var: str) -> bool:
+    """A switch from the environment: anything but unset, "", 0, false, no, off turns it on."""
     return os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
@@ -375,7 +375,7 @@ def simplify(vertices, faces, target_faces: int, *, aggressiveness: float = 7.0,
     f = np.asarray(faces, dtype=np.int64)
     if workers is None:
         cores = usable_cores()
-        workers = cores if cores >= PARALLEL_MIN_CORES and not env_disabled(DISABLE_PARALLEL_ENV) else 1
+        workers = cores if cores >= PARALLEL_MIN_CORES and not env_flag(DISABLE_PARALLEL_ENV) else 1
     out = None
     info["parts"] = 1
     if workers > 1 and len(f) >= PARALLEL_MIN_FACES and target_faces * 2 <= len(f):

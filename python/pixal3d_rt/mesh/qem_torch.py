@@ -1,0 +1,191 @@
+"""Quadric edge collapse in torch, in rounds of independent collapses: the simplifier that runs where
+the decoded mesh already is (the GPU after a GPU run).
+
+Each round, on the whole mesh at once:
+  1. per vertex the sum of its faces' area-weighted plane quadrics (Garland-Heckbert), kept across
+     rounds (a kept vertex takes its partner's);
+  2. per edge the collapse point (the quadric's minimiser, or the best of the endpoints and the
+     midpoint where the 3x3 system is near-singular or its minimiser leaves the edge's reach) and its
+     cost; edges on a border or shared by more than two faces never collapse (their vertices stay);
+  3. the edges whose cost rank is the smallest among all edges touching either endpoint or a
+     neighbour of one: no two of them share a face or a neighbouring vertex, so they collapse
+     independently in one step;
+  4. of those, the ones that keep the surface a manifold (the endpoints have exactly the two common
+     neighbours of the faces on the edge: the link condition) and flip no face's normal, cheapest
+     first, no more than the face count still to remove;
+  5. the collapse: both endpoints become one vertex at the collapse point; the two faces on the edge
+     vanish.
+Rounds repeat until the face count reaches the target or no edge can collapse. Topology is kept
+(closed stays closed, the genus stays), unlike a collapse without the link condition.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+CHEAP_SHARE = 0.3  # of the edges that may collapse, the cheapest that are candidates in a round
+SELECTION_PASSES = 4
+_UPPER = ((0, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (3, 3))  # symmetric 4x4 as 10
+
+
+def _plane_quadrics(v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """[F, 10] area-weighted quadrics p p^T of the faces' planes p = (n, -n.a), float64."""
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    n = torch.linalg.cross(b - a, c - a)
+    twice_area = n.norm(dim=1, keepdim=True)
+    n = n / twice_area.clamp_min(1e-300)
+    p = torch.cat([n, -(n * a).sum(1, keepdim=True)], 1)
+    w = 0.5 * twice_area
+    return torch.stack([w[:, 0] * p[:, i] * p[:, j] for i, j in _UPPER], 1)
+
+
+def _vertex_quadrics(v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    qf = _plane_quadrics(v, f)
+    q = torch.zeros(v.shape[0], 10, dtype=qf.dtype, device=v.device)
+    for k in range(3):
+        q.index_add_(0, f[:, k], qf)
+    return q
+
+
+def _evaluate(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x^T Q x for homogeneous points (x, 1), Q given as its 10 upper entries."""
+    h = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+    total = torch.zeros(x.shape[0], dtype=q.dtype, device=q.device)
+    for k, (i, j) in enumerate(_UPPER):
+        total += (1.0 if i == j else 2.0) * q[:, k] * h[:, i] * h[:, j]
+    return total
+
+
+def _collapse_points(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per edge (quadric sum q, endpoints a, b): the collapse point and its cost."""
+    A = torch.stack([torch.stack([q[:, 0], q[:, 1], q[:, 2]], 1), torch.stack([q[:, 1], q[:, 4], q[:, 5]], 1),
+                     torch.stack([q[:, 2], q[:, 5], q[:, 7]], 1)], 1)
+    rhs = -torch.stack([q[:, 3], q[:, 6], q[:, 8]], 1)
+    x, info = torch.linalg.solve_ex(A, rhs)
+    mid = 0.5 * (a + b)
+    reach = (b - a).norm(dim=1)
+    ok = (info == 0) & torch.isfinite(x).all(1) & ((x - mid).norm(dim=1) <= reach)
+    candidates = [torch.where(ok[:, None], x, mid), a, b, mid]
+    costs = torch.stack([_evaluate(q, c) for c in candidates], 1)
+    costs[:, 0] = torch.where(ok, costs[:, 0], torch.inf)
+    best = costs.argmin(1)
+    point = torch.stack(candidates, 1)[torch.arange(len(best), device=best.device), best]
+    return point, costs.gather(1, best[:, None])[:, 0].clamp_min(0)
+
+
+def _unique_edges(f: torch.Tensor, n_v: int):
+    """(lo [E], hi [E], faces per edge [E], sorted keys lo * n_v + hi [E])."""
+    e = f[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+    lo, hi = torch.minimum(e[:, 0], e[:, 1]), torch.maximum(e[:, 0], e[:, 1])
+    keys, counts = torch.unique(lo * n_v + hi, return_counts=True)
+    return keys // n_v, keys % n_v, counts, keys
+
+
+def _has_edge(keys: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n_v: int) -> torch.Tensor:
+    k = torch.minimum(x, y) * n_v + torch.maximum(x, y)
+    i = torch.searchsorted(keys, k).clamp_max(len(keys) - 1)
+    return keys[i] == k
+
+
+def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int):
+    """One round of independent collapses. Returns (v, f, q, collapses)."""
+    n_v, dev = v.shape[0], v.device
+    lo, hi, count, keys = _unique_edges(f, n_v)
+    locked = torch.zeros(n_v, dtype=torch.bool, device=dev)
+    locked[lo[count != 2]] = True
+    locked[hi[count != 2]] = True
+    point, cost = _collapse_points(q[lo] + q[hi], v[lo].double(), v[hi].double())
+    cost = torch.where(locked[lo] | locked[hi], torch.inf, cost)
+    live = torch.isfinite(cost)
+    if not bool(live.any()):
+        return v, f, q, 0
+    n_e = len(lo)
+    rank = torch.empty(n_e, dtype=torch.int64, device=dev)
+    rank[torch.argsort(cost, stable=True)] = torch.arange(n_e, device=dev)
+    # candidates: the cheapest share of the edges, in a random order among themselves (neighbouring costs
+    # are alike: by cost alone few edges are the smallest of their neighbourhood)
+    n_live = int(live.sum())
+    cand = live & (rank < max(1, int(n_live * CHEAP_SHARE)))
+    gen = torch.Generator(device=dev).manual_seed(n_v * 7919 + n_e)
+    prio = torch.empty(n_e, dtype=torch.int64, device=dev)
+    prio[torch.randperm(n_e, generator=gen, device=dev)] = torch.arange(n_e, device=dev)
+    chosen = torch.zeros(n_e, dtype=torch.bool, device=dev)
+    blocked = torch.zeros(n_v, dtype=torch.bool, device=dev)
+    for _ in range(SELECTION_PASSES):  # each pass adds the local minima of what earlier picks leave free
+        p = torch.where(cand & ~blocked[lo] & ~blocked[hi], prio, n_e)
+        at = torch.full((n_v,), n_e, dtype=torch.int64, device=dev)
+        at.scatter_reduce_(0, lo, p, "amin")
+        at.scatter_reduce_(0, hi, p, "amin")
+        near = at.clone()
+        near.scatter_reduce_(0, lo, at[hi], "amin")
+        near.scatter_reduce_(0, hi, at[lo], "amin")
+        pick = (p < n_e) & (p == near[lo]) & (p == near[hi])
+        if not bool(pick.any()):
+            break
+        chosen |= pick
+        ends = torch.zeros(n_v, dtype=torch.bool, device=dev)
+        ends[lo[pick]] = ends[hi[pick]] = True
+        blocked |= ends  # the picks' endpoints and their neighbours
+        blocked[lo[ends[hi]]] = True
+        blocked[hi[ends[lo]]] = True
+    ids = chosen.nonzero()[:, 0]
+    partner = torch.full((n_v,), -1, dtype=torch.int64, device=dev)
+    partner[lo[ids]], partner[hi[ids]] = hi[ids], lo[ids]
+    edge_of = torch.full((n_v,), -1, dtype=torch.int64, device=dev)
+    edge_of[lo[ids]] = edge_of[hi[ids]] = ids
+    # link condition: an endpoint's neighbours shared with its partner are only the two faces' apexes
+    common = torch.zeros(n_e, dtype=torch.int64, device=dev)
+    for u, w in ((lo, hi), (hi, lo)):  # every edge from a chosen endpoint u to a w other than its partner
+        m = ((edge_of[u] >= 0) & (w != partner[u])).nonzero()[:, 0]
+        common.index_add_(0, edge_of[u[m]], _has_edge(keys, w[m], partner[u[m]], n_v).long())
+    ok = common == 4  # each apex counted once from each endpoint
+    # no face around a collapse may flip
+    corner_edge = edge_of[f]  # [F, 3]
+    moving = (corner_edge >= 0).any(1)
+    both = (f[:, :, None] == partner[f][:, None, :]).any(2).any(1)  # the faces on the edge: they vanish
+    test = (moving & ~both).nonzero()[:, 0]
+    tf = f[test]
+    ce = corner_edge[test].max(1).values
+    tri = v[tf].double()
+    new = torch.where((corner_edge[test] >= 0)[:, :, None], point[ce][:, None, :], tri)
+    n_old = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    n_new = torch.linalg.cross(new[:, 1] - new[:, 0], new[:, 2] - new[:, 0])
+    flips = (n_old * n_new).sum(1) <= 1e-3 * n_old.norm(dim=1) * n_new.norm(dim=1)
+    bad = torch.zeros(n_e, dtype=torch.bool, device=dev)
+    bad.index_put_((ce[flips],), torch.ones_like(ce[flips], dtype=torch.bool), accumulate=True)
+    ok &= ~bad
+    accepted = ids[ok[ids]]
+    accepted = accepted[torch.argsort(rank[accepted])][: max(1, (to_remove + 1) // 2)]
+    if len(accepted) == 0:
+        return v, f, q, 0
+    keep, drop = lo[accepted], hi[accepted]
+    v = v.clone()
+    v[keep] = point[accepted].to(v.dtype)
+    q = q.clone()
+    q[keep] += q[drop]
+    remap = torch.arange(n_v, device=dev)
+    remap[drop] = keep
+    f = remap[f]
+    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
+    return v, f, q, len(accepted)
+
+
+def simplify_torch(vertices, faces, target_faces: int, *, device=None, max_rounds: int = 200):
+    """Simplify to at most about `target_faces` faces (fewer collapses where none keeps the surface a
+    manifold without flipping a face). vertices [V,3] float, faces [F,3] int (numpy or torch).
+    Returns numpy (vertices float32 [V',3] without unreferenced ones, faces int64 [F',3])."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    v = torch.as_tensor(vertices).to(device=dev, dtype=torch.float32).reshape(-1, 3)
+    f = torch.as_tensor(faces).to(device=dev, dtype=torch.int64).reshape(-1, 3)
+    if f.shape[0] > target_faces and f.shape[0] > 0:
+        q = _vertex_quadrics(v.double(), f)
+        for _ in range(max_rounds):
+            if f.shape[0] <= target_faces:
+                break
+            v, f, q, n = _one_round(v, f, q, int(f.shape[0] - target_faces))
+            if n == 0:
+                break
+    used = torch.zeros(v.shape[0], dtype=torch.bool, device=dev)
+    used[f.reshape(-1)] = True
+    remap = torch.cumsum(used, 0) - 1
+    return v[used].cpu().numpy().astype(np.float32), remap[f].cpu().numpy()

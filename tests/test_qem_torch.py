@@ -1,0 +1,80 @@
+"""The torch simplifier (mesh/qem_torch.py) against what a simplifier must keep: the face budget, the
+surface (distance to the analytic shape), closedness, winding and genus, open borders; on awkward
+sizes, on the CPU and (where present) the GPU; and its place behind PIXAL3D_TORCH_SIMPLIFY."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from pixal3d_rt.mesh import glb
+from pixal3d_rt.mesh.qem_torch import simplify_torch
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
+def _torus(n_major: int, n_minor: int, R: float = 0.3, r: float = 0.1):
+    u, w = np.meshgrid(np.arange(n_major) * 2 * np.pi / n_major, np.arange(n_minor) * 2 * np.pi / n_minor, indexing="ij")
+    v = np.stack([(R + r * np.cos(w)) * np.cos(u), r * np.sin(w), (R + r * np.cos(w)) * np.sin(u)], -1).reshape(-1, 3)
+    i, j = np.meshgrid(np.arange(n_major), np.arange(n_minor), indexing="ij")
+    a, b = i * n_minor + j, ((i + 1) % n_major) * n_minor + j
+    c, d = ((i + 1) % n_major) * n_minor + (j + 1) % n_minor, i * n_minor + (j + 1) % n_minor
+    f = np.concatenate([np.stack([a, c, b], -1).reshape(-1, 3), np.stack([a, d, c], -1).reshape(-1, 3)])
+    return v.astype(np.float32), f, lambda p: np.abs(np.hypot(np.hypot(p[:, 0], p[:, 2]) - R, p[:, 1]) - r)
+
+
+def _sphere(subdivisions: int):
+    m = trimesh.creation.icosphere(subdivisions=subdivisions, radius=0.4)
+    return m.vertices.astype(np.float32), m.faces, lambda p: np.abs(np.linalg.norm(p, axis=1) - 0.4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,target", [("sphere", 1_999), ("torus", 3_001), ("sphere_small", 77)])
+def test_reaches_the_target_and_keeps_the_surface_and_its_topology(device, shape, target):
+    v, f, dist = {"sphere": lambda: _sphere(5), "torus": lambda: _torus(157, 61), "sphere_small": lambda: _sphere(2)}[shape]()
+    sv, sf = simplify_torch(v, f, target, device=device)
+    assert target - 40 <= len(sf) <= target and sv.dtype == np.float32 and sf.dtype == np.int64
+    assert len(np.unique(sf)) == len(sv)  # no unreferenced vertex
+    before, after = trimesh.Trimesh(v, f, process=False), trimesh.Trimesh(sv, sf, process=False)
+    assert after.is_watertight and after.is_winding_consistent and after.euler_number == before.euler_number
+    coarse = 0.08 if target < 100 else 0.02  # a 76-face sphere is a polyhedron well inside it
+    assert after.volume * before.volume > 0 and abs(after.volume / before.volume - 1) < coarse  # same side out
+    pts, _ = trimesh.sample.sample_surface(after, 20_000, seed=0)
+    edge = np.linalg.norm(v[f[:, 0]] - v[f[:, 1]], axis=1).mean()
+    assert dist(sv).max() < 0.5 * edge * np.sqrt(len(f) / target) and dist(pts).mean() < 0.1 * edge * np.sqrt(len(f) / target)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_open_borders_and_non_manifold_edges_stay_where_they_are(device):
+    v, f, _ = _sphere(4)
+    keep = v[f].mean(1)[:, 1] < 0.13  # a bowl: the sphere below a cut
+    f = f[keep]
+    extra = np.array([[f[0, 0], f[0, 1], len(v)]])  # a third face on one edge: not a manifold there
+    v = np.concatenate([v, [[0.0, 0.9, 0.0]]]).astype(np.float32)
+    f = np.concatenate([f, extra])
+    e = np.sort(f[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+    keys, counts = np.unique(e, axis=0, return_counts=True)
+    fixed = np.unique(keys[counts != 2])
+    sv, sf = simplify_torch(v, f, len(f) // 4, device=device)
+    assert len(sf) < len(f) // 2
+    kept = {tuple(p) for p in sv.tolist()}
+    assert all(tuple(p) in kept for p in v[fixed].tolist())  # every border / non-manifold vertex, exactly
+
+
+def test_meshes_at_or_below_the_target_come_back_whole():
+    v, f, _ = _sphere(1)
+    sv, sf = simplify_torch(v, f, len(f))
+    assert np.array_equal(sv, v) and np.array_equal(sf, f)
+    sv, sf = simplify_torch(v[:0], f[:0], 10)
+    assert sv.shape == (0, 3) and sf.shape == (0, 3)
+
+
+def test_export_takes_it_behind_its_switch(monkeypatch):
+    v, f, _ = _torus(83, 29)
+    plain = glb.simplify_mesh(v, f, 1_000, device="cpu")
+    monkeypatch.setenv(glb.TORCH_SIMPLIFY_ENV, "1")
+    switched = glb.simplify_mesh(v, f, 1_000, device="cpu")
+    ours = simplify_torch(v, f, 1_000, device="cpu")
+    assert np.array_equal(switched[0], ours[0]) and np.array_equal(switched[1], ours[1])
+    assert not (len(plain[1]) == len(ours[1]) and np.array_equal(plain[1], ours[1]))  # fast-simplification's differs
