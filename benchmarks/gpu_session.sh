@@ -2,10 +2,10 @@
 # The GPU measurements the memory planner and the benchmark suite still need, one part per device call
 # (each well inside 10 minutes). Run from the repository root on the GPU machine, with wheels for
 # what it lacks carried in .whl/ (trimesh, xatlas, fast-simplification, nvidia-ml-py, matplotlib):
-#   bash benchmarks/gpu_session.sh PART [PART ...]   (PART: tests, budget-tests, 1024, 1536, 512, host, quality;
+#   bash benchmarks/gpu_session.sh PART [PART ...]   (PART: tests, budget-tests, 1024, 1536, 512, host, export, quality;
 #   results under $OUT; PIXAL3D_COMMIT=<sha> names the commit of a tree copied without its history)
 set -uo pipefail
-[ $# -gt 0 ] || { echo "parts: tests, budget-tests, 1024, 1536, 512, host or quality" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "parts: tests, budget-tests, 1024, 1536, 512, host, export or quality" >&2; exit 2; }
 out=${OUT:-bench-out}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -31,6 +31,9 @@ case "$part" in
   host)  # host RSS of the 1024 cascade with the weights read per stage into a host store (6 GiB device budget)
     pixal3d-rt bench --preset reference --resolution 1024 --runs 1 --glb-runs 0 --vram-budget 6 --budget-runs 2 \
       --host-budget 8 --out "$out/host_1024" 2>&1 | tee "$out/host_1024.log" ;;
+  export)  # the export modes at grid 1024 on the GPU, each simplifier (results: $out/export_<gpu>.json)
+    pixal3d-rt bench --section export_modes --section-arg=--grid=1024 --section-arg=--device=cuda \
+      --section-arg=--modes=fast,fast_torch_simplify,upstream,upstream_torch_simplify --out "$out" 2>&1 | tee "$out/export.log" ;;
   quality)
     pixal3d-rt bench --preset reference --resolution 512 --runs 1 --glb-runs 0 --quality --out "$out/quality_512" 2>&1 \
       | tee "$out/quality_512.log" ;;
