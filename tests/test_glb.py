@@ -400,6 +400,46 @@ def test_clean_mesh_torch_off_switch(monkeypatch):
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])  # numpy's own numbering: the reference ran
 
 
+def _moebius(n: int = 40):
+    t = np.arange(n) * 2 * np.pi / n
+    ring = lambda s: np.stack([(1 + s * np.cos(t / 2)) * np.cos(t), (1 + s * np.cos(t / 2)) * np.sin(t), s * np.sin(t / 2)], -1)
+    v = np.concatenate([ring(-0.2), ring(0.2)]).astype(np.float32)
+    i = np.arange(n)
+    j = (i + 1) % n
+    a, b = i, n + i  # the strip's two rails; the last quad joins them crossed (the half twist)
+    c = np.where(j == 0, n + j, j)
+    d = np.where(j == 0, j, n + j)
+    return v, np.concatenate([np.stack([a, c, b], 1), np.stack([b, c, d], 1)])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))])
+@pytest.mark.parametrize("outward", [False, True])
+def test_orient_faces_in_torch_gives_numpys_result(device, outward):
+    """Several components (closed, open, one with a non-manifold edge, a non-orientable strip), faces
+    flipped at random: the same components, closed flags and (orientable parts) windings."""
+    rng = np.random.default_rng(5)
+    tv, tf, _ = dual_grid_mesh(torus_sdf, 23)
+    sv, sf, _ = dual_grid_mesh(lambda p: sphere_sdf(p, 0.12, (0.3, 0.3, 0.3)), 23)
+    cut = sf[sv[sf].mean(1)[:, 1] < 0.3]  # an open bowl
+    mv, mf = _moebius(41)
+    parts, off = [], 0
+    vs = []
+    for v, f in ((tv, tf), (sv, sf), (sv, cut), (mv, mf)):
+        vs.append(v)
+        parts.append(f + off)
+        off += len(v)
+    v, f = np.concatenate(vs).astype(np.float32), np.concatenate(parts).astype(np.int64)
+    f = np.concatenate([f, [[f[0, 0], f[0, 1], len(v) - 1]]])  # a third face on one torus edge
+    flip = rng.random(len(f)) < 0.5
+    f[flip] = f[flip][:, ::-1]
+    a, ia = glb.orient_faces(v, f, outward=outward)
+    b, ib = glb.orient_faces(v, f, outward=outward, device=device)
+    assert np.array_equal(ia["components"], ib["components"]) and np.array_equal(ia["closed"], ib["closed"])
+    strip = np.isin(ia["components"], ia["components"][len(f) - 1 - len(mf):len(f) - 1])
+    assert not ia["closed"][strip].any() and ia["closed"].any()  # the strip is open; the closed sphere is not
+    assert np.array_equal(a[~strip], b[~strip]) and ia["flipped"] - ib["flipped"] in range(-len(mf), len(mf) + 1)
+
+
 def test_orient_faces_makes_closed_components_outward():
     import trimesh
 

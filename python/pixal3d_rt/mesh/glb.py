@@ -214,7 +214,7 @@ def _clean_mesh_torch(vertices, faces, merge_vertices: bool, device) -> tuple[np
     return v.cpu().numpy(), f.cpu().numpy()
 
 
-def orient_faces(vertices: np.ndarray, faces: np.ndarray, *, outward: bool = True) -> tuple[np.ndarray, dict]:
+def orient_faces(vertices: np.ndarray, faces: np.ndarray, *, outward: bool = True, device=None) -> tuple[np.ndarray, dict]:
     """Make the winding consistent across every manifold edge of each connected component, then (with
     `outward`) flip every component whose signed volume is negative.
 
@@ -225,8 +225,11 @@ def orient_faces(vertices: np.ndarray, faces: np.ndarray, *, outward: bool = Tru
     Returns (faces [F,3] int64 reoriented, info) with info = {"components": [F] int64 component label
     per face, "closed": [F] bool, True where the face's component has only manifold, consistently
     wound edges (no boundary), "flipped": number of faces flipped}. Edges shared by more than two faces
-    do not join components.
+    do not join components. device: run it in torch there (the same result: a component's root is its
+    smallest face, each face's parity relative to it is fixed on an orientable component).
     """
+    if device is not None:
+        return _orient_faces_torch(vertices, faces, outward, device)
     f = np.asarray(faces, dtype=np.int64)
     n = len(f)
     if n == 0:
@@ -286,6 +289,79 @@ def orient_faces(vertices: np.ndarray, faces: np.ndarray, *, outward: bool = Tru
         f[inverted] = f[inverted][:, ::-1]
         flip ^= inverted
     return f, {"components": comp, "closed": closed, "flipped": int(flip.sum())}
+
+
+def _orient_faces_torch(vertices, faces, outward: bool, device) -> tuple[np.ndarray, dict]:
+    """`orient_faces` in torch: the same union-find with parity links, one hook per root per round
+    (the link of smallest index), pointer jumping between rounds."""
+    import torch
+
+    f = torch.as_tensor(np.asarray(faces, dtype=np.int64)).to(device)
+    n = f.shape[0]
+    if n == 0:
+        return np.zeros((0, 3), np.int64), {"components": np.zeros(0, np.int64), "closed": np.zeros(0, bool), "flipped": 0}
+    e = f[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+    lo, hi = torch.minimum(e[:, 0], e[:, 1]), torch.maximum(e[:, 0], e[:, 1])
+    order = torch.sort(lo * int(len(vertices)) + hi, stable=True)
+    keys, order = order.values, order.indices
+    new = torch.ones(len(keys), dtype=torch.bool, device=f.device)
+    new[1:] = keys[1:] != keys[:-1]
+    start = new.nonzero()[:, 0]
+    count = torch.diff(torch.cat([start, start.new_tensor([len(keys)])]))
+    forward = e[:, 0] < e[:, 1]
+    pairs = start[count == 2]
+    ea, eb = order[pairs], order[pairs + 1]
+    fa, fb = ea // 3, eb // 3
+    parity = forward[ea] == forward[eb]  # same direction => windings disagree
+    keep = fa != fb
+    fa, fb, parity = fa[keep], fb[keep], parity[keep]
+    parent = torch.arange(n, device=f.device)
+    rel = torch.zeros(n, dtype=torch.bool, device=f.device)
+
+    def compress(parent, rel):
+        while True:
+            gp = parent[parent]
+            if torch.equal(gp, parent):
+                return parent, rel
+            rel = rel ^ rel[parent]
+            parent = gp
+
+    while True:
+        parent, rel = compress(parent, rel)
+        ra, rb = parent[fa], parent[fb]
+        cross = ra != rb
+        if not bool(cross.any()):
+            break
+        fa, fb, parity, ra, rb = fa[cross], fb[cross], parity[cross], ra[cross], rb[cross]
+        p = parity ^ rel[fa] ^ rel[fb]
+        top, low = torch.maximum(ra, rb), torch.minimum(ra, rb)
+        first = torch.full((n,), len(top), dtype=torch.int64, device=f.device)
+        first.scatter_reduce_(0, top, torch.arange(len(top), device=f.device), "amin")
+        roots = (first < len(top)).nonzero()[:, 0]
+        parent[roots] = low[first[roots]]
+        rel[roots] = p[first[roots]]
+    flip, comp = rel, parent
+    bad_face = torch.zeros(n, dtype=torch.bool, device=f.device)
+    bad_face[order[torch.repeat_interleave(count != 2, count)] // 3] = True
+    pa, pb = order[pairs], order[pairs + 1]
+    disagree = (forward[pa] == forward[pb]) ^ (flip[pa // 3] != flip[pb // 3])
+    bad_face[pa[disagree] // 3] = True
+    open_comp = torch.zeros(n, dtype=torch.bool, device=f.device)
+    open_comp[comp[bad_face]] = True
+    closed = ~open_comp[comp]
+    f = torch.where(flip[:, None], f.flip(1), f)
+    if outward:
+        v = torch.as_tensor(np.asarray(vertices, dtype=np.float64)).to(device)
+        tri = v[f]
+        cen = tri.mean(1)
+        cnt = torch.bincount(comp, minlength=n).double().clamp_min(1)
+        c = torch.zeros(n, 3, dtype=torch.float64, device=f.device).index_add_(0, comp, cen) / cnt[:, None]
+        a, b, d = tri[:, 0] - c[comp], tri[:, 1] - c[comp], tri[:, 2] - c[comp]
+        vol = torch.zeros(n, dtype=torch.float64, device=f.device).index_add_(0, comp, (a * torch.linalg.cross(b, d)).sum(1))
+        inverted = vol[comp] < 0
+        f = torch.where(inverted[:, None], f.flip(1), f)
+        flip = flip ^ inverted
+    return f.cpu().numpy(), {"components": comp.cpu().numpy(), "closed": closed.cpu().numpy(), "flipped": int(flip.sum())}
 
 
 def _component_volumes(v: np.ndarray, f: np.ndarray, comp: np.ndarray) -> np.ndarray:
@@ -456,9 +532,10 @@ def prepare_mesh(vertices, faces, *, decimation_target: int = 200_000, max_hole_
         v, f = clean_mesh(v, f, merge_vertices=False)
     timings["simplify"] = time.perf_counter() - t
     t = time.perf_counter()
-    f, _ = orient_faces(v, f, outward=False)  # hole fans follow the winding around them
+    gpu = gpu_or_none(device)  # the graph work in torch only where it pays (the CPU keeps numpy's)
+    f, _ = orient_faces(v, f, outward=False, device=gpu)  # hole fans follow the winding around them
     v, f, _ = fill_small_holes(v, f, max_hole_perimeter)
-    f, info = orient_faces(v, f, outward=False)
+    f, info = orient_faces(v, f, outward=False, device=gpu)
     v, f, _ = remove_small_components(v, f, info["components"], min_component_area)
     timings["repair"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -466,9 +543,16 @@ def prepare_mesh(vertices, faces, *, decimation_target: int = 200_000, max_hole_
     timings["simplify"] += time.perf_counter() - t
     t = time.perf_counter()
     v, f = clean_mesh(v, f, merge_vertices=False)
-    f, info = orient_faces(v, f)
+    f, info = orient_faces(v, f, device=gpu)
     timings["orient"] = time.perf_counter() - t
     return v, f, info["closed"]
+
+
+def gpu_or_none(device):
+    """`device` if it is a GPU, else None (the steps that pay only there then keep numpy)."""
+    import torch
+
+    return device if device is not None and torch.device(device).type == "cuda" else None
 
 
 # ---------------------------------------------------------------------------------------------------

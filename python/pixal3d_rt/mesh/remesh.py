@@ -275,7 +275,7 @@ def prepare_remeshed(vertices, faces, grid_size: int, *, decimation_target: int 
     t = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cpu")
     v, f = glb.clean_mesh(vertices, faces, device=dev)
-    f, _ = glb.orient_faces(v, f, outward=False)
+    f, _ = glb.orient_faces(v, f, outward=False, device=glb.gpu_or_none(dev))
     v, f, _ = glb.fill_small_holes(v, f, max_hole_perimeter)
     timings["clean"] = time.perf_counter() - t
     surface = (v, f)
@@ -294,6 +294,6 @@ def prepare_remeshed(vertices, faces, grid_size: int, *, decimation_target: int 
     timings["simplify"] = time.perf_counter() - t
     t = time.perf_counter()
     rv, rf = glb.clean_mesh(rv, rf, merge_vertices=False)
-    rf, oriented = glb.orient_faces(rv, rf)
+    rf, oriented = glb.orient_faces(rv, rf, device=glb.gpu_or_none(dev))
     timings["orient"] = time.perf_counter() - t
     return rv, rf, oriented["closed"], surface, info
