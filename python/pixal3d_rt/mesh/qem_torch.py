@@ -159,9 +159,7 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
     if len(accepted) == 0:
         return v, f, q, 0
     keep, drop = lo[accepted], hi[accepted]
-    v = v.clone()
-    v[keep] = point[accepted].to(v.dtype)
-    q = q.clone()
+    v[keep] = point[accepted].to(v.dtype)  # in place: simplify_torch owns these copies
     q[keep] += q[drop]
     remap = torch.arange(n_v, device=dev)
     remap[drop] = keep
@@ -175,7 +173,8 @@ def simplify_torch(vertices, faces, target_faces: int, *, device=None, max_round
     manifold without flipping a face). vertices [V,3] float, faces [F,3] int (numpy or torch).
     Returns numpy (vertices float32 [V',3] without unreferenced ones, faces int64 [F',3])."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    v = torch.as_tensor(vertices).to(device=dev, dtype=torch.float32).reshape(-1, 3)
+    # a copy: the rounds move vertices in place, and as_tensor may share the caller's memory
+    v = torch.as_tensor(vertices).to(device=dev, dtype=torch.float32).reshape(-1, 3).clone()
     f = torch.as_tensor(faces).to(device=dev, dtype=torch.int64).reshape(-1, 3)
     if f.shape[0] > target_faces and f.shape[0] > 0:
         q = _vertex_quadrics(v.double(), f)
