@@ -21,7 +21,7 @@ status=0
 for part in "$@"; do
 case "$part" in
   budget-tests)  # the budget paths' GPU tests: host stores under the cuda backend, fresh budget workers
-    python3 -m pytest -q --tb=long tests/test_planner.py tests/test_bench.py -k "host_store or fresh_worker or caps_the_allocator or host_budget" 2>&1 \
+    python3 -m pytest -q --tb=long tests/test_planner.py tests/test_bench.py -k "host_store or fresh_worker or caps_the_allocator or host_budget or expandable or cache_is_emptied" 2>&1 \
       | tee "$out/gpu_budget_tests.log" ;;
   tests)  # the CUDA paths the CPU never ran: residency streams and events, the backend's unload, the planner's runs
     python3 -m pytest -q tests/test_residency.py tests/test_cuda_backend.py tests/test_planner.py 2>&1 | tee "$out/gpu_tests.log" ;;

@@ -352,6 +352,49 @@ def test_a_budgeted_run_caps_the_allocator_inside_the_budget():
     assert seen[-1] == before * total
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's CUDA allocator")
+@pytest.mark.parametrize("switched_off", [False, True])
+def test_a_budgeted_run_allocates_expandable_segments(monkeypatch, switched_off):
+    """Fixed segments ran a decoder out of memory under the cap with half of them free between live
+    blocks: a budgeted run's new segments are expandable (off-switch honoured), later ones fixed again."""
+    from pixal3d_rt.pipeline import EXPANDABLE_SEGMENTS_OFF_ENV
+    from pixal3d_rt.progress import Progress
+
+    if switched_off:
+        monkeypatch.setenv(EXPANDABLE_SEGMENTS_OFF_ENV, "1")
+    pipe = Pipeline.from_preset("tiny", device="cuda")
+    kinds = []
+
+    class Segments(Progress):
+        def stage(self, name, detail=""):
+            kinds.extend(seg.get("is_expandable", False) for seg in torch.cuda.memory_snapshot())
+
+    torch.cuda.empty_cache()
+    pipe.run(IMAGE, RES, steps=STEPS, vram_budget=2.0, progress=Segments())
+    assert kinds and any(kinds) != switched_off
+    torch.cuda.empty_cache()
+    after = torch.empty(3 << 20, dtype=torch.uint8, device="cuda")  # a new segment, made after the run
+    fixed = [seg for seg in torch.cuda.memory_snapshot() if seg["address"] <= after.data_ptr() < seg["address"] + seg["total_size"]]
+    assert fixed and not fixed[0].get("is_expandable", False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's CUDA allocator")
+def test_the_cache_is_emptied_before_a_stage_that_would_run_into_the_cap():
+    from types import SimpleNamespace
+
+    from pixal3d_rt.pipeline import _make_room
+
+    torch.cuda.empty_cache()
+    held = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    del held  # 64 MiB cached, free
+    reserved = torch.cuda.memory_reserved()
+    cap = reserved + (100 << 20)
+    _make_room("cuda", cap, SimpleNamespace(predicted_peak=torch.cuda.memory_allocated() + (90 << 20)), 0)
+    assert torch.cuda.memory_reserved() == reserved  # room enough beside the cache: kept
+    _make_room("cuda", cap, SimpleNamespace(predicted_peak=torch.cuda.memory_allocated() + (120 << 20)), 0)
+    assert torch.cuda.memory_reserved() <= reserved - (64 << 20)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda backend needs a CUDA GPU")
 def test_host_store_serves_the_cuda_backend_flows(tmp_path, tiny):
     """The cuda backend makes its own device copies of a flow from the host copy: under a host store

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from . import config as C
 from .checkpoints import HIRES_ONLY, Weights, load_weights
 from .errors import BudgetError, InputImageError, StageOutOfMemory
 from .kernels.subm_conv import gather_chunk_bytes
+from .mesh.simplify import env_flag
 from .runtime.stages import networks_for, stages_for
 from .models.sparse import SparseTensor
 from .progress import as_progress
@@ -321,9 +323,9 @@ class Pipeline:
         sw = _Stopwatch(self.device, progress, self.probe)
         plan = self.plan(resolution, budget) if budget is not None else None
         self.last_plan = plan
-        with _allocator_cap(self.device, budget if plan is not None and budget != "auto" else None):
+        with _allocator_cap(self.device, budget if plan is not None and budget != "auto" else None) as cap:
             for st in stages_for(resolution):
-                plan = self._run_stage(st, v, sw, plan, progress)
+                plan = self._run_stage(st, v, sw, plan, progress, cap)
                 for name in st.frees:
                     v.pop(name, None)
                 if plan is not None and st.name in ("upsample", "shape_decoder"):  # HR tokens / voxels known: plan the rest again
@@ -363,12 +365,13 @@ class Pipeline:
             "mesh_extraction": f"{t.get('voxels', 0):,} voxels",
         }.get(name, "")
 
-    def _run_stage(self, st, v: dict, sw, plan, progress):
+    def _run_stage(self, st, v: dict, sw, plan, progress, cap_bytes=None):
         """One stage under its plan; out of memory inside it frees the stage, plans it again under a
         tighter budget and retries (at most twice). Returns the plan the run goes on with."""
         fn = getattr(self, "_stage_" + st.name)
         for attempt in range(MAX_OOM_RETRIES + 1):
             sp = plan[st.name] if plan is not None else None
+            _make_room(self.device, cap_bytes, sp, plan.overhead if plan is not None else 0)
             try:
                 with sw(st.name, self._stage_detail(st.name, v)), self._placed(st, sp), \
                         gather_chunk_bytes(sp.decoder_chunk_bytes if sp is not None else None):
@@ -741,24 +744,54 @@ def _free_device_cache(device) -> None:
         torch.cuda.empty_cache()
 
 
+EXPANDABLE_SEGMENTS_OFF_ENV = "PIXAL3D_DISABLE_EXPANDABLE_SEGMENTS"
+
+
+def _set_expandable_segments(on: bool) -> None:
+    setting = f"expandable_segments:{'True' if on else 'False'}"
+    set_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if set_settings is not None:
+        set_settings(setting)
+    else:
+        torch.cuda.memory._set_allocator_settings(setting)
+
+
 @contextlib.contextmanager
 def _allocator_cap(device, budget_gib):
     """Torch's allocator capped at the budget less the non-torch overhead for a budgeted run: its
     cache of freed blocks would otherwise grow past the budget on a larger card (it empties the cache
-    and retries at the cap instead). A tighter cap already set (a benchmark's) stays."""
+    and retries at the cap instead). A tighter cap already set (a benchmark's) stays. Yields the cap
+    in bytes (None: no cap). Segments made under the cap are expandable: freed blocks between live
+    ones are unmapped when the cap is reached, where fixed segments ran out of memory fragmented
+    (PIXAL3D_DISABLE_EXPANDABLE_SEGMENTS=1, or an explicit PYTORCH_CUDA_ALLOC_CONF, keeps them fixed)."""
     device = torch.device(device)
     if budget_gib is None or device.type != "cuda":
-        yield
+        yield None
         return
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
     before = float(torch.cuda.get_per_process_memory_fraction(index))
-    cap = (float(budget_gib) * 2**30 - device_overhead(device)) / total
-    torch.cuda.set_per_process_memory_fraction(float(max(0.0, min(before, cap))), index)
+    fraction = float(max(0.0, min(before, (float(budget_gib) * 2**30 - device_overhead(device)) / total)))
+    expandable = not env_flag(EXPANDABLE_SEGMENTS_OFF_ENV) and "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    if expandable:
+        _set_expandable_segments(True)
     try:
-        yield
+        yield int(fraction * total)
     finally:
+        if expandable:
+            _set_expandable_segments(False)
         torch.cuda.set_per_process_memory_fraction(before, index)
+
+
+def _make_room(device, cap_bytes, sp, overhead: int) -> None:
+    """Empty torch's cache of freed blocks before a stage whose predicted peak would run into the
+    allocator's cap with it: the allocator would otherwise empty it mid-stage, synchronising, at each miss."""
+    if cap_bytes is None or sp is None or not sp.predicted_peak:
+        return
+    need = sp.predicted_peak - overhead - torch.cuda.memory_allocated(device)
+    if torch.cuda.memory_reserved(device) + need > cap_bytes:
+        torch.cuda.empty_cache()
 
 
 def _note_idle_memory(device) -> None:
