@@ -184,7 +184,9 @@ def test_budget_table_in_the_markdown(tiny_bench):
     part["budgets"] = [
         {"budget_gib": 6, "passed": True, "nvml_peak_bytes": 5_900_000_000, "torch_peak_allocated_bytes": 4_800_000_000,
          "host_rss_peak_bytes": 9_100_000_000, "time_ratio_vs_unbudgeted": 1.18, "first_run_time_ratio_vs_unbudgeted": 1.52,
-         "plan": [{"stage": "shape_hr_flow", "predicted_peak_bytes": 5_700_000_000}]},
+         "plan": [{"stage": "shape_hr_flow", "predicted_peak_bytes": 5_700_000_000}],
+         "out_of_memory_retries": [{"note": "tex_decoder: out of memory under the plan (...)"}] * 2
+         + [{"note": "shape_decoder: out of memory under the plan (...)"}]},
         {"budget_gib": 3, "passed": False, "failed_stage": "plan", "nvml_peak_bytes": None,
          "torch_peak_allocated_bytes": None, "host_rss_peak_bytes": None},
         {"budget_gib": 4, "passed": True, "nvml_peak_bytes": 7_580_000_000, "torch_peak_allocated_bytes": 5_670_000_000,
@@ -193,8 +195,9 @@ def test_budget_table_in_the_markdown(tiny_bench):
     ]
     md = markdown(report)
     assert "non-torch overhead 0.90 GB; weights read per stage into a 8 GiB host store)" in md
-    assert "| inside | torch peak GB | host RSS GB | time vs unbudgeted (first run) |" in md
-    assert "| 6 | pass |  | 5.70 | 5.90 | yes | 4.80 | 9.10 | 1.18× (1.52×) |" in md
+    assert "| inside | torch peak GB | host RSS GB | time vs unbudgeted (first run) | out-of-memory retries |" in md
+    # a pass that needed retries says which stages ran out of memory, and how often
+    assert "| 6 | pass |  | 5.70 | 5.90 | yes | 4.80 | 9.10 | 1.18× (1.52×) | tex_decoder ×2, shape_decoder |" in md
     assert "| 3 | no plan | plan |" in md
     assert "| 2 | error | worker |" in md  # a crashed worker is not an out-of-memory measurement
     assert "| 4 | pass |  | – | 7.58 | no | 5.67 |" in md  # passed under the torch cap, above the budget on NVML

@@ -696,6 +696,12 @@ def _worker_process(job: dict, out: Path, tag: str) -> tuple[dict, BaseException
     return part, stopped
 
 
+def _retried_stages(budget_row: dict) -> str:
+    """The stages a budget run retried after running out of memory, in all its runs ("" for none)."""
+    names = [r["note"].split(":", 1)[0] for r in budget_row.get("out_of_memory_retries") or []]
+    return ", ".join(f"{n} ×{names.count(n)}" if names.count(n) > 1 else n for n in dict.fromkeys(names))
+
+
 def write_report(report: dict, out: Path, say=_say, with_charts: bool = True) -> dict:
     """bench.json, bench.md and (with_charts) the charts of a report, in `out`."""
     profiles = report["settings"].get("gpu_profiles")
@@ -797,8 +803,8 @@ def markdown(report: dict) -> str:
             store = f"; weights read per stage into a {hs['budget_gib']} GiB host store" if hs else ""
             lines += ["", f"### memory budgets (non-torch overhead {_gb(part.get('non_torch_overhead_bytes'))} GB{store})", "",
                       "| budget GiB | result | failed in | predicted peak GB | NVML peak GB | inside | torch peak GB | host RSS GB "
-                      "| time vs unbudgeted (first run) |",
-                      "|---:|---|---|---:|---:|---|---:|---:|---:|"]
+                      "| time vs unbudgeted (first run) | out-of-memory retries |",
+                      "|---:|---|---|---:|---:|---|---:|---:|---:|---|"]
             for b in part["budgets"]:
                 predicted = max((r["predicted_peak_bytes"] for r in b.get("plan") or []), default=None)
                 ratio, first = b.get("time_ratio_vs_unbudgeted"), b.get("first_run_time_ratio_vs_unbudgeted")
@@ -808,7 +814,7 @@ def markdown(report: dict) -> str:
                 inside = "" if peak is None else ("yes" if peak <= b["budget_gib"] * GIB else "no")
                 lines.append(f"| {b['budget_gib']} | {result} | {b.get('failed_stage') or ''} | {_gb(predicted)} | "
                              f"{_gb(peak)} | {inside} | {_gb(b.get('torch_peak_allocated_bytes'))} | "
-                             f"{_gb(b.get('host_rss_peak_bytes'))} | {times} |")
+                             f"{_gb(b.get('host_rss_peak_bytes'))} | {times} | {_retried_stages(b)} |")
             held = [(b["budget_gib"], b["held_at_start"]) for b in part["budgets"] if b.get("held_at_start")]
             if held:
                 lines += ["", "held as each budget run started (NVML / torch reserved GB): " + ", ".join(
