@@ -2,10 +2,10 @@
 # The GPU measurements the memory planner and the benchmark suite still need, one part per device call
 # (each well inside 10 minutes). Run from the repository root on the GPU machine, with wheels for
 # what it lacks carried in .whl/ (trimesh, xatlas, fast-simplification, nvidia-ml-py, matplotlib):
-#   bash benchmarks/gpu_session.sh PART [PART ...]   (PART: tests, budget-tests, 1024, 1536, 512, host, export, quality;
+#   bash benchmarks/gpu_session.sh PART [PART ...]   (PART: tests, budget-tests, 1024, 1024-expandable, 1536, 512, host, export, quality;
 #   results under $OUT; PIXAL3D_COMMIT=<sha> names the commit of a tree copied without its history)
 set -uo pipefail
-[ $# -gt 0 ] || { echo "parts: tests, budget-tests, 1024, 1536, 512, host, export or quality" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "parts: tests, budget-tests, 1024, 1024-expandable, 1536, 512, host, export or quality" >&2; exit 2; }
 out=${OUT:-bench-out}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -21,13 +21,16 @@ status=0
 for part in "$@"; do
 case "$part" in
   budget-tests)  # the budget paths' GPU tests: host stores under the cuda backend, fresh budget workers
-    python3 -m pytest -q --tb=long tests/test_planner.py tests/test_bench.py -k "host_store or fresh_worker or caps_the_allocator or host_budget or expandable or cache_is_emptied" 2>&1 \
+    python3 -m pytest -q --tb=long tests/test_planner.py tests/test_bench.py -k "host_store or fresh_worker or caps_the_allocator or host_budget or expandable_segments or cache_is_emptied" 2>&1 \
       | tee "$out/gpu_budget_tests.log" ;;
   tests)  # the CUDA paths the CPU never ran: residency streams and events, the backend's unload, the planner's runs
     python3 -m pytest -q tests/test_residency.py tests/test_cuda_backend.py tests/test_planner.py 2>&1 | tee "$out/gpu_tests.log" ;;
   1024|1536|512)
     pixal3d-rt bench --preset reference --resolution "$part" --runs 2 --glb-runs 1 --vram-budget "${budgets[$part]}" \
       $upstream --out "$out/bench_$part" 2>&1 | tee "$out/bench_$part.log" ;;
+  1024-expandable)  # the 1024 budgets with expandable segments under the cap (compare with part 1024 of the same call)
+    PIXAL3D_EXPANDABLE_SEGMENTS=1 pixal3d-rt bench --preset reference --resolution 1024 --runs 2 --glb-runs 0 \
+      --vram-budget "${budgets[1024]}" --out "$out/bench_1024_expandable" 2>&1 | tee "$out/bench_1024_expandable.log" ;;
   host)  # host RSS of the 1024 cascade with the weights read per stage into a host store (6 GiB device budget)
     pixal3d-rt bench --preset reference --resolution 1024 --runs 1 --glb-runs 0 --vram-budget 6 --budget-runs 2 \
       --host-budget 8 --out "$out/host_1024" 2>&1 | tee "$out/host_1024.log" ;;

@@ -33,7 +33,7 @@ def _positive(value, where):
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIXAL3D_EXPANDABLE_SEGMENTS": "1"}  # a switch (CUDA only) to be recorded
     res = subprocess.run(CLI + ["bench", "--preset", "tiny", "--resolution", "1024", "--runs", "2", "--device", "cpu",
                                 "--steps", "3", "--quality", "--out", str(out)], capture_output=True, text=True, env=env, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -48,6 +48,9 @@ def test_bench_json_has_every_stage_with_positive_times_and_memory(tiny_bench):
     env = report["environment"]
     for key in ("date_utc", "python", "torch", "device", "commit"):
         assert env.get(key), key
+    # the switches it ran under, and no path (the golden folder's) among them
+    assert env["switches"].get("PIXAL3D_EXPANDABLE_SEGMENTS") == "1" and "PIXAL3D_GOLDEN" not in env["switches"]
+    assert "switches: " in (out / "bench.md").read_text() and "PIXAL3D_EXPANDABLE_SEGMENTS=1" in (out / "bench.md").read_text()
     assert report["settings"]["preset"] == "tiny" and report["settings"]["runs"] == 2
     (part,) = report["resolutions"]
     assert part["resolution"] == 1024 and "error" not in part

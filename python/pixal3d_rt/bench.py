@@ -274,6 +274,9 @@ def roofline(flops: float, nbytes: float, tflops: float, gbs: float) -> float:
 # environment
 
 
+_NOT_SWITCHES = ("PIXAL3D_COMMIT", "PIXAL3D_GOLDEN", "PIXAL3D_BENCH_TMP")  # names and paths, not behaviour
+
+
 def environment(device) -> dict:
     import torch
 
@@ -293,6 +296,9 @@ def environment(device) -> dict:
     except Exception:
         env["pixal3d_rt"] = None
     env.update(git_commit())
+    # the switches a run was made under (kernels off, opt-in variants): a result names its variant
+    env["switches"] = {k: v for k, v in sorted(os.environ.items())
+                       if (k.startswith("PIXAL3D_") and k not in _NOT_SWITCHES) or k == "PYTORCH_CUDA_ALLOC_CONF"}
     return env
 
 
@@ -772,6 +778,8 @@ def markdown(report: dict) -> str:
     lines.append("")
     lines.append(f"{env.get('gpu', env['device'])}, driver {env.get('driver', '–')}, torch {env['torch']}, triton {env.get('triton')}, "
                  f"commit {str(env.get('commit'))[:10]}, {env['date_utc']}")
+    if env.get("switches"):
+        lines.append("switches: " + ", ".join(f"{k}={v}" for k, v in env["switches"].items()))
     if report.get("note"):
         lines += ["", f"_{report['note']}_"]
     for part in report["resolutions"]:

@@ -744,7 +744,7 @@ def _free_device_cache(device) -> None:
         torch.cuda.empty_cache()
 
 
-EXPANDABLE_SEGMENTS_OFF_ENV = "PIXAL3D_DISABLE_EXPANDABLE_SEGMENTS"
+EXPANDABLE_SEGMENTS_ENV = "PIXAL3D_EXPANDABLE_SEGMENTS"  # opt-in until a GPU run has compared it
 
 
 def _set_expandable_segments(on: bool) -> None:
@@ -761,9 +761,9 @@ def _allocator_cap(device, budget_gib):
     """Torch's allocator capped at the budget less the non-torch overhead for a budgeted run: its
     cache of freed blocks would otherwise grow past the budget on a larger card (it empties the cache
     and retries at the cap instead). A tighter cap already set (a benchmark's) stays. Yields the cap
-    in bytes (None: no cap). Segments made under the cap are expandable: freed blocks between live
-    ones are unmapped when the cap is reached, where fixed segments ran out of memory fragmented
-    (PIXAL3D_DISABLE_EXPANDABLE_SEGMENTS=1, or an explicit PYTORCH_CUDA_ALLOC_CONF, keeps them fixed)."""
+    in bytes (None: no cap). With PIXAL3D_EXPANDABLE_SEGMENTS=1 (and no explicit PYTORCH_CUDA_ALLOC_CONF
+    choice) segments made under the cap are expandable: freed blocks between live ones are unmapped at
+    the cap, where fixed segments ran decoders out of memory fragmented."""
     device = torch.device(device)
     if budget_gib is None or device.type != "cuda":
         yield None
@@ -772,7 +772,7 @@ def _allocator_cap(device, budget_gib):
     total = torch.cuda.get_device_properties(index).total_memory
     before = float(torch.cuda.get_per_process_memory_fraction(index))
     fraction = float(max(0.0, min(before, (float(budget_gib) * 2**30 - device_overhead(device)) / total)))
-    expandable = not env_flag(EXPANDABLE_SEGMENTS_OFF_ENV) and "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    expandable = env_flag(EXPANDABLE_SEGMENTS_ENV) and "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     if expandable:
         _set_expandable_segments(True)
