@@ -378,6 +378,17 @@ def test_expandable_segments_in_a_budgeted_run_when_switched_on(monkeypatch, swi
     assert fixed and not fixed[0].get("is_expandable", False)
 
 
+def test_the_cache_is_in_the_way_when_the_stage_would_not_fit_beside_it():
+    from pixal3d_rt.pipeline import cache_in_the_way
+
+    gb = 10**9
+    # the 8 GiB 1024 run's shape decoder: 7.72 GB reserved, 4.2 allocated, a 4.3 GB stage under a 7.78 GB cap
+    assert cache_in_the_way(int(7.72 * gb), int(4.2 * gb), int(4.3 * gb), int(7.78 * gb))
+    assert not cache_in_the_way(int(2.0 * gb), int(0.4 * gb), int(3.3 * gb), int(5.63 * gb))  # room beside it
+    assert not cache_in_the_way(int(5.0 * gb), int(3.0 * gb), int(2.0 * gb), int(5.63 * gb))  # the stage needs nothing new
+    assert cache_in_the_way(int(5.0 * gb), int(3.0 * gb), int(3.7 * gb), int(5.63 * gb))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's CUDA allocator")
 def test_the_cache_is_emptied_before_a_stage_that_would_run_into_the_cap():
     from types import SimpleNamespace

@@ -784,13 +784,19 @@ def _allocator_cap(device, budget_gib):
         torch.cuda.set_per_process_memory_fraction(before, index)
 
 
+def cache_in_the_way(reserved: int, allocated: int, predicted_torch_peak: int, cap: int) -> bool:
+    """Whether the allocator's cache (reserved but free) leaves a stage too little room under the
+    cap for what the stage is predicted to allocate beyond what is allocated now."""
+    return reserved + max(0, predicted_torch_peak - allocated) > cap
+
+
 def _make_room(device, cap_bytes, sp, overhead: int) -> None:
     """Empty torch's cache of freed blocks before a stage whose predicted peak would run into the
     allocator's cap with it: the allocator would otherwise empty it mid-stage, synchronising, at each miss."""
     if cap_bytes is None or sp is None or not sp.predicted_peak:
         return
-    need = sp.predicted_peak - overhead - torch.cuda.memory_allocated(device)
-    if torch.cuda.memory_reserved(device) + need > cap_bytes:
+    if cache_in_the_way(torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device),
+                        sp.predicted_peak - overhead, cap_bytes):
         torch.cuda.empty_cache()
 
 
