@@ -1,4 +1,5 @@
-"""Pipeline settings that are not network weights: sampler parameters, stage geometry, camera.
+"""Pipeline settings that are not network weights: sampler parameters, stage geometry, camera; and
+the one reader of on/off switches from the environment (`env_flag`).
 
 Values are upstream's: `pipeline.json` guidance intervals plus the overrides that Pixal3D's
 `inference.py` passes to `run()` (pixal3d.md §4.1). The sampler settings read from a weights
@@ -8,7 +9,14 @@ exactly as upstream's entry point does.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+
+
+def env_flag(var: str) -> bool:
+    """A switch from the environment: anything but unset, "", 0, false, no, off turns it on."""
+    return os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no", "off")
+
 
 # inference.py's overrides of pipeline.json (all stages 12 steps)
 SAMPLER_OVERRIDES = {

@@ -24,7 +24,6 @@ from . import config as C
 from .checkpoints import HIRES_ONLY, Weights, load_weights
 from .errors import BudgetError, InputImageError, StageOutOfMemory
 from .kernels.subm_conv import gather_chunk_bytes
-from .mesh.simplify import env_flag
 from .runtime.stages import networks_for, stages_for
 from .models.sparse import SparseTensor
 from .progress import as_progress
@@ -772,7 +771,7 @@ def _allocator_cap(device, budget_gib):
     total = torch.cuda.get_device_properties(index).total_memory
     before = float(torch.cuda.get_per_process_memory_fraction(index))
     fraction = float(max(0.0, min(before, (float(budget_gib) * 2**30 - device_overhead(device)) / total)))
-    expandable = env_flag(EXPANDABLE_SEGMENTS_ENV) and "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    expandable = C.env_flag(EXPANDABLE_SEGMENTS_ENV) and "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     if expandable:
         _set_expandable_segments(True)

@@ -57,7 +57,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..files import atomic_write_bytes  # the one atomic writer
-from .simplify import env_flag
+from ..config import env_flag
 
 # ---------------------------------------------------------------------------------------------------
 # small helpers

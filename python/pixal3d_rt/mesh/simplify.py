@@ -30,6 +30,8 @@ import warnings
 
 import numpy as np
 
+from ..config import env_flag
+
 PARALLEL_MIN_FACES = 400_000  # smaller meshes stay in one process (starting and feeding workers is a fixed cost)
 # By default the parts run only with this many usable cores: this process's own share of the parallel
 # path (cutting, sending, stitching, the seam band, the repair) is a fifth to a half of a one-process
@@ -39,11 +41,6 @@ PARALLEL_MIN_CORES = 4
 DISABLE_PARALLEL_ENV = "PIXAL3D_DISABLE_PARALLEL_SIMPLIFY"
 _SEAM_SLACK = 1.01  # a face count within this factor of the target needs no further pass
 _SEAM_FACES_PER_VERTEX = 2  # faces a locked cut vertex keeps beside it in its part's result, about
-
-
-def env_flag(var: str) -> bool:
-    """A switch from the environment: anything but unset, "", 0, false, no, off turns it on."""
-    return os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def usable_cores() -> int:
