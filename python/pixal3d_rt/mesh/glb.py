@@ -236,11 +236,11 @@ def orient_faces(vertices: np.ndarray, faces: np.ndarray, *, outward: bool = Tru
         return f.copy(), {"components": np.zeros(0, np.int64), "closed": np.zeros(0, bool), "flipped": 0}
     order, start, count, forward = _edge_table(f, len(vertices))
     pairs = start[count == 2]
-    ea, eb = order[pairs], order[pairs + 1]
-    fa, fb = ea // 3, eb // 3
-    parity = (forward[ea] == forward[eb]).astype(np.uint8)  # same direction => windings disagree
+    pa, pb = order[pairs], order[pairs + 1]  # the two face-edges of each manifold edge
+    same_direction = forward[pa] == forward[pb]  # => the two windings disagree
+    fa, fb = pa // 3, pb // 3
     keep = fa != fb
-    fa, fb, parity = fa[keep], fb[keep], parity[keep]
+    fa, fb, parity = fa[keep], fb[keep], same_direction[keep].astype(np.uint8)
 
     parent = np.arange(n, dtype=np.int64)
     rel = np.zeros(n, dtype=np.uint8)  # parity of a face relative to its parent
@@ -274,8 +274,7 @@ def orient_faces(vertices: np.ndarray, faces: np.ndarray, *, outward: bool = Tru
     # flips (a non-orientable loop), mark their component open
     bad_face = np.zeros(n, dtype=bool)
     bad_face[order[np.repeat(count != 2, count)] // 3] = True
-    pa, pb = order[pairs], order[pairs + 1]
-    disagree = (forward[pa] == forward[pb]) ^ (flip[pa // 3] != flip[pb // 3])
+    disagree = same_direction ^ (flip[pa // 3] != flip[pb // 3])
     bad_face[pa[disagree] // 3] = True
     open_comp = np.zeros(n, dtype=bool)
     open_comp[comp[bad_face]] = True
@@ -310,11 +309,11 @@ def _orient_faces_torch(vertices, faces, outward: bool, device) -> tuple[np.ndar
     count = torch.diff(torch.cat([start, start.new_tensor([len(keys)])]))
     forward = e[:, 0] < e[:, 1]
     pairs = start[count == 2]
-    ea, eb = order[pairs], order[pairs + 1]
-    fa, fb = ea // 3, eb // 3
-    parity = forward[ea] == forward[eb]  # same direction => windings disagree
+    pa, pb = order[pairs], order[pairs + 1]  # the two face-edges of each manifold edge
+    same_direction = forward[pa] == forward[pb]  # => the two windings disagree
+    fa, fb = pa // 3, pb // 3
     keep = fa != fb
-    fa, fb, parity = fa[keep], fb[keep], parity[keep]
+    fa, fb, parity = fa[keep], fb[keep], same_direction[keep]
     parent = torch.arange(n, device=f.device)
     rel = torch.zeros(n, dtype=torch.bool, device=f.device)
 
@@ -343,8 +342,7 @@ def _orient_faces_torch(vertices, faces, outward: bool, device) -> tuple[np.ndar
     flip, comp = rel, parent
     bad_face = torch.zeros(n, dtype=torch.bool, device=f.device)
     bad_face[order[torch.repeat_interleave(count != 2, count)] // 3] = True
-    pa, pb = order[pairs], order[pairs + 1]
-    disagree = (forward[pa] == forward[pb]) ^ (flip[pa // 3] != flip[pb // 3])
+    disagree = same_direction ^ (flip[pa // 3] != flip[pb // 3])
     bad_face[pa[disagree] // 3] = True
     open_comp = torch.zeros(n, dtype=torch.bool, device=f.device)
     open_comp[comp[bad_face]] = True
