@@ -200,6 +200,28 @@ def test_textures_are_written_with_zlibs_fastest_level(exported):
         assert cmf & 0x0F == 8 and (cmf * 256 + flg) % 31 == 0 and flg >> 6 == 0
 
 
+@pytest.mark.parametrize("image_format", ["png", "webp"])
+def test_textures_encoded_in_parallel_give_trimeshs_own_bytes(image_format):
+    """encode_glb encodes the two textures on threads first; the file is byte for byte the one
+    trimesh writes when it encodes them itself, one after another."""
+    import trimesh
+
+    rng = np.random.default_rng(3)
+    maps = rng.random((97, 97, 6)).astype(np.float32)  # odd size, not flat: the encoders do real work
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32) * 0.3
+    f = np.array([[0, 1, 2]])
+    uvs = np.array([[0.1, 0.1], [0.9, 0.1], [0.1, 0.9]], np.float32)
+    mesh_ours = glb.build_textured_mesh(v, f, glb.vertex_normals(v, f), uvs, maps, double_sided=False)
+    mesh_plain = glb.build_textured_mesh(v, f, glb.vertex_normals(v, f), uvs, maps, double_sided=False)
+    ours = glb.encode_glb(mesh_ours, image_format=image_format)
+    plain = trimesh.exchange.gltf.export_glb(trimesh.Scene(mesh_plain), include_normals=True,
+                                             extension_webp=image_format == "webp")
+    images = glb._texture_images(mesh_ours)
+    assert len(images) == 2 and all(img.pre_encoded[0] == image_format.upper() for img in images)
+    assert ours == plain
+    assert glb.encode_glb(mesh_ours, image_format=image_format) == plain  # encoding again: the same file
+
+
 def test_texture_matches_voxel_field_at_surface_points(exported):
     """Read the raw GLB: interpolate TEXCOORD_0 at face centroids, sample both textures, and compare with
     the attribute field at the same points mapped back to the grid frame ((X,Y,Z) -> (-X, Y, -Z))."""

@@ -37,14 +37,14 @@ UVs: `to_glb` flips v before handing the mesh to trimesh and trimesh flips it ag
 stored TEXCOORD_0 is the unwrapper's v, which counts texture rows from the top image row; the baked
 images are stored in that same row order (glTF's convention: uv (0,0) = first texel of the image).
 
-Where this differs from upstream, and why:
-  - no narrow-band dual-contouring remesh (Pixal3D's inference.py passes remesh=True): the decoded
-    surface is cleaned, hole-filled and decimated instead, as upstream's remesh=False branch does;
-  - texels are not re-projected onto the original dense mesh (cuBVH); the bake samples the simplified
-    surface and falls back to the nearest voxel where it leaves the voxel band (bake.sample_sparse_voxels);
+Where this differs from upstream, and why (the `fast` mode; `upstream` remeshes and re-projects as
+upstream does, mesh/modes.py):
+  - the `fast` mode does not remesh: the decoded surface is cleaned, hole-filled and decimated instead,
+    as upstream's remesh=False branch does, and its texels are sampled where they land on the
+    simplified surface (falling back to the nearest voxel where it leaves the voxel band);
   - seams are filled by dilation + push-pull instead of cv2 TELEA inpainting (bake.fill_uncovered);
   - textures are PNG by default (readable everywhere); image_format="webp" gives upstream's
-    EXT_texture_webp files;
+    EXT_texture_webp files; both are encoded in parallel, byte for byte as trimesh encodes them;
   - winding is unified by our vectorised union-find (`orient_faces`): trimesh.repair.fix_winding walks
     the face graph in Python, minutes on a million faces.
 """
@@ -610,13 +610,50 @@ def build_textured_mesh(vertices: np.ndarray, faces: np.ndarray, normals: np.nda
                            vertex_normals=to_glb_axes(normals), visual=visual, process=False)
 
 
+def _texture_images(mesh) -> list:
+    material = getattr(getattr(mesh, "visual", None), "material", None)
+    images = [getattr(material, key, None) for key in ("baseColorTexture", "metallicRoughnessTexture")]
+    return [img for img in images if img is not None]
+
+
+def _pre_encode_textures(images, save_as: str) -> None:
+    """Encode the textures on threads of their own (Pillow's encoders release the GIL) and let each
+    image hand trimesh its bytes when trimesh saves it, instead of encoding them one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+    import io
+
+    from PIL import Image
+
+    class PreEncodedImage(Image.Image):
+        def save(self, fp, format=None, **params):
+            if format is not None and format.upper() == self.pre_encoded[0] and not params:
+                fp.write(self.pre_encoded[1])
+            else:
+                super().save(fp, format=format, **params)
+
+    def encode(img):
+        buf = io.BytesIO()
+        img.save(buf, format=save_as)  # as trimesh would: the image's own encoderinfo, no other params
+        return buf.getvalue()
+
+    with ThreadPoolExecutor(max_workers=len(images)) as pool:
+        encoded = list(pool.map(encode, images))
+    for img, data in zip(images, encoded):
+        img.__class__ = PreEncodedImage
+        img.pre_encoded = (save_as.upper(), data)
+
+
 def encode_glb(mesh, *, image_format: str = "png") -> bytes:
     """GLB bytes of a trimesh mesh (None: an empty scene). image_format "png" (every viewer) or "webp"
-    (upstream's choice, `extension_webp=True`: smaller, but requires EXT_texture_webp support)."""
+    (upstream's choice, `extension_webp=True`: smaller, but requires EXT_texture_webp support).
+    The textures are encoded in parallel first; the bytes are those trimesh's own encoding gives."""
     import trimesh
 
     if image_format not in ("png", "webp"):
         raise ValueError(f"image_format must be 'png' or 'webp', got {image_format!r}")
+    images = _texture_images(mesh)
+    if len(images) > 1 and all(getattr(img, "format", None) != "JPEG" for img in images):
+        _pre_encode_textures(images, "WEBP" if image_format == "webp" else "PNG")
     scene = trimesh.Scene() if mesh is None else trimesh.Scene(mesh)
     return trimesh.exchange.gltf.export_glb(scene, include_normals=mesh is not None,
                                             extension_webp=image_format == "webp")
