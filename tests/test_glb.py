@@ -366,6 +366,18 @@ def test_failure_mid_export_leaves_no_file(tmp_path, monkeypatch, where):
 # pieces against independent references
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_texture_quantisation_of_a_tensor_matches_numpys(device):
+    """The bake's maps are quantised where they live; values outside [0, 1] and on the rounding
+    boundaries come out as numpy's clip-and-truncate gives them."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(67, 45, 6, generator=g) * 1.4 - 0.2
+    x[0, :7, 0] = torch.tensor([0.0, 1.0, 1 / 255, 254.5 / 255, 128 / 255, -0.0, 1.0 + 1e-7])
+    got = glb.quantize_unorm8(x.to(device))
+    want = glb.quantize_unorm8(x.numpy())
+    assert got.dtype == np.uint8 and np.array_equal(got, want) and want.min() == 0 and want.max() == 255
+
+
 def test_axes_compose_upstream_transforms():
     to_glb = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], dtype=float)  # (x,y,z) -> (x, z, -y)
     rot = np.array([[-1, 0, 0], [0, 0, -1], [0, -1, 0]], dtype=float)  # Pixal3D inference.py

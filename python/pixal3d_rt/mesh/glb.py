@@ -566,7 +566,12 @@ def to_glb_axes(points: np.ndarray) -> np.ndarray:
 
 
 def quantize_unorm8(x) -> np.ndarray:
-    """[0,1] floats -> uint8 the way upstream does (clip(x * 255) then truncate)."""
+    """[0,1] floats -> uint8 the way upstream does (clip(x * 255) then truncate). A tensor is quantised
+    where it lives (a GPU's texture maps cross to the host as a quarter of their float bytes)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return torch.clamp(x.float() * 255.0, 0.0, 255.0).to(torch.uint8).cpu().numpy()
     x = _to_numpy(x, np.float32)
     return np.clip(x * 255.0, 0.0, 255.0).astype(np.uint8)
 
@@ -581,13 +586,13 @@ def build_textured_mesh(vertices: np.ndarray, faces: np.ndarray, normals: np.nda
     """trimesh.Trimesh in the GLB frame with upstream's PBR material.
 
     vertices/normals [V,3] grid frame; faces [F,3]; uvs [V,2] glTF convention (v from the top row) or
-    None; maps [S,S,6] float (base_color 0:3, metallic 3, roughness 4, alpha 5; row 0 = top) or None
-    for a geometry-only asset (uniform grey material)."""
+    None; maps [S,S,6] float, or uint8 already quantised (base_color 0:3, metallic 3, roughness 4,
+    alpha 5; row 0 = top), or None for a geometry-only asset (uniform grey material)."""
     import trimesh
     from PIL import Image
 
     if maps is not None:
-        q = quantize_unorm8(maps)
+        q = maps if maps.dtype == np.uint8 else quantize_unorm8(maps)
         base_rgba = np.ascontiguousarray(np.concatenate([q[..., 0:3], q[..., 5:6]], axis=-1))
         metal_rough = np.ascontiguousarray(np.stack([np.zeros_like(q[..., 3]), q[..., 4], q[..., 3]], axis=-1))
         base_img, mr_img = Image.fromarray(base_rgba), Image.fromarray(metal_rough)
@@ -778,7 +783,7 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
                                   int(texture_size), **proj)
         if proj:
             stats["projected"] = proj["info"]["projected"]
-        maps_np = maps.cpu().numpy()
+        maps_u8 = quantize_unorm8(maps)
         timings["bake"] = time.perf_counter() - t
         stats["coverage"] = float(mask.float().mean())
         stats["texture_size"] = int(texture_size)
@@ -792,9 +797,9 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
             f"{stats['texels_per_voxel']:.2f} texels per voxel side, {timings['bake']:.1f}s)")
         v, f, normals = v[vmap], f_uv, normals[vmap]
     else:
-        uvs = maps_np = None
+        uvs = maps_u8 = None
     stats["faces"], stats["vertices"] = int(len(f)), int(len(v))
     t = time.perf_counter()
-    mesh = build_textured_mesh(v, f, normals, uvs, maps_np, double_sided=sided)
+    mesh = build_textured_mesh(v, f, normals, uvs, maps_u8, double_sided=sided)
     timings["mesh"] = time.perf_counter() - t
     return mesh, stats
