@@ -53,9 +53,13 @@ def test_infer_with_weights_in_a_fresh_process(weights, tmp_path, resolution):
     loading's meta context ("Cannot copy out of meta tensor")."""
     out = tmp_path / "mug.glb"
     res = run_cli("infer", "--image", EXAMPLE, "--output", out, "--weights", weights, "--resolution", resolution,
-                  "--texture-size", 512, "--seed", 3)
+                  "--texture-size", 512, "--seed", 3, "--preview")
     assert res.returncode == 0, res.stderr[-3000:]
     assert out.is_file()
+    from PIL import Image
+
+    with Image.open(out.with_suffix(".preview.png")) as im:  # the rendered views: not one flat colour
+        assert im.size[0] > im.size[1] > 0 and len(set(im.convert("RGB").getdata())) > 10
     mesh = _mesh(out)
     assert len(mesh.faces) > 100
     textured = resolution != "512"

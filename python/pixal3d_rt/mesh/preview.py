@@ -11,6 +11,8 @@ import math
 import numpy as np
 import torch
 
+from .glb import quantize_unorm8  # the one float -> 8-bit rule
+
 # yaw about the up axis (GLB +Y), degrees: the front (the photo's side faces -Z), right, back, left
 VIEW_YAWS = (0.0, 90.0, 180.0, 270.0)
 ELEVATION = 20.0
@@ -118,7 +120,7 @@ def render_views(path, size: int = 384, yaws=VIEW_YAWS, elevation: float = ELEVA
             r, c = rows[closer, 0], rows[closer, 1]
             img[r, c] = (colour * shade[:, None])[closer]
             zbest[r, c] = z[closer]
-        images.append((img.clamp(0, 1) * 255).to(torch.uint8).numpy())
+        images.append(quantize_unorm8(img))
     return images
 
 
