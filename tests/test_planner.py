@@ -415,15 +415,19 @@ def test_host_store_serves_the_cuda_backend_flows(tmp_path, tiny):
     pipe, _ = tiny
     d = write_weights(pipe.w, tmp_path / "weights")
     ref = Pipeline.from_pretrained(d, device="cuda", resolution=512, backend="cuda").run(IMAGE, 512, steps=1)
-    budget = 1.2e6  # bytes: about one tiny network at a time
+    budget = 0.5e6  # bytes: less than any tiny network, so each is read for its stage and dropped after it
     stored = Pipeline.from_pretrained(d, device="cuda", resolution=512, backend="cuda", vram_budget=8,
                                       host_budget=budget / GIB)
-    for _ in range(2):  # the second image finds the flows dropped again
+    flow = stored.host_store.networks["shape_slat_flow_model_512"]
+    reads = []
+    read = flow.reader
+    flow.reader = lambda module: (reads.append(1), read(module))
+    for n in (1, 2):  # the second image finds the flow dropped again and reads it back
         r = stored.run(IMAGE, 512, steps=1)
         assert torch.equal(r.latents["shape_slat"].feats, ref.latents["shape_slat"].feats)
         assert torch.equal(r.vertices, ref.vertices) and torch.equal(r.faces, ref.faces)
-        flow = stored.host_store.networks["shape_slat_flow_model_512"]
         assert not flow.host_loaded and stored.host_store.held_bytes() <= budget
+        assert len(reads) == n
 
 
 def test_offload_then_a_budgeted_run(tiny):
