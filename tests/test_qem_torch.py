@@ -78,3 +78,27 @@ def test_export_takes_it_behind_its_switch(monkeypatch):
     ours = simplify_torch(v, f, 1_000, device="cpu")
     assert np.array_equal(switched[0], ours[0]) and np.array_equal(switched[1], ours[1])
     assert not (len(plain[1]) == len(ours[1]) and np.array_equal(plain[1], ours[1]))  # fast-simplification's differs
+
+
+def test_faces_stay_as_even_as_fast_simplifications_on_a_voxel_surface():
+    """A voxel-staircase surface (the reference mug) cut to a twentieth: collapses spread over the
+    surface, so the faces' areas vary about as much as after fast-simplification's, and xatlas makes
+    no more charts of it (a greedy order left huge faces on the flats and many small charts)."""
+    from pixal3d_rt.mesh.uv import uv_unwrap
+    from pixal3d_rt.reference_shape import ReferenceStructure
+
+    v, f = ReferenceStructure().surface_mesh(128)
+    v, f = glb.clean_mesh(v.numpy(), f.numpy())
+    target = len(f) // 20
+
+    def spread_and_charts(sv, sf):
+        tri = sv[sf].astype(np.float64)
+        area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+        vmap, uf, _ = uv_unwrap(sv, sf, texture_size=1024)
+        return area.std() / area.mean(), glb.count_charts(uf, len(vmap))
+
+    ours = simplify_torch(v, f, target)
+    assert target - 40 <= len(ours[1]) <= target
+    spread, charts = spread_and_charts(*ours)
+    ref_spread, ref_charts = spread_and_charts(*glb.simplify_mesh(v, f, target))
+    assert spread < 1.5 * ref_spread and charts <= 1.1 * ref_charts
