@@ -518,6 +518,23 @@ def test_fill_small_holes_closes_only_small_loops():
     np.testing.assert_array_equal(glb.fill_small_holes(v2, f2, 1e-3)[1], f2)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_fill_small_holes_finds_the_boundary_in_torch_as_numpy_does(device):
+    """The boundary found in torch on a device gives numpy's result exactly: several holes of
+    awkward sizes in a shuffled surface, a closed surface, and no faces."""
+    v, f, _ = dual_grid_mesh(torus_sdf, 37)
+    v, f = glb.clean_mesh(v, f)
+    f, _ = glb.orient_faces(v, f)
+    rng = np.random.default_rng(3)
+    holes = np.isin(f, rng.choice(len(v), 7, replace=False)).any(1)  # the 1-rings of seven vertices
+    open_f = f[~holes][rng.permutation(int((~holes).sum()))]
+    for ff in (open_f, f, f[:0]):
+        ref = glb.fill_small_holes(v, ff, 0.5)
+        got = glb.fill_small_holes(v, ff, 0.5, device=device)
+        assert got[2] == ref[2] and np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+    assert ref[2] == 0 and glb.fill_small_holes(v, open_f, 0.5)[2] >= 6  # two rings may merge into one hole
+
+
 def test_remove_small_components():
     v1, f1, _ = dual_grid_mesh(torus_sdf, 20)
     v2, f2, _ = dual_grid_mesh(lambda p: sphere_sdf(p, 0.02, (0.0, 0.4, 0.0)), 64)

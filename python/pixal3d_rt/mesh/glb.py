@@ -389,19 +389,36 @@ def remove_small_components(vertices: np.ndarray, faces: np.ndarray, components:
     return v, f, keep
 
 
-def fill_small_holes(vertices: np.ndarray, faces: np.ndarray, max_perimeter: float = 3e-2
+def _boundary_edges(faces: np.ndarray, n_vertices: int, device=None) -> np.ndarray:
+    """Directed edge ids (face * 3 + corner) that no other face shares, ordered by undirected key;
+    with `device`, found in torch there (the decoded surface's millions of edges: only the few
+    boundary ones come back)."""
+    if device is None:
+        order, start, count, _ = _edge_table(faces, n_vertices)
+        return order[start[count == 1]]
+    import torch
+
+    f = torch.as_tensor(faces).to(device)
+    e = f[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+    key = torch.minimum(e[:, 0], e[:, 1]) * n_vertices + torch.maximum(e[:, 0], e[:, 1])
+    _, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    bnd = (counts[inverse] == 1).nonzero()[:, 0]
+    return bnd[torch.argsort(key[bnd])].cpu().numpy()
+
+
+def fill_small_holes(vertices: np.ndarray, faces: np.ndarray, max_perimeter: float = 3e-2, *, device=None
                      ) -> tuple[np.ndarray, np.ndarray, int]:
     """Close every simple boundary loop whose perimeter is at most `max_perimeter` with a fan of
     triangles around a new vertex at the loop centroid, wound like the faces around it (run after
     `orient_faces`). Loops through a vertex with more than one boundary edge in or out are left open.
+    `device`: where the boundary is found (torch; None: numpy), the same result.
     Returns (vertices, faces, number of holes filled).
     """
     v = np.asarray(vertices, dtype=np.float32)
     f = np.asarray(faces, dtype=np.int64)
     if len(f) == 0 or max_perimeter <= 0:
         return v, f, 0
-    order, start, count, _ = _edge_table(f, len(v))
-    bnd = order[start[count == 1]]  # directed edge ids that no other face shares
+    bnd = _boundary_edges(f, len(v), device)
     if len(bnd) == 0:
         return v, f, 0
     e = f[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)[bnd]

@@ -276,7 +276,7 @@ def prepare_remeshed(vertices, faces, grid_size: int, *, decimation_target: int 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     v, f = glb.clean_mesh(vertices, faces, device=dev)
     f, _ = glb.orient_faces(v, f, outward=False, device=glb.gpu_or_none(dev))
-    v, f, _ = glb.fill_small_holes(v, f, max_hole_perimeter)
+    v, f, _ = glb.fill_small_holes(v, f, max_hole_perimeter, device=glb.gpu_or_none(dev))
     timings["clean"] = time.perf_counter() - t
     surface = (v, f)
     if len(f) == 0:
