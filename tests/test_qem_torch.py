@@ -102,3 +102,15 @@ def test_faces_stay_as_even_as_fast_simplifications_on_a_voxel_surface():
     spread, charts = spread_and_charts(*ours)
     ref_spread, ref_charts = spread_and_charts(*glb.simplify_mesh(v, f, target))
     assert spread < 1.5 * ref_spread and charts <= 1.1 * ref_charts
+
+
+def test_collapse_points_solved_in_chunks_give_the_same_mesh(monkeypatch):
+    """Edges solved a few at a time (an awkward chunk size) give the mesh of one solve for all."""
+    from pixal3d_rt.mesh import qem_torch
+
+    v, f, _ = _torus(61, 23)
+    whole = simplify_torch(v, f, 501)
+    monkeypatch.setattr(qem_torch, "EDGE_CHUNK", 97)
+    chunked = simplify_torch(v, f, 501)
+    assert np.array_equal(whole[0], chunked[0]) and np.array_equal(whole[1], chunked[1])
+    assert len(whole[1]) <= 501

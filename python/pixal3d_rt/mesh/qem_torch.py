@@ -26,6 +26,7 @@ import torch
 CHEAP_SHARE = 0.6  # of the edges that may collapse, the cheapest that are candidates in a round: a larger share
 # spreads the collapses over the surface (rounder faces, fewer and larger UV charts), a smaller one is greedier
 SELECTION_PASSES = 4
+EDGE_CHUNK = 1 << 20  # edges whose collapse points are solved at once
 MIN_NORMAL_COS = 0.2  # a face around a collapse may turn by up to ~78 degrees, as fast-simplification allows
 _UPPER = ((0, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (3, 3))  # symmetric 4x4 as 10
 
@@ -96,7 +97,13 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
     locked = torch.zeros(n_v, dtype=torch.bool, device=dev)
     locked[lo[count != 2]] = True
     locked[hi[count != 2]] = True
-    point, cost = _collapse_points(q[lo] + q[hi], v[lo].double(), v[hi].double())
+    point, cost = [], []
+    for s in range(0, len(lo), EDGE_CHUNK):  # in chunks: the solve's float64 temporaries take hundreds of bytes an edge
+        a, b = lo[s:s + EDGE_CHUNK], hi[s:s + EDGE_CHUNK]
+        p, c = _collapse_points(q[a] + q[b], v[a].double(), v[b].double())
+        point.append(p)
+        cost.append(c)
+    point, cost = torch.cat(point), torch.cat(cost)
     cost = torch.where(locked[lo] | locked[hi], torch.inf, cost)
     live = torch.isfinite(cost)
     if not bool(live.any()):
