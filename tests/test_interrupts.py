@@ -34,9 +34,15 @@ def _complete_glb(p: Path) -> bool:
     return len(data) >= 12 and data[:4] == b"glTF" and struct.unpack("<I", data[8:12])[0] == len(data)
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args, cwd):
+    # SIGINT as a terminal's foreground process has it: a test run started in the background of a
+    # non-interactive shell would otherwise hand it down ignored, and Ctrl-C would never arrive
     return subprocess.Popen([*CLI, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_default_sigint)
 
 
 def _stop_at(proc, marker: str, sig, watch: Path | None = None) -> str:
