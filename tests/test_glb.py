@@ -674,11 +674,12 @@ def test_fill_uncovered_extends_borders_and_keeps_baked_texels():
     assert (out.sum(-1) > 0.5).all()
 
 
-def test_uv_unwrap_covers_each_face_once():
+@pytest.mark.parametrize("method", ["planar", "xatlas"])
+def test_uv_unwrap_covers_each_face_once(method):
     v, f, _ = dual_grid_mesh(torus_sdf, 24)
     v, f = glb.clean_mesh(v, f)
     f, _ = glb.orient_faces(v, f)
-    vmap, fu, uvs = uv.uv_unwrap(v, f, texture_size=128, cluster_size=200)
+    vmap, fu, uvs = uv.uv_unwrap(v, f, texture_size=128, cluster_size=200, method=method)
     assert len(fu) == len(f) and uvs.min() >= 0 and uvs.max() <= 1
     # the same triangles (through vmapping), in some order
     assert np.array_equal(np.unique(np.sort(vmap[fu], axis=1), axis=0), np.unique(np.sort(f, axis=1), axis=0))
@@ -727,13 +728,14 @@ def _texels_in_two_charts(faces, uvs, chart, res):
     return len(clash)
 
 
-def test_uv_unwrap_charts_per_cluster_do_not_overlap():
+@pytest.mark.parametrize("method", ["planar", "xatlas"])
+def test_uv_unwrap_charts_per_cluster_do_not_overlap(method):
     # clusters of at most ~200 faces: every cluster becomes charts of its own, all packed into one atlas
     v, f, _ = dual_grid_mesh(torus_sdf, 24)
     v, f = glb.clean_mesh(v, f)
     f, _ = glb.orient_faces(v, f)
     n_clusters = int(uv.cluster_faces(v, f, 200).max()) + 1
-    vmap, fu, uvs = uv.uv_unwrap(v, f, texture_size=128, cluster_size=200)
+    vmap, fu, uvs = uv.uv_unwrap(v, f, texture_size=128, cluster_size=200, method=method)
     tri = uvs[fu]
     assert tri.min() >= 0 and tri.max() <= 1  # every face's three corners inside the texture
     area = 0.5 * np.abs((tri[:, 1, 0] - tri[:, 0, 0]) * (tri[:, 2, 1] - tri[:, 0, 1])
@@ -748,3 +750,61 @@ def test_uv_unwrap_charts_per_cluster_do_not_overlap():
     first = np.unique(fu[chart == chart[0]])
     moved[first] += 0.5 - moved[first].mean(axis=0)
     assert _texels_in_two_charts(fu, moved, chart, 512) > 0
+
+
+def _signed_uv_areas(uvs, faces):
+    tri = uvs[faces].astype(np.float64)
+    return 0.5 * ((tri[:, 1, 0] - tri[:, 0, 0]) * (tri[:, 2, 1] - tri[:, 0, 1])
+                  - (tri[:, 1, 1] - tri[:, 0, 1]) * (tri[:, 2, 0] - tri[:, 0, 0]))
+
+
+def test_planar_charts_keep_one_texel_density_and_one_winding():
+    """Every chart is its cluster's projection at one scale: a face's UV area over its 3D area is the
+    cosine of its tilt from the cluster's axis (at most 54.7° off), times one constant; no face flips."""
+    v, f, _ = dual_grid_mesh(torus_sdf, 24)
+    v, f = glb.clean_mesh(v, f)
+    f, _ = glb.orient_faces(v, f)
+    v = v * np.array([1.0, 0.6, 1.3], np.float32)  # not a cube's symmetry: charts of every aspect
+    vmap, fu, uvs = uv.uv_unwrap(v, f, texture_size=256, cluster_size=150, method="planar")
+    assert np.array_equal(vmap[fu], f)  # the input's faces, in its order
+    tri = v[f].astype(np.float64)
+    area3 = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    signed = _signed_uv_areas(uvs, fu)
+    assert (signed > 0).all() or (signed < 0).all()
+    ratio = np.abs(signed) / area3
+    assert ratio.max() / ratio.min() <= np.sqrt(3) * 1.001 and ratio.max() / ratio.min() > 1.3
+    assert glb.count_charts(fu, len(vmap)) < len(f) / 20  # charts are whole clusters, not faces
+
+
+def test_shelf_pack_places_rectangles_apart_inside_the_square():
+    rng = np.random.default_rng(3)
+    for n, size in ((1, 7), (37, 61), (300, 257)):
+        h = np.sort(rng.integers(1, 12, n))[::-1].copy()
+        w = rng.integers(1, 12, n)
+        corners = uv._shelf_pack(w, h, size)
+        if corners is None:  # only when they cannot fit at all, or nearly fill the square
+            assert (w * h).sum() > size * size * 0.5 or (w > size).any() or (h > size).any()
+            continue
+        assert (corners >= 0).all() and (corners[:, 0] + w <= size).all() and (corners[:, 1] + h <= size).all()
+        occupied = np.zeros((size, size), np.int32)
+        for (x, y), ww, hh in zip(corners.tolist(), w.tolist(), h.tolist()):
+            occupied[y:y + hh, x:x + ww] += 1
+        assert occupied.max() == 1
+    assert uv._shelf_pack(np.array([5, 5]), np.array([5, 5]), 9) is None  # side by side 10 > 9, stacked 10 > 9
+    assert uv._shelf_pack(np.array([10]), np.array([1]), 9) is None
+
+
+def test_planar_unwrap_refuses_a_texture_the_charts_cannot_fit():
+    v, f, _ = dual_grid_mesh(torus_sdf, 24)
+    with pytest.raises(ValueError, match="larger --texture-size"):
+        uv.uv_unwrap(v, f, texture_size=8, cluster_size=20, method="planar")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_planar_unwrap_on_the_gpu_matches_the_cpu():
+    v, f, _ = dual_grid_mesh(torus_sdf, 40)
+    v, f = glb.clean_mesh(v, f)
+    cpu = uv.uv_unwrap(v, f, texture_size=512, cluster_size=300, method="planar", device="cpu")
+    gpu = uv.uv_unwrap(v, f, texture_size=512, cluster_size=300, method="planar", device="cuda")
+    assert np.array_equal(cpu[0], gpu[0]) and np.array_equal(cpu[1], gpu[1])
+    np.testing.assert_allclose(cpu[2], gpu[2], atol=1e-6)

@@ -71,6 +71,12 @@ def test_meshes_at_or_below_the_target_come_back_whole():
 
 
 def test_export_takes_it_behind_its_switch(monkeypatch):
+    monkeypatch.delenv(glb.TORCH_SIMPLIFY_ENV, raising=False)
+    assert glb.use_torch_simplifier("cuda:0") and not glb.use_torch_simplifier("cpu")
+    assert not glb.use_torch_simplifier(None)
+    monkeypatch.setenv(glb.TORCH_SIMPLIFY_ENV, "0")
+    assert not glb.use_torch_simplifier("cuda:0")
+    monkeypatch.delenv(glb.TORCH_SIMPLIFY_ENV)
     v, f, _ = _torus(83, 29)
     plain = glb.simplify_mesh(v, f, 1_000, device="cpu")
     monkeypatch.setenv(glb.TORCH_SIMPLIFY_ENV, "1")
@@ -94,7 +100,7 @@ def test_faces_stay_as_even_as_fast_simplifications_on_a_voxel_surface():
     def spread_and_charts(sv, sf):
         tri = sv[sf].astype(np.float64)
         area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-        vmap, uf, _ = uv_unwrap(sv, sf, texture_size=1024)
+        vmap, uf, _ = uv_unwrap(sv, sf, texture_size=1024, method="xatlas")
         return area.std() / area.mean(), glb.count_charts(uf, len(vmap))
 
     ours = simplify_torch(v, f, target)

@@ -13,9 +13,13 @@ import os
 from dataclasses import dataclass
 
 
-def env_flag(var: str) -> bool:
-    """A switch from the environment: anything but unset, "", 0, false, no, off turns it on."""
-    return os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no", "off")
+def env_flag(var: str, default: bool = False) -> bool:
+    """A switch from the environment: unset or "" gives `default`; 0, false, no, off turn it off;
+    anything else turns it on."""
+    value = os.environ.get(var, "").strip().lower()
+    if value == "":
+        return default
+    return value not in ("0", "false", "no", "off")
 
 
 # inference.py's overrides of pipeline.json (all stages 12 steps)

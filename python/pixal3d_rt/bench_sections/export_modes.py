@@ -10,7 +10,9 @@ Variants: fast = the default mode (the decoded surface simplified, texels sample
 fast_projected = fast + texels re-projected onto the decoded surface (as upstream's bake);
 fast_remesh = the remesh at fast's face count and texture; upstream = --export upstream;
 fast_torch_simplify / upstream_torch_simplify = those with the torch simplifier on the export's device
-(PIXAL3D_TORCH_SIMPLIFY=1, mesh/qem_torch.py).
+(PIXAL3D_TORCH_SIMPLIFY=1, mesh/qem_torch.py; the default on a GPU), fast_cpp_simplify /
+upstream_cpp_simplify = fast-simplification (=0); fast_xatlas / upstream_xatlas = xatlas's charts
+(PIXAL3D_XATLAS_UV=1) instead of the planar ones.
 """
 import argparse
 import json
@@ -32,6 +34,10 @@ VARIANTS = {
     "upstream": {"export": "upstream"},
     "fast_torch_simplify": {"export": "fast", "env": {"PIXAL3D_TORCH_SIMPLIFY": "1"}},
     "upstream_torch_simplify": {"export": "upstream", "env": {"PIXAL3D_TORCH_SIMPLIFY": "1"}},
+    "fast_cpp_simplify": {"export": "fast", "env": {"PIXAL3D_TORCH_SIMPLIFY": "0"}},
+    "fast_xatlas": {"export": "fast", "env": {"PIXAL3D_XATLAS_UV": "1"}},
+    "upstream_xatlas": {"export": "upstream", "env": {"PIXAL3D_XATLAS_UV": "1"}},
+    "upstream_cpp_simplify": {"export": "upstream", "env": {"PIXAL3D_TORCH_SIMPLIFY": "0"}},
 }
 
 
@@ -94,6 +100,7 @@ def main(argv=None):
                             os.environ[k] = old
                 row = {"seconds": round(total, 3), "faces": stats["faces"], "closed": stats["closed"],
                        "double_sided": stats["double_sided"], "coverage": round(stats["coverage"], 4),
+                       "charts": stats.get("charts"), "texels_per_voxel": round(stats.get("texels_per_voxel", 0.0), 3),
                        "texture_size": stats["texture_size"], "bytes": stats["bytes"],
                        "remesh": stats.get("remesh"), "projected": stats.get("projected"),
                        "steps": {k: round(x, 3) for k, x in stats["timings"].items()},

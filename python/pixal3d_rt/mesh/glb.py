@@ -1,8 +1,9 @@
 """GLB export: decoded mesh + sparse PBR voxels -> textured PBR glTF binary.
 
 Replaces upstream's `o_voxel.postprocess.to_glb` (CuMesh + nvdiffrast + flex_gemm + cv2, none of which
-users can install) with numpy/torch code plus two wheels: `xatlas` (UV unwrap) and, optionally,
-`fast-simplification` (quadric decimation; without it the mesh is exported unsimplified, with a warning).
+users can install) with numpy/torch code plus two wheels: `xatlas` (upstream's UV unwrapper, on request) and,
+optionally, `fast-simplification` (quadric decimation on the CPU; without it the mesh is exported
+unsimplified there, with a warning; on a GPU the torch simplifier `qem_torch` is the default).
 
 Steps (`export_glb`), each also a public function here or in `bake.py` / `uv.py`:
   1. `clean_mesh`        drop invalid/degenerate/duplicate faces, merge duplicate vertices, drop
@@ -15,7 +16,7 @@ Steps (`export_glb`), each also a public function here or in `bake.py` / `uv.py`
   2. `simplify_mesh`     quadric decimation to `decimation_target` faces (a face count, as upstream), in
                          spatial parts on all cores (from four), pinches undone so closed stays closed
                          (simplify.py).
-  3. `uv.uv_unwrap`      xatlas charts + packing at the texture size.
+  3. `uv.uv_unwrap`      charts (planar per cluster, or xatlas) packed once at the texture size.
   4. `bake.bake_texture` UV-space rasterisation, trilinear sampling of the sparse voxels (flex_gemm
                          grid_sample_3d semantics), seam fill.
   5. `write_glb`         trimesh PBR material, axis change, atomic write.
@@ -42,6 +43,9 @@ upstream does, mesh/modes.py):
   - the `fast` mode does not remesh: the decoded surface is cleaned, hole-filled and decimated instead,
     as upstream's remesh=False branch does, and its texels are sampled where they land on the
     simplified surface (falling back to the nearest voxel where it leaves the voxel band);
+  - UV charts are planar projections of height-field clusters, shelf-packed (uv.py), not xatlas's
+    charts (PIXAL3D_XATLAS_UV=1 restores those): the same texture coverage, fewer charts, a fraction
+    of the time; stretch up to 1.73 across slopes of a cluster instead of xatlas's near-conformal maps;
   - seams are filled by dilation + push-pull instead of cv2 TELEA inpainting (bake.fill_uncovered);
   - textures are PNG by default (readable everywhere); image_format="webp" gives upstream's
     EXT_texture_webp files; both are encoded in parallel, byte for byte as trimesh encodes them;
@@ -462,6 +466,16 @@ def fill_small_holes(vertices: np.ndarray, faces: np.ndarray, max_perimeter: flo
 TORCH_SIMPLIFY_ENV = "PIXAL3D_TORCH_SIMPLIFY"
 
 
+def use_torch_simplifier(device) -> bool:
+    """The torch simplifier by default on a CUDA device (faster there and as even, measured in the
+    export bench); the environment switch overrides either way."""
+    if device is None:
+        return False
+    import torch
+
+    return env_flag(TORCH_SIMPLIFY_ENV, default=torch.device(device).type == "cuda")
+
+
 def simplify_mesh(vertices: np.ndarray, faces: np.ndarray, target_faces: int, *, aggressiveness: float = 7.0,
                   workers: Optional[int] = None, info: Optional[dict] = None, device=None) -> tuple[np.ndarray, np.ndarray]:
     """Quadric edge-collapse decimation to about `target_faces` faces (`fast-simplification`, the
@@ -471,12 +485,12 @@ def simplify_mesh(vertices: np.ndarray, faces: np.ndarray, target_faces: int, *,
     returned unchanged; so is everything when the library is missing (with a warning: the export still
     works, only larger). The result may hold coincident vertices (two sheets that touch): clean it with
     `clean_mesh(..., merge_vertices=False)`. Returns (vertices float32, faces int64).
-    With `device` and PIXAL3D_TORCH_SIMPLIFY=1: the torch simplifier there instead (`qem_torch`: rounds
-    of independent collapses that keep the topology; for the GPU, where the mesh is; not yet the
-    default: unmeasured on a GPU)."""
+    With a CUDA `device`: the torch simplifier there instead (`qem_torch`: rounds of independent
+    collapses that keep the topology; the mesh stays on the GPU). PIXAL3D_TORCH_SIMPLIFY=0 keeps
+    fast-simplification there too; =1 takes the torch simplifier on any given device."""
     if target_faces <= 0 or len(faces) <= target_faces:
         return vertices, faces
-    if device is not None and env_flag(TORCH_SIMPLIFY_ENV):
+    if use_torch_simplifier(device):
         from .qem_torch import simplify_torch
 
         return simplify_torch(vertices, faces, int(target_faces), device=device)
@@ -779,17 +793,17 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
     normals = vertex_normals(v, f)
     textured = voxel_coords is not None and voxel_attrs is not None and len(voxel_coords) > 0
     if textured:
+        attrs_t = voxel_attrs if isinstance(voxel_attrs, torch.Tensor) else torch.as_tensor(np.asarray(voxel_attrs))
+        dev = _work_device(device, attrs_t)
         t = time.perf_counter()
         from .uv import uv_unwrap
 
-        vmap, f_uv, uvs = uv_unwrap(v, f, texture_size=texture_size)
+        vmap, f_uv, uvs = uv_unwrap(v, f, texture_size=texture_size, device=dev)
         timings["uv"] = time.perf_counter() - t
         say(f"[glb] uv atlas: {len(vmap):,} vertices ({timings['uv']:.1f}s)")
         t = time.perf_counter()
         from .bake import bake_texture
 
-        attrs_t = voxel_attrs if isinstance(voxel_attrs, torch.Tensor) else torch.as_tensor(np.asarray(voxel_attrs))
-        dev = _work_device(device, attrs_t)
         coords_t = torch.as_tensor(_to_numpy(voxel_coords, np.int64)).to(dev)
         proj = {}
         if surface is not None:  # reach: a voxel (simplification stays well inside), plus the band's offset
