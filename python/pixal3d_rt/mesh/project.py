@@ -142,8 +142,21 @@ class TriangleGrid:
         return torch.stack([k // (ey * ez), (k // ez) % ey, k % ez], 1) + self.base
 
 
+def _kernel_module(points: torch.Tensor, kernel: bool | None):
+    """The Triton kernel module where it should run (CUDA, not switched off; or asked for), else None."""
+    if kernel is False or (kernel is None and not points.is_cuda):
+        return None
+    try:
+        from pixal3d_rt.kernels import closest_point_triton as cpt  # triton imported only here
+    except ImportError:
+        if kernel:
+            raise
+        return None
+    return cpt if kernel or cpt.enabled() else None
+
+
 def closest_points(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor, cell: float, *,
-                   grid: TriangleGrid | None = None, max_pairs: int = 1 << 23
+                   grid: TriangleGrid | None = None, max_pairs: int = 1 << 23, kernel: bool | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nearest point on the mesh for every query point, searched within the 3x3x3 cells of side `cell`.
 
@@ -151,7 +164,9 @@ def closest_points(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Te
     within reach; face [P] int64, -1 then; bary [P,3] float32, weights of the face's vertices).
     Exact (the same nearest distance as `closest_points_brute`) for every point whose nearest triangle
     is closer than `cell`; found with distance >= cell only by luck. Pairs are processed `max_pairs`
-    at a time, so memory stays bounded.
+    at a time, so memory stays bounded. kernel: the Triton kernel (kernels/closest_point_triton.py,
+    the same answer without the pair arrays); default on CUDA, off with
+    PIXAL3D_DISABLE_TRITON_CLOSEST=1.
     """
     dev = points.device
     P = points.shape[0]
@@ -163,6 +178,16 @@ def closest_points(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Te
     g = grid if grid is not None else TriangleGrid(vertices.to(dev), faces.to(dev), cell)
     V, Fc = g.vertices, g.faces
     pts = points.float()
+    cpt = _kernel_module(points, kernel)
+    if cpt is not None:
+        corners = V[Fc].reshape(-1, 9).contiguous()
+        spheres = torch.cat([g.centre, g.radius[:, None]], 1).float().contiguous()
+        step = max(1, max_pairs // 16)  # the [step,27] ranges are the chunk's memory
+        for a in range(0, P, step):
+            start, end = g.candidate_ranges(pts[a:a + step])
+            dist[a:a + step], face[a:a + step], bary[a:a + step] = cpt.closest_in_cells(
+                pts[a:a + step], start, end, g.tris, corners, spheres, g.cell)
+        return dist, face, bary
     step = max(1, max_pairs // 64)
     a = 0
     while a < P:
