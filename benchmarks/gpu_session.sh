@@ -35,10 +35,10 @@ case "$part" in
   host)  # host RSS of the 1024 cascade with the weights read per stage into a host store (6 GiB device budget)
     pixal3d-rt bench --preset reference --resolution 1024 --runs 1 --glb-runs 0 --vram-budget 6 --budget-runs 2 \
       --host-budget 8 --out "$out/host_1024" 2>&1 | tee "$out/host_1024.log" ;;
-  export)  # the export modes at grid 1024 on the GPU, and the xatlas / C++ simplifier variants, twice (the first pays the GPU's warm-up;
+  export)  # the export modes at grid 1024 on the GPU, and the variants (xatlas, C++ simplifier, torch nearest-triangle queries), twice (the first pays the GPU's warm-up;
     # results: $out/export_<gpu>.json)
     pixal3d-rt bench --section export_modes --section-arg=--grid=1024 --section-arg=--device=cuda --section-arg=--repeat=2 \
-      --section-arg=--modes=fast,upstream,fast_xatlas,upstream_xatlas,fast_cpp_simplify --out "$out" 2>&1 | tee "$out/export.log" ;;
+      --section-arg=--modes=fast,upstream,upstream_torch_closest,fast_xatlas,upstream_xatlas,fast_cpp_simplify --out "$out" 2>&1 | tee "$out/export.log" ;;
   quality)
     pixal3d-rt bench --preset reference --resolution 512 --runs 1 --glb-runs 0 --quality --out "$out/quality_512" 2>&1 \
       | tee "$out/quality_512.log" ;;

@@ -77,3 +77,19 @@ def test_kernel_is_the_default_on_cuda_only(monkeypatch):
         assert project._kernel_module(pts, None) is not None
         monkeypatch.setenv("PIXAL3D_DISABLE_TRITON_CLOSEST", "1")
         assert project._kernel_module(pts, None) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernel_on_the_gpu_matches_the_torch_path():
+    v, f = _surface(n=97, seed=3)
+    g = torch.Generator().manual_seed(5)
+    pts = torch.rand(200_003, 3, generator=g) * torch.tensor([1.2, 1.2, 0.4]) - torch.tensor([0.1, 0.1, 0.2])
+    v, f, pts = v.cuda(), f.cuda(), pts.cuda()
+    d_ref, f_ref, b_ref = closest_points(pts, v, f, 0.03, kernel=False)
+    d, fc, b = closest_points(pts, v, f, 0.03)  # the default on CUDA: the kernel
+    found = torch.isfinite(d_ref)
+    assert torch.equal(torch.isfinite(d), found) and 0 < int(found.sum()) < len(pts)
+    torch.testing.assert_close(d[found], d_ref[found], atol=1e-6, rtol=1e-5)
+    q = (b[found][:, :, None] * v[f[fc[found]]]).sum(1)
+    q_ref = (b_ref[found][:, :, None] * v[f[f_ref[found]]]).sum(1)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=0)

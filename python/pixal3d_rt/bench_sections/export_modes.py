@@ -12,7 +12,8 @@ fast_remesh = the remesh at fast's face count and texture; upstream = --export u
 fast_torch_simplify / upstream_torch_simplify = those with the torch simplifier on the export's device
 (PIXAL3D_TORCH_SIMPLIFY=1, mesh/qem_torch.py; the default on a GPU), fast_cpp_simplify /
 upstream_cpp_simplify = fast-simplification (=0); fast_xatlas / upstream_xatlas = xatlas's charts
-(PIXAL3D_XATLAS_UV=1) instead of the planar ones.
+(PIXAL3D_XATLAS_UV=1) instead of the planar ones; upstream_torch_closest = the nearest-triangle
+queries in torch instead of the Triton kernel (PIXAL3D_DISABLE_TRITON_CLOSEST=1).
 """
 import argparse
 import json
@@ -37,6 +38,7 @@ VARIANTS = {
     "fast_cpp_simplify": {"export": "fast", "env": {"PIXAL3D_TORCH_SIMPLIFY": "0"}},
     "fast_xatlas": {"export": "fast", "env": {"PIXAL3D_XATLAS_UV": "1"}},
     "upstream_xatlas": {"export": "upstream", "env": {"PIXAL3D_XATLAS_UV": "1"}},
+    "upstream_torch_closest": {"export": "upstream", "env": {"PIXAL3D_DISABLE_TRITON_CLOSEST": "1"}},
     "upstream_cpp_simplify": {"export": "upstream", "env": {"PIXAL3D_TORCH_SIMPLIFY": "0"}},
 }
 
