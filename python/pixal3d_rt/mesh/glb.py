@@ -506,24 +506,19 @@ def simplify_mesh(vertices: np.ndarray, faces: np.ndarray, target_faces: int, *,
     return simplify(vertices, faces, int(target_faces), aggressiveness=aggressiveness, workers=workers, info=info)
 
 
-def count_charts(faces: np.ndarray, n_vertices: int) -> int:
+def count_charts(faces: np.ndarray, n_vertices: int, *, device=None) -> int:
     """Connected components of faces sharing a vertex: the UV charts of an unwrapped mesh (its
-    vertices are split along chart seams). Min-label propagation with pointer jumping."""
-    f = np.asarray(faces, dtype=np.int64)
-    if len(f) == 0:
+    vertices are split along chart seams). Min-label propagation with pointer jumping, in torch on
+    `device` (default CPU)."""
+    import torch
+
+    from .uv import _vertex_components
+
+    f = torch.as_tensor(np.asarray(faces, dtype=np.int64), device=device).reshape(-1, 3)
+    if f.shape[0] == 0:
         return 0
-    lab = np.arange(n_vertices, dtype=np.int64)
-    while True:
-        fl = lab[f].min(axis=1)
-        new = lab.copy()
-        for k in range(3):
-            np.minimum.at(new, f[:, k], fl)
-        new = new[new]  # jump: a label points at a vertex whose own label may be smaller still
-        if np.array_equal(new, lab):
-            break
-        lab = new
-    used = np.unique(f)
-    return int(len(np.unique(lab[used])))
+    lab = _vertex_components(f, int(n_vertices))
+    return int(torch.unique(lab[f.reshape(-1)]).numel())
 
 
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -799,7 +794,9 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
         say("[glb] warning: no faces survived cleaning; writing an empty scene")
         return None, stats
 
+    t = time.perf_counter()
     normals = vertex_normals(v, f)
+    timings["normals"] = time.perf_counter() - t
     textured = voxel_coords is not None and voxel_attrs is not None and len(voxel_coords) > 0
     if textured:
         attrs_t = voxel_attrs if isinstance(voxel_attrs, torch.Tensor) else torch.as_tensor(np.asarray(voxel_attrs))
@@ -825,14 +822,16 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
             stats["projected"] = proj["info"]["projected"]
         maps_u8 = quantize_unorm8(maps)
         timings["bake"] = time.perf_counter() - t
+        t = time.perf_counter()
         stats["coverage"] = float(mask.float().mean())
         stats["texture_size"] = int(texture_size)
         # quality: charts, and texels per unit of surface length (box side = 1) and per voxel side
         tri = v[f].astype(np.float64)
         area = 0.5 * float(np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum())
-        stats["charts"] = count_charts(f_uv, len(vmap))
+        stats["charts"] = count_charts(f_uv, len(vmap), device=dev)
         stats["texel_density"] = float(np.sqrt(float(mask.sum()) / area)) if area > 0 else 0.0
         stats["texels_per_voxel"] = stats["texel_density"] / int(grid_size)
+        timings["stats"] = time.perf_counter() - t
         say(f"[glb] baked {texture_size}² ({stats['coverage']:.0%} texels covered, {stats['charts']:,} charts, "
             f"{stats['texels_per_voxel']:.2f} texels per voxel side, {timings['bake']:.1f}s)")
         v, f, normals = v[vmap], f_uv, normals[vmap]
