@@ -551,14 +551,14 @@ def prepare_mesh(vertices, faces, *, decimation_target: int = 200_000, max_hole_
     v, f = clean_mesh(vertices, faces, device=device)
     timings["clean"] = time.perf_counter() - t
     t = time.perf_counter()
+    gpu = gpu_or_none(device)  # the graph work in torch only where it pays (the CPU keeps numpy's)
     if decimation_target > 0 and len(f) > 3 * decimation_target:
         v, f = simplify_mesh(v, f, 3 * decimation_target, device=device)
-        v, f = clean_mesh(v, f, merge_vertices=False)
+        v, f = clean_mesh(v, f, merge_vertices=False, device=gpu)
     timings["simplify"] = time.perf_counter() - t
     t = time.perf_counter()
-    gpu = gpu_or_none(device)  # the graph work in torch only where it pays (the CPU keeps numpy's)
     f, _ = orient_faces(v, f, outward=False, device=gpu)  # hole fans follow the winding around them
-    v, f, _ = fill_small_holes(v, f, max_hole_perimeter)
+    v, f, _ = fill_small_holes(v, f, max_hole_perimeter, device=gpu)
     f, info = orient_faces(v, f, outward=False, device=gpu)
     v, f, _ = remove_small_components(v, f, info["components"], min_component_area)
     timings["repair"] = time.perf_counter() - t
@@ -566,7 +566,7 @@ def prepare_mesh(vertices, faces, *, decimation_target: int = 200_000, max_hole_
     v, f = simplify_mesh(v, f, decimation_target, device=device)
     timings["simplify"] += time.perf_counter() - t
     t = time.perf_counter()
-    v, f = clean_mesh(v, f, merge_vertices=False)
+    v, f = clean_mesh(v, f, merge_vertices=False, device=gpu)
     f, info = orient_faces(v, f, device=gpu)
     timings["orient"] = time.perf_counter() - t
     return v, f, info["closed"]

@@ -293,7 +293,7 @@ def prepare_remeshed(vertices, faces, grid_size: int, *, decimation_target: int 
     rv, rf = glb.simplify_mesh(rv, rf, decimation_target, device=dev)
     timings["simplify"] = time.perf_counter() - t
     t = time.perf_counter()
-    rv, rf = glb.clean_mesh(rv, rf, merge_vertices=False)
+    rv, rf = glb.clean_mesh(rv, rf, merge_vertices=False, device=glb.gpu_or_none(dev))
     rf, oriented = glb.orient_faces(rv, rf, device=glb.gpu_or_none(dev))
     timings["orient"] = time.perf_counter() - t
     return rv, rf, oriented["closed"], surface, info
