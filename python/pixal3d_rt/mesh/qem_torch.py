@@ -76,6 +76,12 @@ def _collapse_points(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple
     return point, costs.gather(1, best[:, None])[:, 0].clamp_min(0)
 
 
+def _edge_collapses(v: torch.Tensor, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """Collapse points and costs of the edges (a, b), solved together (the solve's float64 temporaries
+    take hundreds of bytes an edge: callers pass at most EDGE_CHUNK edges)."""
+    return _collapse_points(q[a] + q[b], v[a].double(), v[b].double())
+
+
 def _unique_edges(f: torch.Tensor, n_v: int):
     """(lo [E], hi [E], faces per edge [E], sorted keys lo * n_v + hi [E])."""
     e = f[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
@@ -97,13 +103,8 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
     locked = torch.zeros(n_v, dtype=torch.bool, device=dev)
     locked[lo[count != 2]] = True
     locked[hi[count != 2]] = True
-    point, cost = [], []
-    for s in range(0, len(lo), EDGE_CHUNK):  # in chunks: the solve's float64 temporaries take hundreds of bytes an edge
-        a, b = lo[s:s + EDGE_CHUNK], hi[s:s + EDGE_CHUNK]
-        p, c = _collapse_points(q[a] + q[b], v[a].double(), v[b].double())
-        point.append(p)
-        cost.append(c)
-    point, cost = torch.cat(point), torch.cat(cost)
+    cost = torch.cat([_edge_collapses(v, q, lo[s:s + EDGE_CHUNK], hi[s:s + EDGE_CHUNK])[1]
+                      for s in range(0, len(lo), EDGE_CHUNK)])  # the points again later, for the chosen edges only
     cost = torch.where(locked[lo] | locked[hi], torch.inf, cost)
     live = torch.isfinite(cost)
     if not bool(live.any()):
@@ -138,6 +139,12 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
         blocked[lo[ends[hi]]] = True
         blocked[hi[ends[lo]]] = True
     ids = chosen.nonzero()[:, 0]
+    if len(ids) == 0:
+        return v, f, q, 0
+    slot = torch.full((n_e,), -1, dtype=torch.int64, device=dev)
+    slot[ids] = torch.arange(len(ids), device=dev)
+    chosen_point = torch.cat([_edge_collapses(v, q, lo[ids[s:s + EDGE_CHUNK]], hi[ids[s:s + EDGE_CHUNK]])[0]
+                              for s in range(0, len(ids), EDGE_CHUNK)])
     partner = torch.full((n_v,), -1, dtype=torch.int64, device=dev)
     partner[lo[ids]], partner[hi[ids]] = hi[ids], lo[ids]
     edge_of = torch.full((n_v,), -1, dtype=torch.int64, device=dev)
@@ -156,7 +163,7 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
     tf = f[test]
     ce = corner_edge[test].max(1).values
     tri = v[tf].double()
-    new = torch.where((corner_edge[test] >= 0)[:, :, None], point[ce][:, None, :], tri)
+    new = torch.where((corner_edge[test] >= 0)[:, :, None], chosen_point[slot[ce]][:, None, :], tri)
     n_old = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     n_new = torch.linalg.cross(new[:, 1] - new[:, 0], new[:, 2] - new[:, 0])
     flips = (n_old * n_new).sum(1) <= MIN_NORMAL_COS * n_old.norm(dim=1) * n_new.norm(dim=1)
@@ -168,7 +175,7 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
     if len(accepted) == 0:
         return v, f, q, 0
     keep, drop = lo[accepted], hi[accepted]
-    v[keep] = point[accepted].to(v.dtype)  # in place: simplify_torch owns these copies
+    v[keep] = chosen_point[slot[accepted]].to(v.dtype)  # in place: simplify_torch owns these copies
     q[keep] += q[drop]
     remap = torch.arange(n_v, device=dev)
     remap[drop] = keep
