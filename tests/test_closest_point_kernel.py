@@ -91,13 +91,11 @@ def test_kernel_on_the_gpu_matches_the_torch_path():
     assert torch.equal(torch.isfinite(d), found) and 0 < int(found.sum()) < len(pts)
     # fp32 both, with the GPU's fused multiply-adds in the kernel: as close to the float64 truth as
     # the torch path is, on points within reach
-    sub = torch.nonzero(found)[:400, 0]
+    sub = torch.nonzero(found)[:1500, 0]
     d_true, _, _ = closest_points_brute(pts[sub].cpu(), v.cpu(), f.cpu())
     err_kernel = (d[sub].cpu() - d_true).abs().max().item()
     err_torch = (d_ref[sub].cpu() - d_true).abs().max().item()
     assert err_kernel <= max(2 * err_torch, 1e-6), (err_kernel, err_torch)
-    diff = (d[found] - d_ref[found]).abs().max().item()
-    assert diff < 1e-5, diff
+    # its face and weights give a point at the distance it reports
     q = (b[found][:, :, None] * v[f[fc[found]]]).sum(1)
-    q_ref = (b_ref[found][:, :, None] * v[f[f_ref[found]]]).sum(1)
-    assert (q - q_ref).abs().max().item() < 1e-4
+    assert ((q - pts[found]).norm(dim=1) - d[found]).abs().max().item() < 1e-5

@@ -19,14 +19,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .common import gpu_slug
+from .common import git_commit, gpu_slug
 
 VARIANTS = {
     "fast": {"export": "fast"},
@@ -70,10 +69,7 @@ def main(argv=None):
                        torch.ones(len(c), 1, device=dev)], 1)
     setup = time.perf_counter() - t
     print(f"grid {a.grid}: {len(f):,} faces, {len(coords):,} voxels (setup {setup:.1f}s)", flush=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
+    commit = git_commit()["commit"]  # PIXAL3D_COMMIT on the GPU machine's copy of the tree
     res = {"grid": a.grid, "device": str(dev), "faces_in": int(len(f)), "voxels": int(len(coords)),
            "torch": torch.__version__, "host": platform.node(), "commit": commit,
            "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
