@@ -3,7 +3,8 @@
 # (each well inside 10 minutes). Run from the repository root on the GPU machine, with wheels for
 # what it lacks carried in .whl/ (trimesh, xatlas, fast-simplification, nvidia-ml-py, matplotlib):
 #   bash benchmarks/gpu_session.sh PART [PART ...]   (PART: tests, budget-tests, 1024, 1024-expandable, 1536, 512, host, export, quality;
-#   results under $OUT; PIXAL3D_COMMIT=<sha> names the commit of a tree copied without its history)
+#   results under $OUT; PIXAL3D_COMMIT=<sha> names the commit of a tree copied without its history;
+#   MODES=a,b picks the export variants)
 set -uo pipefail
 [ $# -gt 0 ] || { echo "parts: tests, budget-tests, 1024, 1024-expandable, 1536, 512, host, export or quality" >&2; exit 2; }
 out=${OUT:-bench-out}
@@ -38,7 +39,7 @@ case "$part" in
   export)  # the export modes at grid 1024 on the GPU, and the variants (xatlas, C++ simplifier, torch nearest-triangle queries), twice (the first pays the GPU's warm-up;
     # results: $out/export_<gpu>.json)
     pixal3d-rt bench --section export_modes --section-arg=--grid=1024 --section-arg=--device=cuda --section-arg=--repeat=2 \
-      --section-arg=--modes=fast,upstream,upstream_torch_closest,fast_xatlas,upstream_xatlas,fast_cpp_simplify --out "$out" 2>&1 | tee "$out/export.log" ;;
+      --section-arg=--modes=${MODES:-fast,upstream,upstream_torch_closest,fast_xatlas,upstream_xatlas,fast_cpp_simplify} --out "$out" 2>&1 | tee "$out/export.log" ;;
   quality)
     pixal3d-rt bench --preset reference --resolution 512 --runs 1 --glb-runs 0 --quality --out "$out/quality_512" 2>&1 \
       | tee "$out/quality_512.log" ;;

@@ -120,3 +120,24 @@ def test_collapse_points_solved_in_chunks_give_the_same_mesh(monkeypatch):
     chunked = simplify_torch(v, f, 501)
     assert np.array_equal(whole[0], chunked[0]) and np.array_equal(whole[1], chunked[1])
     assert len(whole[1]) <= 501
+
+
+def test_a_large_mesh_is_simplified_in_slabs_first(monkeypatch):
+    """Above part_faces the first rounds see one slab at a time; the slabs join up into the same kind
+    of surface: closed, same genus, on the input."""
+    from pixal3d_rt.mesh import qem_torch
+
+    seen = []
+    real = qem_torch._one_round
+    monkeypatch.setattr(qem_torch, "_one_round", lambda v, f, q, n: (seen.append(int(f.shape[0])), real(v, f, q, n))[1])
+    v, f, dist = _torus(157, 61)  # 19,154 faces
+    sv, sf = simplify_torch(v, f, 2_000, part_faces=5_000)
+    assert max(seen) <= 5_000 and seen[0] < 5_000  # no round on the whole mesh before the slabs
+    assert 1_960 <= len(sf) <= 2_000
+    before, after = trimesh.Trimesh(v, f, process=False), trimesh.Trimesh(sv, sf, process=False)
+    assert after.is_watertight and after.is_winding_consistent and after.euler_number == before.euler_number
+    edge = np.linalg.norm(v[f[:, 0]] - v[f[:, 1]], axis=1).mean()
+    assert dist(sv).max() < 0.5 * edge * np.sqrt(len(f) / 2_000)
+    seen.clear()
+    whole = simplify_torch(v, f, 2_000)
+    assert max(seen) == len(f) and not np.array_equal(whole[1], sf)  # the default: one piece at this size

@@ -17,6 +17,11 @@ Each round, on the whole mesh at once:
      vanish.
 Rounds repeat until the face count reaches the target or no edge can collapse. Topology is kept
 (closed stays closed, the genus stays), unlike a collapse without the link condition.
+
+A round holds a few hundred bytes a face, so a mesh above PART_FACES faces is first simplified in
+slabs of about that many faces (sorted along its longest axis), each to its share of the target: a
+slab's cut edges are borders there, so their vertices stay and the slabs join up again; the rounds
+on the whole mesh then finish the job, seams included.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ CHEAP_SHARE = 0.6  # of the edges that may collapse, the cheapest that are candi
 # spreads the collapses over the surface (rounder faces, fewer and larger UV charts), a smaller one is greedier
 SELECTION_PASSES = 4
 EDGE_CHUNK = 1 << 20  # edges whose collapse points are solved at once
+PART_FACES = 1 << 21  # faces of a slab simplified on its own first
 MIN_NORMAL_COS = 0.2  # a face around a collapse may turn by up to ~78 degrees, as fast-simplification allows
 _UPPER = ((0, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (3, 3))  # symmetric 4x4 as 10
 
@@ -184,22 +190,50 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
     return v, f, q, len(accepted)
 
 
-def simplify_torch(vertices, faces, target_faces: int, *, device=None, max_rounds: int = 200):
+def _rounds(v, f, q, target_faces: int, max_rounds: int):
+    for _ in range(max_rounds):
+        if f.shape[0] <= target_faces:
+            break
+        v, f, q, n = _one_round(v, f, q, int(f.shape[0] - target_faces))
+        if n == 0:
+            break
+    return v, f, q
+
+
+def _simplify_in_slabs(v, f, q, target_faces: int, part_faces: int, max_rounds: int):
+    """Each slab of about part_faces faces (by centroid along the longest axis) simplified on its
+    own to its share of the target; v and q updated in place. Returns the joined faces."""
+    centre = v[f].mean(1)
+    axis = int((centre.amax(0) - centre.amin(0)).argmax())
+    order = torch.argsort(centre[:, axis])
+    del centre
+    n_parts = -(-f.shape[0] // part_faces)
+    joined = []
+    for idx in order.tensor_split(n_parts):
+        used, local = torch.unique(f[idx], return_inverse=True)
+        share = int(round(len(idx) * target_faces / f.shape[0]))
+        pv, pf, pq = _rounds(v[used].clone(), local, q[used].clone(), share, max_rounds)
+        v[used], q[used] = pv, pq  # the cut's vertices are borders there: unchanged
+        joined.append(used[pf])
+    return torch.cat(joined)
+
+
+def simplify_torch(vertices, faces, target_faces: int, *, device=None, max_rounds: int = 200,
+                   part_faces: int | None = None):
     """Simplify to at most about `target_faces` faces (fewer collapses where none keeps the surface a
-    manifold without flipping a face). vertices [V,3] float, faces [F,3] int (numpy or torch).
+    manifold without flipping a face). vertices [V,3] float, faces [F,3] int (numpy or torch);
+    part_faces: slab size of a large mesh's first pass (default PART_FACES).
     Returns numpy (vertices float32 [V',3] without unreferenced ones, faces int64 [F',3])."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    part_faces = PART_FACES if part_faces is None else int(part_faces)
     # a copy: the rounds move vertices in place, and as_tensor may share the caller's memory
     v = torch.as_tensor(vertices).to(device=dev, dtype=torch.float32).reshape(-1, 3).clone()
     f = torch.as_tensor(faces).to(device=dev, dtype=torch.int64).reshape(-1, 3)
     if f.shape[0] > target_faces and f.shape[0] > 0:
         q = _vertex_quadrics(v.double(), f)
-        for _ in range(max_rounds):
-            if f.shape[0] <= target_faces:
-                break
-            v, f, q, n = _one_round(v, f, q, int(f.shape[0] - target_faces))
-            if n == 0:
-                break
+        if f.shape[0] > part_faces:
+            f = _simplify_in_slabs(v, f, q, target_faces, part_faces, max_rounds)
+        v, f, q = _rounds(v, f, q, target_faces, max_rounds)
     used = torch.zeros(v.shape[0], dtype=torch.bool, device=dev)
     used[f.reshape(-1)] = True
     remap = torch.cumsum(used, 0) - 1
