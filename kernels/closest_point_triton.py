@@ -114,8 +114,13 @@ def _closest_kernel(pts_ptr, start_ptr, end_ptr, tris_ptr, corners_ptr, sphere_p
             oy = apy - v * aby - w * acy
             oz = apz - v * abz - w * acz
             dd = ox * ox + oy * oy + oz * oz
-            # collinear triangles: the nearest of their three edges (ab, bc, ca in that order)
-            degen = ab2 * ac2 - abac * abac <= 1e-10 * ab2 * ac2 + 1.1754943508222875e-38
+            # collinear triangles: the nearest of their three edges (ab, bc, ca in that order). The
+            # torch path's test |ab|²|ac|² - (ab·ac)², fused into an FMA on the GPU, leaves a rounding
+            # residue far above the threshold; |ab x ac|² is zero up to rounding of its own size
+            crx = aby * acz - abz * acy
+            cry = abz * acx - abx * acz
+            crz = abx * acy - aby * acx
+            degen = crx * crx + cry * cry + crz * crz <= 1e-10 * ab2 * ac2 + 1.1754943508222875e-38
             s_ab, e_ab = _edge(px, py, pz, ax, ay, az, bx, by, bz)
             s_bc, e_bc = _edge(px, py, pz, bx, by, bz, qx, qy, qz)
             s_ca, e_ca = _edge(px, py, pz, qx, qy, qz, ax, ay, az)
