@@ -512,12 +512,12 @@ def count_charts(faces: np.ndarray, n_vertices: int, *, device=None) -> int:
     `device` (default CPU)."""
     import torch
 
-    from .uv import _vertex_components
+    from .uv import vertex_components
 
     f = torch.as_tensor(np.asarray(faces, dtype=np.int64), device=device).reshape(-1, 3)
     if f.shape[0] == 0:
         return 0
-    lab = _vertex_components(f, int(n_vertices))
+    lab = vertex_components(f, int(n_vertices))
     return int(torch.unique(lab[f.reshape(-1)]).numel())
 
 

@@ -82,10 +82,14 @@ def _collapse_points(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple
     return point, costs.gather(1, best[:, None])[:, 0].clamp_min(0)
 
 
-def _edge_collapses(v: torch.Tensor, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
-    """Collapse points and costs of the edges (a, b), solved together (the solve's float64 temporaries
-    take hundreds of bytes an edge: callers pass at most EDGE_CHUNK edges)."""
-    return _collapse_points(q[a] + q[b], v[a].double(), v[b].double())
+def _edge_collapses(v: torch.Tensor, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, part: int) -> torch.Tensor:
+    """Collapse points (part 0) or costs (part 1) of the edges (a, b), solved EDGE_CHUNK edges at a
+    time: the solve's float64 temporaries take hundreds of bytes an edge."""
+    out = []
+    for s in range(0, len(a), EDGE_CHUNK):
+        x, y = a[s:s + EDGE_CHUNK], b[s:s + EDGE_CHUNK]
+        out.append(_collapse_points(q[x] + q[y], v[x].double(), v[y].double())[part])
+    return torch.cat(out)
 
 
 def _unique_edges(f: torch.Tensor, n_v: int):
@@ -109,8 +113,7 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
     locked = torch.zeros(n_v, dtype=torch.bool, device=dev)
     locked[lo[count != 2]] = True
     locked[hi[count != 2]] = True
-    cost = torch.cat([_edge_collapses(v, q, lo[s:s + EDGE_CHUNK], hi[s:s + EDGE_CHUNK])[1]
-                      for s in range(0, len(lo), EDGE_CHUNK)])  # the points again later, for the chosen edges only
+    cost = _edge_collapses(v, q, lo, hi, 1)  # the points later, for the chosen edges only
     cost = torch.where(locked[lo] | locked[hi], torch.inf, cost)
     live = torch.isfinite(cost)
     if not bool(live.any()):
@@ -149,8 +152,7 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
         return v, f, q, 0
     slot = torch.full((n_e,), -1, dtype=torch.int64, device=dev)
     slot[ids] = torch.arange(len(ids), device=dev)
-    chosen_point = torch.cat([_edge_collapses(v, q, lo[ids[s:s + EDGE_CHUNK]], hi[ids[s:s + EDGE_CHUNK]])[0]
-                              for s in range(0, len(ids), EDGE_CHUNK)])
+    chosen_point = _edge_collapses(v, q, lo[ids], hi[ids], 0)
     partner = torch.full((n_v,), -1, dtype=torch.int64, device=dev)
     partner[lo[ids]], partner[hi[ids]] = hi[ids], lo[ids]
     edge_of = torch.full((n_v,), -1, dtype=torch.int64, device=dev)
@@ -212,7 +214,7 @@ def _simplify_in_slabs(v, f, q, target_faces: int, part_faces: int, max_rounds: 
     for idx in order.tensor_split(n_parts):
         used, local = torch.unique(f[idx], return_inverse=True)
         share = int(round(len(idx) * target_faces / f.shape[0]))
-        pv, pf, pq = _rounds(v[used].clone(), local, q[used].clone(), share, max_rounds)
+        pv, pf, pq = _rounds(v[used], local, q[used], share, max_rounds)  # indexing copies: the slab's own
         v[used], q[used] = pv, pq  # the cut's vertices are borders there: unchanged
         joined.append(used[pf])
     return torch.cat(joined)

@@ -71,7 +71,7 @@ def cluster_faces(vertices, faces, target_faces: int = 1000, max_levels: int = 8
     return _cluster_faces_t(v, f, target_faces, max_levels)[0].cpu().numpy()
 
 
-def _vertex_components(faces, n_vertices: int):
+def vertex_components(faces, n_vertices: int):
     """Component label of every vertex (the smallest vertex id of its component) over faces sharing
     vertices: min-label propagation with pointer jumping, in torch."""
     import torch
@@ -125,7 +125,7 @@ def _planar_unwrap(v, f, texture_size: int, padding: int, cluster_size: int):
     rows = torch.arange(p.shape[0], device=v.device)
     # onto the plane across the axis, mirrored for -axis so that every chart keeps its winding
     uv = torch.stack([p[rows, (axis + 1) % 3] * torch.where(positive, 1.0, -1.0), p[rows, (axis + 2) % 3]], 1)
-    chart = torch.unique(_vertex_components(split, keys.shape[0]), return_inverse=True)[1]
+    chart = torch.unique(vertex_components(split, keys.shape[0]), return_inverse=True)[1]
     n_charts = int(chart.max()) + 1
     lo = torch.full((n_charts, 2), float("inf"), dtype=torch.float64, device=v.device)
     hi = torch.full((n_charts, 2), float("-inf"), dtype=torch.float64, device=v.device)
