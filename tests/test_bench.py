@@ -358,7 +358,7 @@ def test_sparse_conv_section_checks_its_code_on_the_cpu(tmp_path):
 
 
 def test_export_modes_section_on_the_cpu(tmp_path):
-    res = subprocess.run(CLI + ["bench", "--section", "export_modes", "--section-arg=--grid=32", "--section-arg=--modes=fast",
+    res = subprocess.run(CLI + ["bench", "--section", "export_modes", "--section-arg=--grid=32", "--section-arg=--modes=fast,fast_xatlas",
                                 "--section-arg=--texture-size=128", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((tmp_path / "export_cpu.json").read_text())
@@ -366,6 +366,13 @@ def test_export_modes_section_on_the_cpu(tmp_path):
     assert data["grid"] == 32 and fast["closed"] is True and fast["texture_size"] == 128
     _positive(fast["faces"], "faces")
     _positive(fast["steps"]["total"], "total")
+    # the quality columns, and the xatlas variant's charts differ from the planar ones on the same mesh
+    xat = data["runs"]["fast_xatlas"]
+    for row in (fast, xat):
+        _positive(row["charts"], "charts")
+        _positive(row["texels_per_voxel"], "texels per voxel")
+        assert 0 < row["coverage"] < 1 and {"uv", "stats", "normals"} <= set(row["steps"])
+    assert xat["faces"] == fast["faces"] and xat["charts"] != fast["charts"]
 
 
 def test_section_options_are_refused_where_they_do_not_apply(tmp_path):
