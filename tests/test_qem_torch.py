@@ -141,3 +141,35 @@ def test_a_large_mesh_is_simplified_in_slabs_first(monkeypatch):
     seen.clear()
     whole = simplify_torch(v, f, 2_000)
     assert max(seen) == len(f) and not np.array_equal(whole[1], sf)  # the default: one piece at this size
+
+
+def test_collapse_points_minimise_the_quadric_or_fall_back_to_the_edge():
+    """The adjugate solve gives linalg.solve's minimiser where it lies within the edge's reach, with
+    cost x^T Q x; a singular system (one plane) or a far minimiser gives the best of mid, a, b."""
+    from pixal3d_rt.mesh.qem_torch import _FULL, _collapse_points, _plane_quadrics
+
+    gen = torch.Generator().manual_seed(3)
+    n = 1_003
+    a = torch.rand(n, 3, generator=gen, dtype=torch.float64)
+    b = a + 0.3 * torch.rand(n, 3, generator=gen, dtype=torch.float64)
+    # three planes through a point near the edge: a well-posed minimiser there
+    target = a + (b - a) * torch.rand(n, 1, generator=gen, dtype=torch.float64)
+    q = torch.zeros(n, 10, dtype=torch.float64)
+    for _ in range(3):
+        tri = target[:, None, :] + 0.2 * torch.randn(n, 3, 3, generator=gen, dtype=torch.float64)
+        tri[:, 0] = target
+        q += _plane_quadrics(tri.reshape(-1, 3), torch.arange(3 * n).view(n, 3))
+    point, cost = _collapse_points(q, a, b)
+    Q = q[:, _FULL].view(-1, 4, 4)
+    ref = torch.linalg.solve(Q[:, :3, :3], -Q[:, :3, 3])
+    within = (ref - 0.5 * (a + b)).norm(dim=1) <= (b - a).norm(dim=1)
+    assert within.float().mean() > 0.9
+    torch.testing.assert_close(point[within], ref[within], rtol=1e-6, atol=1e-9)
+    h = torch.cat([point, torch.ones(n, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(cost, torch.einsum("ni,nij,nj->n", h, Q, h).clamp_min(0), rtol=1e-9, atol=1e-12)
+    # one plane only: singular, the point is one of mid, a, b (all on or off the plane alike: mid by the tie rule)
+    flat = _plane_quadrics(torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=torch.float64), torch.arange(3).view(1, 3))
+    pa, pb = torch.tensor([[0.1, 0.2, 0.5]], dtype=torch.float64), torch.tensor([[0.3, 0.1, 0.0]], dtype=torch.float64)
+    point, cost = _collapse_points(flat, pa, pb)
+    torch.testing.assert_close(point, pb)
+    assert float(cost) == 0.0

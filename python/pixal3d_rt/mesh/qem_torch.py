@@ -31,10 +31,14 @@ import torch
 CHEAP_SHARE = 0.6  # of the edges that may collapse, the cheapest that are candidates in a round: a larger share
 # spreads the collapses over the surface (rounder faces, fewer and larger UV charts), a smaller one is greedier
 SELECTION_PASSES = 4
-EDGE_CHUNK = 1 << 20  # edges whose collapse points are solved at once
+EDGE_CHUNK = 1 << 18  # edges whose collapse points are solved at once (~600 bytes each)
+QUADRIC_CHUNK = 1 << 20  # faces whose plane quadrics are summed at once (~300 bytes each)
 PART_FACES = 1 << 21  # faces of a slab simplified on its own first
 MIN_NORMAL_COS = 0.2  # a face around a collapse may turn by up to ~78 degrees, as fast-simplification allows
 _UPPER = ((0, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (3, 3))  # symmetric 4x4 as 10
+_UPPER_I = [i for i, _ in _UPPER]
+_UPPER_J = [j for _, j in _UPPER]
+_FULL = [_UPPER.index((min(i, j), max(i, j))) for i in range(4) for j in range(4)]  # the 16 entries from the 10
 
 
 def _plane_quadrics(v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -44,42 +48,42 @@ def _plane_quadrics(v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     twice_area = n.norm(dim=1, keepdim=True)
     n = n / twice_area.clamp_min(1e-300)
     p = torch.cat([n, -(n * a).sum(1, keepdim=True)], 1)
-    w = 0.5 * twice_area
-    return torch.stack([w[:, 0] * p[:, i] * p[:, j] for i, j in _UPPER], 1)
+    return (p[:, _UPPER_I] * p[:, _UPPER_J]) * (0.5 * twice_area)
 
 
 def _vertex_quadrics(v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    qf = _plane_quadrics(v, f)
-    q = torch.zeros(v.shape[0], 10, dtype=qf.dtype, device=v.device)
-    for k in range(3):
-        q.index_add_(0, f[:, k], qf)
+    """[V, 10] sums of the quadrics of each vertex's faces (float64), QUADRIC_CHUNK faces at a time:
+    the per-face quadrics take ten times the faces' own memory."""
+    q = torch.zeros(v.shape[0], 10, dtype=torch.float64, device=v.device)
+    for s in range(0, f.shape[0], QUADRIC_CHUNK):
+        fc = f[s:s + QUADRIC_CHUNK]
+        qf = _plane_quadrics(v, fc)
+        for k in range(3):
+            q.index_add_(0, fc[:, k], qf)
     return q
 
 
-def _evaluate(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x^T Q x for homogeneous points (x, 1), Q given as its 10 upper entries."""
-    h = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-    total = torch.zeros(x.shape[0], dtype=q.dtype, device=q.device)
-    for k, (i, j) in enumerate(_UPPER):
-        total += (1.0 if i == j else 2.0) * q[:, k] * h[:, i] * h[:, j]
-    return total
-
-
 def _collapse_points(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per edge (quadric sum q, endpoints a, b): the collapse point and its cost."""
-    A = torch.stack([torch.stack([q[:, 0], q[:, 1], q[:, 2]], 1), torch.stack([q[:, 1], q[:, 4], q[:, 5]], 1),
-                     torch.stack([q[:, 2], q[:, 5], q[:, 7]], 1)], 1)
-    rhs = -torch.stack([q[:, 3], q[:, 6], q[:, 8]], 1)
-    x, info = torch.linalg.solve_ex(A, rhs)
+    """Per edge (quadric sum q [E,10], endpoints a, b [E,3] float64): the collapse point and its cost.
+    The 3x3 system is solved by its adjugate (symmetric: its columns are cross products of the rows),
+    and the four candidates are evaluated as one batched product: a few large kernels per chunk."""
+    Q = q[:, _FULL].view(-1, 4, 4)
+    r0, r1, r2 = Q[:, 0, :3], Q[:, 1, :3], Q[:, 2, :3]
+    c0, c1, c2 = torch.linalg.cross(r1, r2), torch.linalg.cross(r2, r0), torch.linalg.cross(r0, r1)
+    det = (r0 * c0).sum(1, keepdim=True)
+    rhs = -Q[:, :3, 3]
+    x = (c0 * rhs[:, 0:1] + c1 * rhs[:, 1:2] + c2 * rhs[:, 2:3]) / det
     mid = 0.5 * (a + b)
     reach = (b - a).norm(dim=1)
-    ok = (info == 0) & torch.isfinite(x).all(1) & ((x - mid).norm(dim=1) <= reach)
-    candidates = [torch.where(ok[:, None], x, mid), mid, a, b]  # ties go to the midpoint: rounder faces
-    costs = torch.stack([_evaluate(q, c) for c in candidates], 1)
+    ok = (det[:, 0] != 0) & torch.isfinite(x).all(1) & ((x - mid).norm(dim=1) <= reach)
+    x = torch.where(ok[:, None], x, mid)
+    candidates = torch.stack([x, mid, a, b], 1)  # ties go to the midpoint: rounder faces
+    h = torch.cat([candidates, torch.ones_like(candidates[..., :1])], 2)  # [E,4,4] homogeneous
+    costs = (torch.matmul(h, Q) * h).sum(2)  # x^T Q x per candidate
     costs[:, 0] = torch.where(ok, costs[:, 0], torch.inf)
-    best = costs.argmin(1)
-    point = torch.stack(candidates, 1)[torch.arange(len(best), device=best.device), best]
-    return point, costs.gather(1, best[:, None])[:, 0].clamp_min(0)
+    cost, best = costs.min(1)
+    point = candidates.gather(1, best[:, None, None].expand(-1, 1, 3))[:, 0]
+    return point, cost.clamp_min(0)
 
 
 def _edge_collapses(v: torch.Tensor, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, part: int) -> torch.Tensor:
@@ -94,9 +98,10 @@ def _edge_collapses(v: torch.Tensor, q: torch.Tensor, a: torch.Tensor, b: torch.
 
 def _unique_edges(f: torch.Tensor, n_v: int):
     """(lo [E], hi [E], faces per edge [E], sorted keys lo * n_v + hi [E])."""
-    e = f[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
-    lo, hi = torch.minimum(e[:, 0], e[:, 1]), torch.maximum(e[:, 0], e[:, 1])
-    keys, counts = torch.unique(lo * n_v + hi, return_counts=True)
+    nxt = f[:, [1, 2, 0]]
+    keys = torch.minimum(f, nxt) * n_v + torch.maximum(f, nxt)
+    del nxt
+    keys, counts = torch.unique(keys.view(-1), return_counts=True)
     return keys // n_v, keys % n_v, counts, keys
 
 
@@ -113,6 +118,7 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
     locked = torch.zeros(n_v, dtype=torch.bool, device=dev)
     locked[lo[count != 2]] = True
     locked[hi[count != 2]] = True
+    del count
     cost = _edge_collapses(v, q, lo, hi, 1)  # the points later, for the chosen edges only
     cost = torch.where(locked[lo] | locked[hi], torch.inf, cost)
     live = torch.isfinite(cost)
@@ -125,6 +131,7 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
     # are alike: by cost alone few edges are the smallest of their neighbourhood)
     n_live = int(live.sum())
     cand = live & (rank < max(1, int(n_live * CHEAP_SHARE)))
+    del cost, live  # the round holds several edge- and face-sized arrays: each goes once it is used
     gen = torch.Generator(device=dev).manual_seed(n_v * 7919 + n_e)
     prio = torch.empty(n_e, dtype=torch.int64, device=dev)
     prio[torch.randperm(n_e, generator=gen, device=dev)] = torch.arange(n_e, device=dev)
@@ -147,7 +154,9 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
         blocked |= ends  # the picks' endpoints and their neighbours
         blocked[lo[ends[hi]]] = True
         blocked[hi[ends[lo]]] = True
+    del p, at, near, pick, cand, prio, blocked
     ids = chosen.nonzero()[:, 0]
+    del chosen
     if len(ids) == 0:
         return v, f, q, 0
     slot = torch.full((n_e,), -1, dtype=torch.int64, device=dev)
@@ -163,6 +172,7 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
         m = ((edge_of[u] >= 0) & (w != partner[u])).nonzero()[:, 0]
         common.index_add_(0, edge_of[u[m]], _has_edge(keys, w[m], partner[u[m]], n_v).long())
     ok = common == 4  # each apex counted once from each endpoint
+    del common, m
     # no face around a collapse may flip
     corner_edge = edge_of[f]  # [F, 3]
     moving = (corner_edge >= 0).any(1)
@@ -175,6 +185,7 @@ def _one_round(v: torch.Tensor, f: torch.Tensor, q: torch.Tensor, to_remove: int
     n_old = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     n_new = torch.linalg.cross(new[:, 1] - new[:, 0], new[:, 2] - new[:, 0])
     flips = (n_old * n_new).sum(1) <= MIN_NORMAL_COS * n_old.norm(dim=1) * n_new.norm(dim=1)
+    del corner_edge, moving, both, test, tf, tri, new, n_old, n_new
     bad = torch.zeros(n_e, dtype=torch.bool, device=dev)
     bad.index_put_((ce[flips],), torch.ones_like(ce[flips], dtype=torch.bool), accumulate=True)
     ok &= ~bad
