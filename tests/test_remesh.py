@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pixal3d_rt.mesh import glb
-from pixal3d_rt.mesh.project import closest_on_triangles, closest_points, closest_points_brute
+from pixal3d_rt.mesh.project import TriangleGrid, closest_on_triangles, closest_points, closest_points_brute
 from pixal3d_rt.mesh.remesh import remesh_narrow_band_dc
 from test_glb import dual_grid_mesh, sphere_sdf
 
@@ -217,3 +217,41 @@ def test_closest_points_matches_all_pairs_within_reach(seed):
     q = (bc[:, :, None] * v[f[fi.clamp_min(0)]]).sum(1)
     assert torch.allclose((q - pts).norm(dim=1)[near], dr[near], atol=1e-5)
     assert ((fi >= 0) | torch.isinf(d)).all() and (fi[near] >= 0).all()
+
+
+def _buckets(v, f, cell, origin):
+    """(key, triangle) pairs of every cell each triangle's box overlaps, sorted: the direct enumeration."""
+    tri = v[f].double()
+    lo = torch.floor((v[f].amin(1) - origin) / cell).long().tolist()
+    hi = torch.floor((v[f].amax(1) - origin) / cell).long().tolist()
+    base = [min(x[i] for x in lo) - 1 for i in range(3)]
+    ext = [max(x[i] for x in hi) - base[i] + 2 for i in range(3)]
+    pairs = sorted(((((x - base[0]) * ext[1] + y - base[1]) * ext[2] + z - base[2]), t)
+                   for t in range(len(tri)) for x in range(lo[t][0], hi[t][0] + 1)
+                   for y in range(lo[t][1], hi[t][1] + 1) for z in range(lo[t][2], hi[t][2] + 1))
+    return [k for k, _ in pairs], [t for _, t in pairs]
+
+
+@pytest.mark.parametrize("cell,chunk", [(0.08, 1 << 20), (0.08, 7), (0.03, 64)])
+def test_triangle_grid_built_in_chunks_holds_every_overlapped_cell(cell, chunk):
+    g = torch.Generator().manual_seed(0)
+    v = (torch.rand(200, 1, 3, generator=g) + 0.05 * torch.randn(200, 3, 3, generator=g)).reshape(-1, 3)
+    f = torch.arange(600).view(200, 3)
+    grid = TriangleGrid(v, f, cell, chunk=chunk)
+    keys, tris = _buckets(v, f, cell, grid.origin)
+    assert grid.keys.tolist() == keys and grid.tris.tolist() == tris  # triangles ascending within a cell
+
+
+def test_triangle_grid_too_wide_to_pack_pairs():
+    """Two tiny triangles at opposite corners of a box of ~2e6 cells a side: the keys fit an int64,
+    (key, triangle) packed into one would not, so the pairs are sorted unpacked."""
+    v = torch.tensor([[0, 0, 0], [1e-6, 0, 0], [0, 1e-6, 0], [1, 1, 1], [1, 1 + 1e-6, 1], [1, 1, 1 + 1e-6]])
+    f = torch.tensor([[3, 4, 5], [0, 1, 2]])
+    cell = 1 / 2_000_000
+    grid = TriangleGrid(v, f, cell)
+    ex, ey, ez = grid.ext.tolist()
+    assert ex * ey * ez < 2**63 <= ex * ey * ez * len(f)
+    keys, tris = _buckets(v, f, cell, grid.origin)
+    assert grid.keys.tolist() == keys and grid.tris.tolist() == tris
+    d, fi, _ = closest_points(v[[0, 3]] + 1e-7, v, f, cell, grid=grid)
+    assert fi.tolist() == [1, 0] and (d < 1e-6).all()

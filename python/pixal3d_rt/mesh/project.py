@@ -90,33 +90,90 @@ def closest_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: t
 
 
 class TriangleGrid:
-    """Triangles bucketed by the cubic cells (side `cell`, corner `origin`) their bounding boxes overlap."""
+    """Triangles bucketed by the cubic cells (side `cell`, corner `origin`) their bounding boxes overlap.
 
-    def __init__(self, vertices: torch.Tensor, faces: torch.Tensor, cell: float, origin=None):
+    keys [T] int64 sorted cell keys, tris [T] int64 the triangle in each (ascending within a cell);
+    centre [F,3], radius [F] the triangles' bounding spheres. Built `chunk` triangles at a time and
+    sorted once as packed (cell, triangle) pairs, so the memory beyond these is a chunk's and the sort's.
+    """
+
+    def __init__(self, vertices: torch.Tensor, faces: torch.Tensor, cell: float, origin=None, chunk: int = 1 << 20):
         self.vertices = vertices.float()
         self.faces = faces.long()
-        dev = self.vertices.device
+        V, Fc = self.vertices, self.faces
+        dev = V.device
+        nf = Fc.shape[0]
         self.cell = float(cell)
-        tri = self.vertices[self.faces]  # [F,3,3]
-        self.centre = tri.mean(1)
-        self.radius = (tri - self.centre[:, None]).norm(dim=2).amax(1) if len(tri) else torch.zeros(0, device=dev)
-        if origin is None:
-            origin = tri.reshape(-1, 3).amin(0) if tri.numel() else torch.zeros(3, device=dev)
+        if origin is None:  # the lowest corner of the triangles (min is exact, so any gather order gives it)
+            used = torch.zeros(V.shape[0], dtype=torch.bool, device=dev)
+            used[Fc.reshape(-1)] = True
+            origin = V[used].amin(0) if nf else torch.zeros(3, device=dev)
         self.origin = torch.as_tensor(origin, dtype=torch.float32, device=dev)
-        lo = torch.floor((tri.amin(1) - self.origin) / self.cell).long()
-        hi = torch.floor((tri.amax(1) - self.origin) / self.cell).long()
+        self.centre = torch.empty((nf, 3), device=dev)
+        self.radius = torch.empty(nf, device=dev)
+        # equal chunks: the last is no smaller than the others
+        n_chunks = -(-nf // max(1, chunk))
+        bounds = [(nf * i // n_chunks, nf * (i + 1) // n_chunks) for i in range(n_chunks)]
+
+        def cell_box(tri):
+            lo = torch.floor((tri.amin(1) - self.origin) / self.cell).long()
+            hi = torch.floor((tri.amax(1) - self.origin) / self.cell).long()
+            return lo, hi
+
+        # pass 1: bounding spheres, the key box, the number of (cell, triangle) pairs per chunk
+        lows, highs, counts = [], [], []
+        for a, b in bounds:
+            tri = V[Fc[a:b]]  # [f,3,3]
+            self.centre[a:b] = centre = tri.mean(1)
+            self.radius[a:b] = (tri - centre[:, None]).norm(dim=2).amax(1)
+            lo, hi = cell_box(tri)
+            del tri, centre
+            lows.append(lo.amin(0))
+            highs.append(hi.amax(0))
+            counts.append((hi - lo + 1).prod(1).sum())
         # key box padded by one cell on each side so a neighbour of any occupied cell has a key
-        self.base = (lo.amin(0) - 1) if len(lo) else torch.zeros(3, dtype=torch.long, device=dev)
-        self.ext = ((hi.amax(0) - self.base + 2) if len(hi) else torch.ones(3, dtype=torch.long, device=dev))
-        span = hi - lo + 1
-        n = span.prod(1)
-        tid = torch.repeat_interleave(torch.arange(len(n), device=dev), n)
-        local = torch.arange(int(n.sum()), device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
-        sy, sz = span[tid, 1], span[tid, 2]
-        cells = lo[tid] + torch.stack([local // (sy * sz), (local // sz) % sy, local % sz], 1)
-        keys = self._key(cells)
-        self.keys, order = torch.sort(keys)
-        self.tris = tid[order]
+        self.base = (torch.stack(lows).amin(0) - 1) if nf else torch.zeros(3, dtype=torch.long, device=dev)
+        self.ext = (torch.stack(highs).amax(0) - self.base + 2) if nf else torch.ones(3, dtype=torch.long, device=dev)
+        counts = torch.stack(counts).tolist() if counts else []
+        ex, ey, ez = (int(e) for e in self.ext.tolist())
+        # a pair packs into one int64 (key * F + triangle) when the key box allows: sorting it gives
+        # keys in order and triangles ascending within a key, with no index array
+        pack = nf if ex * ey * ez * nf < 2**63 else 0
+        keys = torch.empty(sum(counts), dtype=torch.int64, device=dev)
+        tids = None if pack else torch.empty_like(keys)
+
+        # pass 2: the pairs; a triangle's cells are its box's, x-major, and the key is linear in the
+        # cell: the box's low corner's key plus (i * ey + j) * ez + k
+        o = 0
+        for (a, b), t in zip(bounds, counts):
+            lo, hi = cell_box(V[Fc[a:b]])
+            span = hi.sub_(lo).add_(1)
+            n = span.prod(1)
+            f = torch.repeat_interleave(n, output_size=t)  # chunk-local triangle of each pair
+            local = torch.arange(t, device=dev).sub_((torch.cumsum(n, 0) - n)[f])
+            lo -= self.base
+            k = ((lo[:, 0] * ey + lo[:, 1]) * ez + lo[:, 2])[f]
+            del lo, n
+            sz = span[:, 2][f]
+            k += local % sz
+            local //= sz  # i * sy + j
+            del sz
+            sy = span[:, 1][f]
+            k += (local // sy * ey + local % sy) * ez
+            del local, sy
+            if pack:
+                keys[o:o + t] = k.mul_(pack).add_(f).add_(a)
+            else:
+                keys[o:o + t], tids[o:o + t] = k, f + a
+            o += t
+            del f, k
+        if pack:
+            keys = torch.unique(keys)  # sorts; the pairs are distinct
+            self.tris = keys % pack
+            self.keys = keys.div_(pack, rounding_mode="floor")
+        else:
+            self.keys, order = torch.sort(keys, stable=True)
+            self.tris = tids[order]
 
     def _key(self, cells: torch.Tensor) -> torch.Tensor:
         c = cells - self.base
@@ -127,13 +184,21 @@ class TriangleGrid:
 
     def candidate_ranges(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[P,27] start and end positions (into self.tris) of the 27 cells around each point."""
-        cell = torch.floor((points.float() - self.origin) / self.cell).long()
-        nb = (cell[:, None, :] + _OFFSETS27.to(points.device)).reshape(-1, 3)
-        k = self._key(nb)
+        c = torch.floor((points.float() - self.origin) / self.cell).long() - self.base
+        ex, ey, ez = (int(e) for e in self.ext.tolist())
+        # the key is linear in the cell, so a neighbour's key is the point's cell's plus the offset's
+        # ([P,27] keys, no [P*27,3] cells); -1 outside the key box, as in _key
+        off = _OFFSETS27.to(points.device)
+        k = ((c[:, 0] * ey + c[:, 1]) * ez + c[:, 2])[:, None] + (off[:, 0] * ey + off[:, 1]) * ez + off[:, 2]
+        step = torch.arange(-1, 2, device=points.device)
+        ok = (c[:, :, None] + step >= 0) & (c[:, :, None] + step < self.ext[:, None])  # [P,axis,offset]
+        ok = (ok[:, 0, :, None, None] & ok[:, 1, None, :, None] & ok[:, 2, None, None, :]).reshape(-1, 27)
+        k.masked_fill_(~ok, -1)
+        del ok
+        # keys are >= 0, so a -1 key gets the empty range [0, 0)
         start = torch.searchsorted(self.keys, k)
         end = torch.searchsorted(self.keys, k, right=True)
-        end = torch.where(k < 0, start, end)
-        return start.view(-1, 27), end.view(-1, 27)
+        return start, end
 
     def occupied_cells(self) -> torch.Tensor:
         """[C,3] integer cells holding at least one triangle."""
@@ -187,6 +252,7 @@ def closest_points(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Te
             start, end = g.candidate_ranges(pts[a:a + step])
             dist[a:a + step], face[a:a + step], bary[a:a + step] = cpt.closest_in_cells(
                 pts[a:a + step], start, end, g.tris, corners, spheres, g.cell)
+            del start, end  # not held while the next slice's ranges are made
         return dist, face, bary
     step = max(1, max_pairs // 64)
     a = 0
@@ -223,6 +289,8 @@ def closest_points(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Te
             dist[rows] = d2[sel].sqrt()
             face[rows] = tri[sel]
             bary[rows] = bc[sel]
+            del owner, first, offs, tri, q, near, corners, d2, bc, best, hit, idx  # not held into the next slice
+        del start, end, cnt
         a = b
         step = min(step * 2, max(1, max_pairs // 64))
     return dist, face, bary

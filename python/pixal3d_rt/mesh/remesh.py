@@ -29,7 +29,9 @@ outer surface and an inner, inward-facing one; an open sheet gives one closed sh
 signed volume is positive.
 
 `remesh_narrow_band_dc` runs on the device of its inputs (CPU: the reference; CUDA: the same torch
-code, chunked so the pair buffers stay bounded).
+code, chunked so the pair buffers stay bounded). Grid neighbours are found by adding key steps to
+packed keys, and the big per-corner and per-cell steps go in slices, so its memory beyond the result
+stays a small multiple of the band's corner table.
 """
 from __future__ import annotations
 
@@ -42,8 +44,6 @@ from .project import TriangleGrid, closest_points
 
 # corner i of a cell sits at offset (i & 1, (i >> 1) & 1, (i >> 2) & 1); corner 7 - i is opposite
 _CORNER8 = torch.tensor([[i & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)], dtype=torch.int64, device="cpu")
-_OFFSETS27 = torch.tensor([[i // 9 - 1, (i // 3) % 3 - 1, i % 3 - 1] for i in range(27)], dtype=torch.int64,
-                          device="cpu")
 # the six faces of a cell, corners in cyclic order
 _FACES = torch.tensor([[0, 2, 6, 4], [1, 3, 7, 5], [0, 1, 5, 4], [2, 3, 7, 6], [0, 1, 3, 2], [4, 5, 7, 6]],
                       dtype=torch.int64, device="cpu")
@@ -56,6 +56,9 @@ _RING = torch.tensor([[-1, -1], [0, -1], [0, 0], [-1, 0]], dtype=torch.int64, de
 
 _KEY_BITS = 21
 _KEY_OFF = 1 << (_KEY_BITS - 1)
+# the keys pack the offset coordinates linearly, so key(c + d) = key(c) + key step of d while c + d
+# stays within +-2^20: neighbours are found by adding key steps to keys, with no [N*k,3] coordinates
+_AXIS_STEP = (1 << (2 * _KEY_BITS), 1 << _KEY_BITS, 1)
 
 
 def _key(c: torch.Tensor) -> torch.Tensor:
@@ -69,103 +72,144 @@ def _unkey(k: torch.Tensor) -> torch.Tensor:
     return torch.stack([k >> (2 * _KEY_BITS), (k >> _KEY_BITS) & m, k & m], 1) - _KEY_OFF
 
 
+def _key_step(d) -> int:
+    """Key difference of an integer step d = (dx, dy, dz)."""
+    return sum(int(x) * s for x, s in zip(d, _AXIS_STEP))
+
+
+_CORNER8_STEP = [_key_step(c) for c in _CORNER8.tolist()]
+
+
 def _find(sorted_keys: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Index of each key in sorted_keys, -1 where absent."""
     if sorted_keys.numel() == 0:
         return torch.full_like(k, -1)
-    pos = torch.searchsorted(sorted_keys, k).clamp_max(sorted_keys.numel() - 1)
-    return torch.where(sorted_keys[pos] == k, pos, torch.full_like(pos, -1))
+    pos = torch.searchsorted(sorted_keys, k).clamp_max_(sorted_keys.numel() - 1)
+    return pos.masked_fill_(sorted_keys[pos] != k, -1)
+
+
+def _dilate(keys: torch.Tensor, steps) -> torch.Tensor:
+    """Sorted unique keys of keys + s for s in steps, one axis at a time (steps [(axis, offsets)]):
+    the same set as all combinations, with unique over a few times the set instead of its product."""
+    for a, offs in steps:
+        keys = torch.unique(torch.cat([keys + o * _AXIS_STEP[a] for o in offs]))
+    return keys
 
 
 def _band_corners(grid: TriangleGrid, m: int) -> torch.Tensor:
     """Integer grid corners that may lie within reach of a triangle: every corner of the buckets
     (m corners a side) next to a bucket holding a triangle."""
     dev = grid.keys.device
-    occ = grid.occupied_cells()
-    buckets = torch.unique(_key((occ[:, None, :] + _OFFSETS27.to(dev)).reshape(-1, 3)))
-    r = torch.arange(m, device=dev)
-    local = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
-    return torch.unique(_key((_unkey(buckets)[:, None, :] * m + local).reshape(-1, 3)))
+    buckets = _dilate(_key(grid.occupied_cells()), [(a, (-1, 0, 1)) for a in range(3)])
+    steps = torch.tensor([_key_step((i, j, k)) for i in range(m) for j in range(m) for k in range(m)], device=dev)
+    # the buckets' blocks of corners are disjoint: the unique only sorts
+    return torch.unique((_key(_unkey(buckets) * m)[:, None] + steps).reshape(-1))
 
 
-def _cell_labels(ck, cv, cells, far):
+def _insert(ck: torch.Tensor, cv: torch.Tensor, new: torch.Tensor, value: float):
+    """The sorted table ck (values cv) with the sorted keys `new` (absent from it) added as `value`."""
+    at = torch.searchsorted(ck, new) + torch.arange(new.numel(), device=ck.device)  # their merged places
+    old = torch.ones(ck.numel() + new.numel(), dtype=torch.bool, device=ck.device)
+    old[at] = False
+    keys = torch.empty(old.shape, dtype=ck.dtype, device=ck.device)
+    keys[at], keys[old] = new, ck
+    vals = torch.full(old.shape, value, dtype=cv.dtype, device=cv.device)
+    vals[old] = cv
+    return keys, vals
+
+
+def _cell_values(ck, cv, cells, far):
     """Corner values [C,8] of the cells (sorted keys), corners added to the table as `far` where
-    missing. Returns (ck, cv, corner keys [C,8], values [C,8])."""
-    dev = ck.device
-    ckeys = _key((_unkey(cells)[:, None, :] + _CORNER8.to(dev)).reshape(-1, 3))
-    idx = _find(ck, ckeys)
-    if bool((idx < 0).any()):  # corners not in the table are beyond the reach: add them as outside
-        new = torch.unique(ckeys[idx < 0])
-        ck, order = torch.sort(torch.cat([ck, new]))
-        cv = torch.cat([cv, torch.full((new.numel(),), far, dtype=cv.dtype, device=dev)])[order]
-        idx = _find(ck, ckeys)
-    return ck, cv, ckeys.view(-1, 8), cv[idx.view(-1, 8)]
+    missing. One corner slot at a time, so the transients are [C] arrays. Returns (ck, cv, values)."""
+    vals = torch.empty((cells.numel(), 8), dtype=cv.dtype, device=cv.device)
+    missing = torch.empty((cells.numel(), 8), dtype=torch.bool, device=cv.device)
+    for i, step in enumerate(_CORNER8_STEP):
+        at = _find(ck, cells + step)
+        missing[:, i] = at < 0
+        vals[:, i] = cv[at.clamp_min_(0)].masked_fill_(missing[:, i], far)
+        del at
+    if bool(missing.any()):  # corners not in the table are beyond the reach: add them as outside
+        new = torch.unique(torch.cat([(cells + step)[missing[:, i]] for i, step in enumerate(_CORNER8_STEP)]))
+        ck, cv = _insert(ck, cv, new, far)
+    return ck, cv, vals
 
 
 def _cells_of(corner_keys: torch.Tensor) -> torch.Tensor:
     """Sorted keys of the cells that have one of the corners."""
-    return torch.unique(_key((_unkey(corner_keys)[:, None, :] - _CORNER8.to(corner_keys.device)).reshape(-1, 3)))
+    return _dilate(corner_keys, [(a, (0, -1)) for a in range(3)])
 
 
-def _critical_flips(ckeys, vals):
-    """Corner keys to make negative so the cells [C,8] lose their critical configurations (empty when
-    none): per diagonal face, the face's positive corner with the smaller value; per cell whose only
-    two negative (or positive) corners are opposite, its positive corner with the smallest value.
-    Ties go to the smaller key, so the two cells of a face choose the same corner."""
+def _critical_flips(cells, vals):
+    """Corner keys to make negative so the cells (sorted keys [C], corner values [C,8]) lose their
+    critical configurations (empty when none): per diagonal face, the face's positive corner with the
+    smaller value; per cell whose only two negative (or positive) corners are opposite, its positive
+    corner with the smallest value. Ties go to the smaller key, so the two cells of a face choose the
+    same corner."""
+    dev = vals.device
     lab = vals < 0
-    faces = _FACES.to(vals.device)
+    faces = _FACES.to(dev)
+    corner_step = torch.tensor(_CORNER8_STEP, device=dev)
     big = torch.iinfo(torch.int64).max
-    fl = lab[:, faces]  # [C,6,4]
-    crit = (fl[..., 0] & fl[..., 2] & ~fl[..., 1] & ~fl[..., 3]) | (fl[..., 1] & fl[..., 3] & ~fl[..., 0] & ~fl[..., 2])
-    n_in = lab.sum(1)
-    crit3 = ((n_in == 2) & (lab & lab.flip(1)).any(1)) | ((n_in == 6) & (~lab & ~lab.flip(1)).any(1))
+    crit = torch.empty((lab.shape[0], 6), dtype=torch.bool, device=dev)
+    for j, (a, b, c, d) in enumerate(_FACES.tolist()):  # a face at a time: [C] temporaries
+        la, lb, lc, ld = lab[:, a], lab[:, b], lab[:, c], lab[:, d]
+        crit[:, j] = (la & lc & ~lb & ~ld) | (lb & ld & ~la & ~lc)
+    # cells whose only two negative (or positive) corners are opposite (corner i and 7 - i)
+    n_in = lab.sum(1, dtype=torch.int32)
+    opp_in = opp_out = torch.zeros_like(n_in, dtype=torch.bool)
+    for i in range(4):
+        opp_in = opp_in | (lab[:, i] & lab[:, 7 - i])
+        opp_out = opp_out | ~(lab[:, i] | lab[:, 7 - i])
+    crit3 = ((n_in == 2) & opp_in) | ((n_in == 6) & opp_out)
+    del n_in, opp_in, opp_out
     out = []
     for rows, slots in ((torch.nonzero(crit, as_tuple=True)), (torch.nonzero(crit3).squeeze(1), None)):
         if rows.numel() == 0:
             continue
-        if slots is not None:
-            sel = (rows[:, None], faces[slots])
-        else:
-            sel = (rows,)
-        vv, ll, kk = vals[sel], lab[sel], ckeys[sel]
+        corner = faces[slots] if slots is not None else torch.arange(8, device=dev).expand(rows.numel(), 8)
+        vv, ll = vals[rows[:, None], corner], lab[rows[:, None], corner]
+        kk = cells[rows][:, None] + corner_step[corner]
         cand = torch.where(ll, torch.full_like(vv, math.inf), vv)
         tie = (cand == cand.amin(1, keepdim=True)) & ~ll
         out.append(torch.where(tie, kk, torch.full_like(kk, big)).amin(1))
-    return torch.unique(torch.cat(out)) if out else torch.zeros(0, dtype=torch.int64, device=vals.device)
+    return torch.unique(torch.cat(out)) if out else torch.zeros(0, dtype=torch.int64, device=dev)
 
 
 def _well_composed(ck: torch.Tensor, cv: torch.Tensor, far: float, neg: float, max_rounds: int = 10_000):
     """Make the corner signs well-composed (module docstring). ck sorted corner keys, cv values
     (< 0 inside); corners not in the table have value `far`. After the first pass only cells holding
     a corner flipped in the previous round can change, so later rounds look at those alone.
-    Returns (ck, cv, cells [C] sorted keys of the cells with a negative corner, lab [C,8] bool negative
-    corners, vals [C,8], flips)."""
+    Returns (ck, cv, cells [C] sorted keys of the cells with a negative corner, vals [C,8], flips)."""
     flips = 0
     cells = _cells_of(ck[cv < 0])
     for _ in range(max_rounds):
-        ck, cv, ckeys, vals = _cell_labels(ck, cv, cells, far)
-        fk = _critical_flips(ckeys, vals)
+        ck, cv, vals = _cell_values(ck, cv, cells, far)
+        fk = _critical_flips(cells, vals)
         if fk.numel() == 0:
             break
         cv[_find(ck, fk)] = neg
         flips += int(fk.numel())
+        del vals
         cells = _cells_of(fk)
     else:
         raise RuntimeError("remesh: could not make the band's corner signs well-composed")
-    cells = _cells_of(ck[cv < 0])
-    ck, cv, _, vals = _cell_labels(ck, cv, cells, far)
-    return ck, cv, cells, vals < 0, vals, flips
+    if flips:  # else the first round's cells and values are the final ones
+        del vals
+        cells = _cells_of(ck[cv < 0])
+        ck, cv, vals = _cell_values(ck, cv, cells, far)
+    return ck, cv, cells, vals, flips
 
 
 def remesh_narrow_band_dc(vertices, faces, resolution: int, *, band: float = 1.0, project_back: float = 0.0,
                           aabb=((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5)), max_pairs: int = 1 << 23,
-                          timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          chunk: int = 1 << 20, timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed, oriented, manifold surface of the band of half-width `band` cells around the mesh.
 
     vertices [V,3] float, faces [F,3] int (torch, any device; numpy accepted); resolution: cells
     across the (enlarged) box; band, project_back: upstream's `remesh_band`, `remesh_project`;
     aabb: the box the mesh lives in. Returns (vertices [N,3] float32, faces [M,3] int64) on the
-    inputs' device.
+    inputs' device. Distances are asked `max_pairs // 8` corners at a time and the vertices made
+    `chunk` cells at a time, so the memory beyond the result is a few bytes per band corner and cell.
     """
     t0 = time.perf_counter()
     timings = timings if timings is not None else {}
@@ -185,65 +229,88 @@ def remesh_narrow_band_dc(vertices, faces, resolution: int, *, band: float = 1.0
     grid = TriangleGrid(V, F, cell=m * h, origin=origin)
 
     ck = _band_corners(grid, m)
-    d, _, _ = closest_points(origin + h * _unkey(ck).float(), V, F, m * h, grid=grid, max_pairs=max_pairs)
-    cv = (d.clamp_max(reach) - eps) / h  # in cell units from here on
+    cv = torch.empty(ck.shape, dtype=torch.float32, device=dev)  # in cell units from here on
+    step = max(1, max_pairs // 8)  # the points, and the unused faces and weights, of a slice only
+    for a in range(0, ck.numel(), step):
+        d, _, _ = closest_points(origin + h * _unkey(ck[a:a + step]).float(), V, F, m * h, grid=grid,
+                                 max_pairs=max_pairs)
+        cv[a:a + step] = (d.clamp_max(reach) - eps) / h
+        del d
+    del grid
     far = (reach - eps) / h
     timings["remesh_udf"] = time.perf_counter() - t0
     t = time.perf_counter()
-    ck, cv, cells, lab, vals, flips = _well_composed(ck, cv, far, neg=-1e-3)
+    ck, cv, cells, vals, flips = _well_composed(ck, cv, far, neg=-1e-3)
+    inside = ck[cv < 0]  # sorted keys of the negative corners
+    del ck, cv
     timings["remesh_signs"] = time.perf_counter() - t
     t = time.perf_counter()
 
-    # one vertex per mixed cell: mean of its edges' zero crossings (cell-local coordinates)
-    n_in = lab.sum(1)
+    # one vertex per mixed cell: mean of its edges' zero crossings (cell-local coordinates), `chunk`
+    # cells at a time (the [C,12,3] crossing points are the big transient)
+    n_in = (vals < 0).sum(1)
     mixed = (n_in > 0) & (n_in < 8)
-    cells, lab, vals = cells[mixed], lab[mixed], vals[mixed]
+    del n_in
+    mixed_cells = cells[mixed]
+    verts = torch.empty((mixed_cells.numel(), 3), dtype=torch.float32, device=dev)
     e = _EDGES.to(dev)
     c8 = _CORNER8.to(dev).float()
-    va, vb = vals[:, e[:, 0]], vals[:, e[:, 1]]  # [C,12]
-    cross = lab[:, e[:, 0]] != lab[:, e[:, 1]]
-    tpar = (va / (va - vb).where(cross, torch.ones_like(va))).clamp(0, 1)
-    pts = c8[e[:, 0]] + tpar[..., None] * (c8[e[:, 1]] - c8[e[:, 0]])  # [C,12,3]
-    w = cross.float()
-    local = (pts * w[..., None]).sum(1) / w.sum(1, keepdim=True)
-    verts = origin + h * (_unkey(cells).float() + local)
+    o = 0
+    for a in range(0, cells.numel(), chunk):
+        sel = mixed[a:a + chunk]
+        cv8 = vals[a:a + chunk][sel]
+        lab = cv8 < 0
+        va, vb = cv8[:, e[:, 0]], cv8[:, e[:, 1]]  # [C,12]
+        cross = lab[:, e[:, 0]] != lab[:, e[:, 1]]
+        tpar = (va / (va - vb).masked_fill_(~cross, 1.0)).clamp_(0, 1)
+        del va, vb
+        pts = (tpar[..., None] * (c8[e[:, 1]] - c8[e[:, 0]])).add_(c8[e[:, 0]])  # [C,12,3]
+        w = cross.float()
+        local = pts.mul_(w[..., None]).sum(1) / w.sum(1, keepdim=True)
+        del pts
+        n = local.shape[0]
+        verts[o:o + n] = origin + h * (_unkey(cells[a:a + chunk][sel]).float() + local)
+        o += n
+    del cells, vals, mixed
 
     # one quad per crossing grid edge, from its negative end: normal along +axis when the edge
-    # leaves the band going up the axis
-    inside_c = _unkey(ck[cv < 0])
-    ring = _RING.to(dev)
-    quads, flipq = [], []
+    # leaves the band going up the axis. The crossing edges (their lower corners) of all six
+    # (axis, direction) groups first, so the faces are written into one array, a group at a time
+    groups = []
     for a in range(3):
-        ea = torch.zeros(3, dtype=torch.int64, device=dev)
-        ea[a] = 1
-        u, v = (a + 1) % 3, (a + 2) % 3
-        cell_off = torch.zeros((4, 3), dtype=torch.int64, device=dev)
-        cell_off[:, u], cell_off[:, v] = ring[:, 0], ring[:, 1]
         for sgn in (1, -1):
-            nb = inside_c + sgn * ea
-            at = _find(ck, _key(nb))
-            out = (at < 0) | (cv[at.clamp_min(0)] >= 0)
-            low = (inside_c if sgn > 0 else nb)[out]
-            q = _find(cells, _key((low[:, None, :] + cell_off).reshape(-1, 3))).view(-1, 4)
-            quads.append(q)
-            flipq.append(torch.full((q.shape[0],), sgn < 0, dtype=torch.bool, device=dev))
-    quads = torch.cat(quads)
-    flipq = torch.cat(flipq)
-    if bool((quads < 0).any()):
-        raise RuntimeError("remesh: a quad lost a cell (internal error)")
-    quads = torch.where(flipq[:, None], quads.flip(1), quads)
-    # split along the diagonal whose two triangles bend least
-    p = verts[quads]  # [Q,4,3]
+            nb = inside + sgn * _AXIS_STEP[a]
+            out = _find(inside, nb) < 0
+            groups.append((a, sgn, (inside if sgn > 0 else nb)[out]))
+            del nb, out
+    del inside
+    out_f = torch.empty((2 * sum(low.numel() for _, _, low in groups), 3), dtype=torch.int64, device=dev)
+    lost = torch.zeros((), dtype=torch.bool, device=dev)
 
-    def bend(i0, i1, i2, j0, j1, j2):
+    def bend(p, i0, i1, i2, j0, j1, j2):
         n1 = torch.linalg.cross(p[:, i1] - p[:, i0], p[:, i2] - p[:, i0])
         n2 = torch.linalg.cross(p[:, j1] - p[:, j0], p[:, j2] - p[:, j0])
         return (n1 * n2).sum(1) / (n1.norm(dim=1) * n2.norm(dim=1) + 1e-30)
 
-    use02 = bend(0, 1, 2, 0, 2, 3) >= bend(0, 1, 3, 1, 2, 3)
-    tri02 = quads[:, [0, 1, 2, 0, 2, 3]]
-    tri13 = quads[:, [0, 1, 3, 1, 2, 3]]
-    out_f = torch.where(use02[:, None], tri02, tri13).reshape(-1, 3)
+    o = 0
+    for a, sgn, low in groups:
+        # cells around the edge in counter-clockwise order seen from +axis, reversed for -axis
+        u, v = (a + 1) % 3, (a + 2) % 3
+        ring = torch.tensor([ru * _AXIS_STEP[u] + rv * _AXIS_STEP[v] for ru, rv in _RING.tolist()], device=dev)
+        quads = _find(mixed_cells, low[:, None] + (ring if sgn > 0 else ring.flip(0)))  # [Q,4]
+        lost |= (quads < 0).any()
+        # split along the diagonal whose two triangles bend least
+        p = verts[quads]  # [Q,4,3]
+        use02 = bend(p, 0, 1, 2, 0, 2, 3) >= bend(p, 0, 1, 3, 1, 2, 3)
+        del p
+        n = quads.shape[0]
+        out_f.view(-1, 6)[o:o + n] = torch.where(use02[:, None], quads[:, [0, 1, 2, 0, 2, 3]],
+                                                 quads[:, [0, 1, 3, 1, 2, 3]])
+        o += n
+        del quads, use02
+    del groups
+    if bool(lost):
+        raise RuntimeError("remesh: a quad lost a cell (internal error)")
     timings["remesh_contour"] = time.perf_counter() - t
     if project_back > 0:
         t = time.perf_counter()
