@@ -396,6 +396,104 @@ def test_axes_compose_upstream_transforms():
     np.testing.assert_allclose(glb.to_glb_axes(p), p @ (rot @ to_glb).T, atol=1e-6)
 
 
+def test_axis_change_gives_the_matrix_products_bits():
+    """to_glb_axes flips signs instead of multiplying by GRID_TO_GLB: the same float32 bits as the
+    float64 product, signed zeros included (a flipped +0.0 is stored as the product's +0.0)."""
+    rng = np.random.default_rng(2)
+    p = rng.normal(size=(4000, 3))
+    p[rng.random(p.shape) < 0.3] = 0.0
+    p[rng.random(p.shape) < 0.3] = -0.0
+    for points in (p, p.astype(np.float32)):
+        want = (np.asarray(points, dtype=np.float64) @ glb.GRID_TO_GLB.T).astype(np.float32)
+        got = glb.to_glb_axes(points)
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def _normals_reference(vertices, faces):
+    """area-weighted vertex normals as numpy's cross product and one bincount per corner and axis give them"""
+    tri = np.asarray(vertices, dtype=np.float64)[faces]
+    fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    vn = np.zeros((len(vertices), 3))
+    for k in range(3):
+        for c in range(3):
+            vn[:, c] += np.bincount(faces[:, k], fn[:, c], minlength=len(vertices))
+    norm = np.linalg.norm(vn, axis=1, keepdims=True)
+    vn = np.where(norm > 1e-20, vn / np.maximum(norm, 1e-20), np.array([0.0, 0.0, 1.0]))
+    return vn.astype(np.float32), 0.5 * float(np.linalg.norm(fn, axis=1).sum())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_vertex_normals_in_torch_match_numpys(device):
+    """numpy and torch (where the export's GPU computes them): the reference's bits, its area, +Z where
+    a vertex has no area around it, and one result per run."""
+    v, f, _ = dual_grid_mesh(torus_sdf, 24)
+    v = np.concatenate([v, [[0.4, 0.4, 0.4]]]).astype(np.float32)  # isolated: +Z
+    f = np.concatenate([f, [[0, 0, 1]]]).astype(np.int64)  # degenerate: no area, no direction
+    want, want_area = _normals_reference(v, f)
+    got, area = glb.normals_and_area(v, f)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)) and area == pytest.approx(want_area, rel=1e-12)
+    assert np.array_equal(glb.vertex_normals(v, f), got)
+    vt, ft = torch.from_numpy(v).to(device), torch.from_numpy(f).to(device)
+    t_normals, t_area = glb.normals_and_area(vt, ft)
+    assert t_normals.device.type == device and t_normals.dtype == torch.float32
+    assert np.array_equal(t_normals.cpu().numpy().view(np.uint32), want.view(np.uint32))
+    assert t_area == pytest.approx(want_area, rel=1e-12)
+    np.testing.assert_array_equal(t_normals[-1].cpu().numpy(), [0.0, 0.0, 1.0])
+    assert torch.equal(glb.vertex_normals(vt, ft), t_normals)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_packed_textures_match_the_host_packing(device):
+    """pack_textures (on the maps' device, or in row blocks on the host) gives the bytes of quantising
+    all six maps and packing base RGBA and (0, roughness, metallic) on the host; the mesh built from
+    the packed pair writes the same file as from the maps."""
+    g = torch.Generator().manual_seed(7)
+    maps = torch.rand(131, 97, 6, generator=g) * 1.4 - 0.2  # rows across several blocks, out-of-range values
+    q = glb.quantize_unorm8(maps.numpy())
+    want = (np.concatenate([q[..., 0:3], q[..., 5:6]], axis=-1),
+            np.stack([np.zeros_like(q[..., 3]), q[..., 4], q[..., 3]], axis=-1))
+    for source in (maps.to(device), maps.numpy(), maps.numpy().astype(np.float64), q, torch.from_numpy(q).to(device)):
+        got = glb.pack_textures(source)
+        assert all(g.dtype == np.uint8 and g.flags["C_CONTIGUOUS"] and np.array_equal(g, w) for g, w in zip(got, want))
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32) * 0.3
+    f = np.array([[0, 1, 2]])
+    uvs = np.array([[0.1, 0.1], [0.9, 0.1], [0.1, 0.9]], np.float32)
+    files = [glb.encode_glb(glb.build_textured_mesh(v, f, glb.vertex_normals(v, f), uvs, m, double_sided=False))
+             for m in (maps.numpy(), glb.pack_textures(maps.to(device)))]
+    assert files[0] == files[1]
+
+
+def test_export_leaves_the_material_as_trimesh_made_it():
+    """encode_glb hashes the material by identity during the export only: the mesh keeps trimesh's
+    PBRMaterial (hashed by content) and a second export gives the same file."""
+    import trimesh
+
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32) * 0.3
+    f = np.array([[0, 1, 2]])
+    uvs = np.array([[0.1, 0.1], [0.9, 0.1], [0.1, 0.9]], np.float32)
+    maps = np.random.default_rng(4).random((16, 16, 6)).astype(np.float32)
+    mesh = glb.build_textured_mesh(v, f, glb.vertex_normals(v, f), uvs, maps, double_sided=True)
+    first = glb.encode_glb(mesh)
+    assert type(mesh.visual.material) is trimesh.visual.material.PBRMaterial
+    assert glb.encode_glb(mesh) == first
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_chart_count_union_find_matches_label_propagation(device):
+    """count_charts on the CPU (a numpy union-find) and on a GPU (label propagation) count the
+    components that uv.vertex_components labels, on meshes with many small and a few long components."""
+    rng = np.random.default_rng(5)
+    for n_v, n_f in [(50, 10), (3000, 2500), (20_000, 12_000)]:
+        f = rng.integers(0, n_v, (n_f, 3))
+        f[: n_f // 2] = rng.integers(0, n_v - 2, (n_f // 2, 1)) + np.arange(3)  # strips of consecutive vertices
+        lab = uv.vertex_components(torch.from_numpy(f), n_v)
+        want = len(np.unique(lab.numpy()[f.reshape(-1)]))
+        assert glb.count_charts(f, n_v) == want
+        assert glb.count_charts(torch.from_numpy(f).to(device), n_v) == want
+        assert glb.count_charts(f, n_v, device=device) == want
+    assert glb.count_charts(np.zeros((0, 3), np.int64), 5) == 0
+
+
 def test_clean_mesh_removes_junk():
     v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 0, 0], [5, 5, 5], [0, 0, 1], [np.nan, 0, 0]], np.float32)
     f = np.array([[0, 1, 2],  # kept

@@ -54,6 +54,7 @@ upstream does, mesh/modes.py):
 """
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from typing import Callable, Optional
@@ -506,32 +507,92 @@ def simplify_mesh(vertices: np.ndarray, faces: np.ndarray, target_faces: int, *,
     return simplify(vertices, faces, int(target_faces), aggressiveness=aggressiveness, workers=workers, info=info)
 
 
-def count_charts(faces: np.ndarray, n_vertices: int, *, device=None) -> int:
+def count_charts(faces, n_vertices: int, *, device=None) -> int:
     """Connected components of faces sharing a vertex: the UV charts of an unwrapped mesh (its
-    vertices are split along chart seams). Min-label propagation with pointer jumping, in torch on
-    `device` (default CPU)."""
+    vertices are split along chart seams). On a GPU (`device`, or where a tensor of faces lives):
+    min-label propagation with pointer jumping in torch (uv.vertex_components); on the CPU a numpy
+    union-find instead, roots hooked onto smaller roots (a few rounds where propagation takes dozens)."""
     import torch
 
-    from .uv import vertex_components
+    if (isinstance(faces, torch.Tensor) and faces.device.type != "cpu") or gpu_or_none(device) is not None:
+        from .uv import vertex_components
 
-    f = torch.as_tensor(np.asarray(faces, dtype=np.int64), device=device).reshape(-1, 3)
-    if f.shape[0] == 0:
-        return 0
-    lab = vertex_components(f, int(n_vertices))
-    return int(torch.unique(lab[f.reshape(-1)]).numel())
+        f = torch.as_tensor(faces if isinstance(faces, torch.Tensor) else np.asarray(faces, dtype=np.int64),
+                            device=device).to(torch.int64).reshape(-1, 3)
+        if f.shape[0] == 0:
+            return 0
+        lab = vertex_components(f, int(n_vertices))
+        return int(torch.unique(lab[f.reshape(-1)]).numel())
+    f = _to_numpy(faces, np.int64).reshape(-1, 3)
+    a, b = np.concatenate([f[:, 0], f[:, 1]]), np.concatenate([f[:, 1], f[:, 2]])  # two edges join a face
+    parent = np.arange(int(n_vertices))
+    while True:
+        while True:  # pointer jumping: every vertex points at its root
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+        ra, rb = parent[a], parent[b]
+        cross = ra != rb
+        if not cross.any():
+            break
+        a, b, ra, rb = a[cross], b[cross], ra[cross], rb[cross]
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
+    used = np.zeros(len(parent), dtype=bool)
+    used[f.reshape(-1)] = True
+    return int(np.count_nonzero(used & (parent == np.arange(len(parent)))))
 
 
-def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Area-weighted vertex normals [V,3] float32 (unit length; +Z for isolated/degenerate vertices)."""
-    tri = np.asarray(vertices, dtype=np.float64)[faces]
-    fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # length = 2 * area
-    vn = np.zeros((len(vertices), 3))
-    for k in range(3):
-        for c in range(3):
-            vn[:, c] += np.bincount(faces[:, k], fn[:, c], minlength=len(vertices))
+def vertex_normals(vertices, faces):
+    """Area-weighted vertex normals [V,3] float32 (unit length; +Z for isolated/degenerate vertices).
+    numpy arrays give a numpy array; torch tensors give a tensor on their device (`normals_and_area`)."""
+    return normals_and_area(vertices, faces)[0]
+
+
+def normals_and_area(vertices, faces):
+    """(`vertex_normals`, total surface area as a float) from one pass over the faces, in float64.
+    torch tensors are worked on where they live, op for op as numpy does it: the same normals, to the
+    bit (the area's sum may differ in its last bits)."""
+    if hasattr(vertices, "detach"):
+        return _normals_and_area_torch(vertices, faces)
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces)
+    corner = [np.ascontiguousarray(f[:, k]) for k in range(3)]  # bincount copies strided indices
+    a, b, c = v[corner[0]], v[corner[1]], v[corner[2]]
+    e1, e2 = b - a, c - a
+    # face normals of length 2 * area, one contiguous row per axis (np.cross's products, in its order)
+    fn = np.stack([e1[:, 1] * e2[:, 2] - e1[:, 2] * e2[:, 1], e1[:, 2] * e2[:, 0] - e1[:, 0] * e2[:, 2],
+                   e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]])
+    n = len(v)
+    vn = np.empty((n, 3))
+    for axis in range(3):  # per corner, faces in order, then the three corners' sums in turn
+        vn[:, axis] = np.bincount(corner[0], fn[axis], minlength=n)
+        vn[:, axis] += np.bincount(corner[1], fn[axis], minlength=n)
+        vn[:, axis] += np.bincount(corner[2], fn[axis], minlength=n)
     norm = np.linalg.norm(vn, axis=1, keepdims=True)
     vn = np.where(norm > 1e-20, vn / np.maximum(norm, 1e-20), np.array([0.0, 0.0, 1.0]))
-    return vn.astype(np.float32)
+    area = 0.5 * float(np.sqrt(fn[0] * fn[0] + fn[1] * fn[1] + fn[2] * fn[2]).sum())
+    return vn.astype(np.float32), area
+
+
+def _normals_and_area_torch(vertices, faces):
+    import torch
+
+    v = vertices.to(torch.float64)
+    f = faces.to(device=v.device, dtype=torch.int64)
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    e1, e2 = b - a, c - a
+    # one op per product and per difference (no fused multiply-add), as numpy rounds them
+    fn = torch.stack([e1[:, 1] * e2[:, 2] - e1[:, 2] * e2[:, 1], e1[:, 2] * e2[:, 0] - e1[:, 0] * e2[:, 2],
+                      e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]], dim=1)
+    # accumulate=True sums a vertex's faces in face order (a stable sort on a GPU, no atomics), one
+    # corner at a time as numpy's bincounts do
+    corner_sums = [torch.zeros_like(v).index_put_((f[:, k],), fn, accumulate=True) for k in range(3)]
+    vn = (corner_sums[0] + corner_sums[1]) + corner_sums[2]
+    norm = torch.sqrt(vn[:, 0] * vn[:, 0] + vn[:, 1] * vn[:, 1] + vn[:, 2] * vn[:, 2])[:, None]
+    vn = torch.where(norm > 1e-20, vn / norm.clamp_min(1e-20), vn.new_tensor([0.0, 0.0, 1.0]))
+    area = 0.5 * float(torch.sqrt(fn[:, 0] * fn[:, 0] + fn[:, 1] * fn[:, 1] + fn[:, 2] * fn[:, 2]).sum())
+    return vn.float(), area
 
 
 def prepare_mesh(vertices, faces, *, decimation_target: int = 200_000, max_hole_perimeter: float = 3e-2,
@@ -586,9 +647,24 @@ def gpu_or_none(device):
 GRID_TO_GLB = np.array([[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]])
 
 
+# GRID_TO_GLB is one sign per axis, so its product is a sign flip, exact; "+ 0" turns the -0.0 of a
+# flipped zero into the +0.0 the matrix product's sums give (the file keeps its bytes)
+_GLB_AXIS_SIGNS = np.diag(GRID_TO_GLB)
+
+
 def to_glb_axes(points: np.ndarray) -> np.ndarray:
-    """Grid-frame points or normals [N,3] -> GLB frame (X, Y, Z) = (-x, y, -z)."""
-    return (np.asarray(points, dtype=np.float64) @ GRID_TO_GLB.T).astype(np.float32)
+    """Grid-frame points or normals [N,3] -> GLB frame (X, Y, Z) = (-x, y, -z), float32: the values of
+    `points @ GRID_TO_GLB.T` in float64 rounded to float32."""
+    p = np.asarray(points)
+    if p.dtype != np.float32:  # float32 is flipped as it is (exact); anything else in float64, as before
+        p = p.astype(np.float64)
+    return (p * _GLB_AXIS_SIGNS.astype(p.dtype) + p.dtype.type(0.0)).astype(np.float32, copy=False)
+
+
+def _quantize_unorm8_tensor(x):
+    import torch
+
+    return x.float().mul(255.0).clamp_(0.0, 255.0).to(torch.uint8)
 
 
 def quantize_unorm8(x) -> np.ndarray:
@@ -597,9 +673,26 @@ def quantize_unorm8(x) -> np.ndarray:
     import torch
 
     if isinstance(x, torch.Tensor):
-        return torch.clamp(x.float() * 255.0, 0.0, 255.0).to(torch.uint8).cpu().numpy()
+        return _quantize_unorm8_tensor(x).cpu().numpy()
     x = _to_numpy(x, np.float32)
     return np.clip(x * 255.0, 0.0, 255.0).astype(np.uint8)
+
+
+def pack_textures(maps) -> tuple[np.ndarray, np.ndarray]:
+    """Texture maps [S,S,6] (base_color 0:3, metallic 3, roughness 4, alpha 5; float in [0,1] or uint8
+    already quantised; numpy or torch) -> the two textures' pixels as host uint8 arrays: base colour
+    RGBA [S,S,4] and metallic-roughness [S,S,3] = (0, roughness, metallic) as glTF reads it.
+    In torch where the maps live: a GPU's maps cross to the host packed, and the CPU's threads share
+    the work."""
+    import torch
+
+    x = maps if isinstance(maps, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(maps))
+    q = x if x.dtype == torch.uint8 else _quantize_unorm8_tensor(x)
+    base = torch.empty(q.shape[:2] + (4,), dtype=torch.uint8, device=q.device)
+    base[..., :3], base[..., 3] = q[..., :3], q[..., 5]
+    metal_rough = torch.zeros(q.shape[:2] + (3,), dtype=torch.uint8, device=q.device)
+    metal_rough[..., 1], metal_rough[..., 2] = q[..., 4], q[..., 3]
+    return base.cpu().numpy(), metal_rough.cpu().numpy()
 
 
 # zlib's fastest level for the PNG textures: lossless either way, about 4x faster to write than the
@@ -608,19 +701,18 @@ PNG_COMPRESS_LEVEL = 1
 
 
 def build_textured_mesh(vertices: np.ndarray, faces: np.ndarray, normals: np.ndarray, uvs: Optional[np.ndarray],
-                        maps: Optional[np.ndarray], *, double_sided: bool):
+                        maps, *, double_sided: bool):
     """trimesh.Trimesh in the GLB frame with upstream's PBR material.
 
     vertices/normals [V,3] grid frame; faces [F,3]; uvs [V,2] glTF convention (v from the top row) or
     None; maps [S,S,6] float, or uint8 already quantised (base_color 0:3, metallic 3, roughness 4,
-    alpha 5; row 0 = top), or None for a geometry-only asset (uniform grey material)."""
+    alpha 5; row 0 = top), or the pair `pack_textures` makes of them, or None for a geometry-only
+    asset (uniform grey material)."""
     import trimesh
     from PIL import Image
 
     if maps is not None:
-        q = maps if maps.dtype == np.uint8 else quantize_unorm8(maps)
-        base_rgba = np.ascontiguousarray(np.concatenate([q[..., 0:3], q[..., 5:6]], axis=-1))
-        metal_rough = np.ascontiguousarray(np.stack([np.zeros_like(q[..., 3]), q[..., 4], q[..., 3]], axis=-1))
+        base_rgba, metal_rough = maps if isinstance(maps, tuple) else pack_textures(maps)
         base_img, mr_img = Image.fromarray(base_rgba), Image.fromarray(metal_rough)
         for img in (base_img, mr_img):  # read by Image.save when trimesh encodes them (png only)
             img.encoderinfo = {"compress_level": PNG_COMPRESS_LEVEL}
@@ -630,7 +722,8 @@ def build_textured_mesh(vertices: np.ndarray, faces: np.ndarray, normals: np.nda
             metallicRoughnessTexture=mr_img,
             metallicFactor=1.0, roughnessFactor=1.0, alphaMode="OPAQUE", doubleSided=bool(double_sided))
         # trimesh stores OpenGL-style uv (v up) and flips v on export; hand it 1 - v so the file keeps v
-        uv_gl = np.stack([uvs[:, 0], 1.0 - uvs[:, 1]], axis=1).astype(np.float64)
+        uv_gl = np.empty((len(uvs), 2))  # float64, as trimesh keeps it
+        uv_gl[:, 0], uv_gl[:, 1] = uvs[:, 0], 1.0 - uvs[:, 1]
         visual = trimesh.visual.TextureVisuals(uv=uv_gl, material=material)
     else:
         material = trimesh.visual.material.PBRMaterial(
@@ -695,8 +788,29 @@ def encode_glb(mesh, *, image_format: str = "png") -> bytes:
     if len(images) > 1 and all(getattr(img, "format", None) != "JPEG" for img in images):
         _pre_encode_textures(images, "WEBP" if image_format == "webp" else "PNG")
     scene = trimesh.Scene() if mesh is None else trimesh.Scene(mesh)
-    return trimesh.exchange.gltf.export_glb(scene, include_normals=mesh is not None,
-                                            extension_webp=image_format == "webp")
+    material = getattr(getattr(mesh, "visual", None), "material", None)
+    own_class = type(material)
+    if own_class is trimesh.visual.material.PBRMaterial:  # for the export only: the mesh keeps its class
+        material.__class__ = _identity_hashed_material()
+    try:
+        return trimesh.exchange.gltf.export_glb(scene, include_normals=mesh is not None,
+                                                extension_webp=image_format == "webp")
+    finally:
+        if material is not None:
+            material.__class__ = own_class
+
+
+@functools.lru_cache(maxsize=None)
+def _identity_hashed_material():
+    """PBRMaterial hashed by identity. trimesh hashes a material on export only to find it again among
+    the scene's materials, and its hash copies every texture's pixels to hash them (112 MB for two
+    4096² textures); an export here has one material."""
+    import trimesh
+
+    class IdentityHashedPBRMaterial(trimesh.visual.material.PBRMaterial):
+        __hash__ = object.__hash__
+
+    return IdentityHashedPBRMaterial
 
 
 def write_glb(path, mesh, *, image_format: str = "png") -> int:
@@ -795,7 +909,11 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
         return None, stats
 
     t = time.perf_counter()
-    normals = vertex_normals(v, f)
+    gpu = gpu_or_none(_work_device(device, voxel_attrs))
+    # normals and surface area (a stat) in one pass, on a GPU where there is one
+    normals, area = normals_and_area(*((torch.from_numpy(v).to(gpu), torch.from_numpy(f).to(gpu))
+                                       if gpu is not None else (v, f)))
+    normals = _to_numpy(normals, np.float32)
     timings["normals"] = time.perf_counter() - t
     textured = voxel_coords is not None and voxel_attrs is not None and len(voxel_coords) > 0
     if textured:
@@ -811,34 +929,34 @@ def build_asset(vertices, faces, voxel_coords, voxel_attrs, grid_size: int, *,
         from .bake import bake_texture
 
         coords_t = torch.as_tensor(_to_numpy(voxel_coords, np.int64)).to(dev)
+        f_uv_t = torch.from_numpy(f_uv).to(dev)
         proj = {}
         if surface is not None:  # reach: a voxel (simplification stays well inside), plus the band's offset
             proj = {"surface": tuple(torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in surface),
                     "surface_cell": ((remesh_band if remesh else 0.0) + 1.0) / int(grid_size), "info": {}}
-        maps, mask = bake_texture(torch.from_numpy(v[vmap]).to(dev), torch.from_numpy(f_uv).to(dev),
+        maps, mask = bake_texture(torch.from_numpy(v[vmap]).to(dev), f_uv_t,
                                   torch.from_numpy(uvs).to(dev), coords_t, attrs_t.to(dev).float(), int(grid_size),
                                   int(texture_size), **proj)
         if proj:
             stats["projected"] = proj["info"]["projected"]
-        maps_u8 = quantize_unorm8(maps)
+        textures = pack_textures(maps)
         timings["bake"] = time.perf_counter() - t
         t = time.perf_counter()
-        stats["coverage"] = float(mask.float().mean())
+        covered = int(torch.count_nonzero(mask))
+        stats["coverage"] = covered / mask.numel()
         stats["texture_size"] = int(texture_size)
         # quality: charts, and texels per unit of surface length (box side = 1) and per voxel side
-        tri = v[f].astype(np.float64)
-        area = 0.5 * float(np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum())
-        stats["charts"] = count_charts(f_uv, len(vmap), device=dev)
-        stats["texel_density"] = float(np.sqrt(float(mask.sum()) / area)) if area > 0 else 0.0
+        stats["charts"] = count_charts(f_uv_t, len(vmap))
+        stats["texel_density"] = float(np.sqrt(covered / area)) if area > 0 else 0.0
         stats["texels_per_voxel"] = stats["texel_density"] / int(grid_size)
         timings["stats"] = time.perf_counter() - t
         say(f"[glb] baked {texture_size}² ({stats['coverage']:.0%} texels covered, {stats['charts']:,} charts, "
             f"{stats['texels_per_voxel']:.2f} texels per voxel side, {timings['bake']:.1f}s)")
         v, f, normals = v[vmap], f_uv, normals[vmap]
     else:
-        uvs = maps_u8 = None
+        uvs = textures = None
     stats["faces"], stats["vertices"] = int(len(f)), int(len(v))
     t = time.perf_counter()
-    mesh = build_textured_mesh(v, f, normals, uvs, maps_u8, double_sided=sided)
+    mesh = build_textured_mesh(v, f, normals, uvs, textures, double_sided=sided)
     timings["mesh"] = time.perf_counter() - t
     return mesh, stats

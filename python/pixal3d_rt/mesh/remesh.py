@@ -352,7 +352,8 @@ def prepare_remeshed(vertices, faces, grid_size: int, *, decimation_target: int 
     steps: dict = {}
     rv, rf = remesh_narrow_band_dc(torch.from_numpy(v).to(dev), torch.from_numpy(f).to(dev), int(grid_size),
                                    band=band, project_back=project_back, timings=steps)
-    rv, rf = rv.cpu().numpy(), rf.cpu().numpy()
+    if not glb.use_torch_simplifier(dev):  # fast-simplification takes host arrays; the torch one the device's
+        rv, rf = rv.cpu().numpy(), rf.cpu().numpy()
     info = {"faces": int(len(rf)), "vertices": int(len(rv)), "sign_flips": int(steps.pop("remesh_flips"))}
     timings.update(steps)
     timings["remesh"] = time.perf_counter() - t
