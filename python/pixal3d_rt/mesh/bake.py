@@ -7,6 +7,11 @@ Replaces upstream's nvdiffrast rasterisation + flex_gemm `grid_sample_3d` + `cv2
   `sample_sparse_voxels` trilinear interpolation of the sparse volume with flex_gemm's semantics;
   `fill_uncovered`       seam fill: three fronts of TELEA-weighted means, then push-pull for the rest;
   `bake_texture`         the three together, returning float maps.
+
+Memory: `bake_texture` walks the texture in bands of rows (`BAND_TEXELS` texels each): a band is
+rasterised, its texel points projected and sampled, and its rows of the maps written, so besides the
+maps and the mask only one band's arrays are live. The seam fill then works on the maps in place,
+again a band of rows at a time (its convolutions read a few rows of halo).
 """
 from __future__ import annotations
 
@@ -14,6 +19,89 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+# texels per band of rows (bake_texture, the seam fill), and candidates per rasterisation chunk in the
+# bake: bounds their working memory (tens of bytes a texel per array) while kernels stay millions long
+BAND_TEXELS = 1 << 21
+# project.closest_points' max_pairs in the bake, a quarter of its default: the search arrays of each
+# step (hundreds of bytes a query) scale with it
+PROJECT_PAIRS = 1 << 21
+
+
+def _uv_triangles(uvs: torch.Tensor, faces: torch.Tensor, S: int):
+    """Rasterisation setup of the triangles whose bounding box holds a texel centre, in face order.
+
+    Returns (face index [K] int64, first texel (col, row) of the box [K,2] int64, last row [K] int64,
+    box width [K] int64, inverse of [e1 e2] [K,4] float32, first corner [K,2] float32).
+    """
+    dev = uvs.device
+    faces = faces.to(dev).long()
+    p = uvs.to(dev).double()[faces] * S - 0.5  # texel-centre coordinates: centre of texel (r, c) is (c, r)
+    p0, e1, e2 = p[:, 0], p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]
+    det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+    lo = torch.ceil(p.amin(dim=1)).clamp(0, S - 1).long()
+    hi = torch.floor(p.amax(dim=1)).clamp(-1, S - 1).long()
+    w = (hi[:, 0] - lo[:, 0] + 1).clamp_min(0)
+    h = (hi[:, 1] - lo[:, 1] + 1).clamp_min(0)
+    keep = torch.nonzero((det.abs() > 1e-12) & (w > 0) & (h > 0)).squeeze(1)
+    # per-triangle inverse of [e1 e2]: (b1, b2) = M (x - p0), b0 = 1 - b1 - b2 (float32 is enough for the
+    # small offsets inside a bounding box; the setup stays float64)
+    e1, e2, det = e1[keep], e2[keep], det[keep]
+    inv = torch.stack([e2[:, 1], -e2[:, 0], -e1[:, 1], e1[:, 0]], 1) / det[:, None]
+    return keep, lo[keep], hi[keep, 1], w[keep], inv.float(), p0[keep].float()
+
+
+def _rasterize_rows(tris, S: int, r0: int, r1: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texel rows [r0, r1) of `rasterize_uv` from `_uv_triangles`' setup: (face_id [(r1-r0)*S] int64,
+    bary [(r1-r0)*S, 3] float32), row-major.
+
+    Each triangle whose box meets the rows enumerates its box's texel centres in them; the candidates
+    of all such triangles are laid end to end and processed `chunk` at a time.
+    """
+    keep, lo, last_row, width, inv, p0 = tris
+    dev = inv.device
+    face_id = torch.full(((r1 - r0) * S,), -1, dtype=torch.int64, device=dev)
+    bary = torch.zeros(((r1 - r0) * S, 3), dtype=torch.float32, device=dev)
+    sel = torch.nonzero((lo[:, 1] < r1) & (last_row >= r0)).squeeze(1)
+    if sel.numel() == 0:
+        return face_id, bary
+    first = lo.index_select(0, sel)
+    col0, row0, wd = first[:, 0], first[:, 1].clamp_min(r0), width.index_select(0, sel)
+    n_cand = wd * (last_row.index_select(0, sel).clamp_max(r1 - 1) - row0 + 1)
+    start = torch.cumsum(n_cand, 0) - n_cand
+    total = int(n_cand.sum())
+    eps = 1e-5
+    for a in range(0, total, chunk):
+        idx = torch.arange(a, min(a + chunk, total), device=dev)
+        t = torch.searchsorted(start, idx, right=True) - 1  # owning triangle (in `sel` order)
+        local = idx - start.index_select(0, t)
+        wt = wd.index_select(0, t)
+        x = col0.index_select(0, t) + local % wt
+        y = row0.index_select(0, t) + local // wt
+        k = sel.index_select(0, t)
+        del idx, t, local, wt
+        pt = p0.index_select(0, k)
+        dx = x.float() - pt[:, 0]
+        dy = y.float() - pt[:, 1]
+        m = inv.index_select(0, k)
+        b1 = m[:, 0] * dx + m[:, 1] * dy
+        b2 = m[:, 2] * dx + m[:, 3] * dy
+        b0 = 1.0 - b1 - b2
+        del pt, dx, dy, m
+        hit = torch.nonzero((b0 >= -eps) & (b1 >= -eps) & (b2 >= -eps)).squeeze(1)
+        if hit.numel() == 0:
+            continue
+        texel = ((y - r0) * S + x).index_select(0, hit)
+        face = keep.index_select(0, k.index_select(0, hit))
+        # a centre inside several triangles (a shared edge, within eps) goes to the highest face index,
+        # whatever the chunk or band, and gets that face's barycentrics (one scatter for both could pair
+        # one triangle's id with another's weights)
+        face_id.scatter_reduce_(0, texel, face, "amax")
+        won = torch.nonzero(face_id.index_select(0, texel) == face).squeeze(1)
+        hit = hit.index_select(0, won)
+        bary[texel.index_select(0, won)] = torch.stack(
+            [b0.index_select(0, hit), b1.index_select(0, hit), b2.index_select(0, hit)], 1).clamp_min(0.0)
+    return face_id, bary
 
 
 def rasterize_uv(uvs: torch.Tensor, faces: torch.Tensor, size: int, *, chunk: int = 1 << 22
@@ -26,56 +114,12 @@ def rasterize_uv(uvs: torch.Tensor, faces: torch.Tensor, size: int, *, chunk: in
 
     Each triangle enumerates the texel centres inside its bounding box; the candidates of all triangles
     are laid end to end and processed `chunk` at a time, so memory is bounded whatever the triangle sizes.
-    A texel centre exactly on an edge shared by two triangles takes either one.
+    A texel centre inside several triangles (on a shared edge, within the inside test's 1e-5 slack, or
+    where triangles overlap) takes the highest face index, with that face's barycentrics.
     """
-    dev = uvs.device
     S = int(size)
-    face_id = torch.full((S * S,), -1, dtype=torch.int64, device=dev)
-    bary = torch.zeros((S * S, 3), dtype=torch.float32, device=dev)
-    faces = faces.to(dev).long()
-    if faces.shape[0] == 0:
-        return face_id.view(S, S), bary.view(S, S, 3)
-    p = uvs.to(dev).double()[faces] * S - 0.5  # texel-centre coordinates: centre of texel (r, c) is (c, r)
-    p0, e1, e2 = p[:, 0], p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]
-    det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-    lo = torch.ceil(p.amin(dim=1)).clamp(0, S - 1).long()
-    hi = torch.floor(p.amax(dim=1)).clamp(-1, S - 1).long()
-    w = (hi[:, 0] - lo[:, 0] + 1).clamp_min(0)
-    h = (hi[:, 1] - lo[:, 1] + 1).clamp_min(0)
-    n_cand = torch.where(det.abs() > 1e-12, w * h, torch.zeros_like(w))
-    keep = torch.nonzero(n_cand > 0).squeeze(1)
-    if keep.numel() == 0:
-        return face_id.view(S, S), bary.view(S, S, 3)
-    # per-triangle inverse of [e1 e2]: (b1, b2) = M (x - p0), b0 = 1 - b1 - b2 (float32 is enough for the
-    # small offsets inside a bounding box; the setup stays float64)
-    inv = torch.stack([e2[:, 1], -e2[:, 0], -e1[:, 1], e1[:, 0]], 1) / det[:, None]
-    inv, p0 = inv[keep].float(), p0[keep].float()
-    lo, w, n_cand = lo[keep], w[keep], n_cand[keep]
-    start = torch.cumsum(n_cand, 0) - n_cand
-    total = int(n_cand.sum())
-    eps = 1e-5
-    for a in range(0, total, chunk):
-        idx = torch.arange(a, min(a + chunk, total), device=dev)
-        t = torch.searchsorted(start, idx, right=True) - 1  # owning triangle (in `keep` order)
-        local = idx - start.index_select(0, t)
-        wt = w.index_select(0, t)
-        lt = lo.index_select(0, t)
-        x = lt[:, 0] + local % wt
-        y = lt[:, 1] + local // wt
-        pt = p0.index_select(0, t)
-        dx = x.float() - pt[:, 0]
-        dy = y.float() - pt[:, 1]
-        m = inv.index_select(0, t)
-        b1 = m[:, 0] * dx + m[:, 1] * dy
-        b2 = m[:, 2] * dx + m[:, 3] * dy
-        b0 = 1.0 - b1 - b2
-        inside = (b0 >= -eps) & (b1 >= -eps) & (b2 >= -eps)
-        if not inside.any():
-            continue
-        sel = torch.nonzero(inside).squeeze(1)
-        texel = (y * S + x).index_select(0, sel)
-        face_id[texel] = keep.index_select(0, t.index_select(0, sel))
-        bary[texel] = torch.stack([b0, b1, b2], 1).index_select(0, sel).clamp_min(0.0)
+    tris = _uv_triangles(uvs, faces, S)
+    face_id, bary = _rasterize_rows(tris, S, 0, S, chunk)
     return face_id.view(S, S), bary.view(S, S, 3)
 
 
@@ -97,13 +141,24 @@ def sample_sparse_voxels(points: torch.Tensor, coords: torch.Tensor, attrs: torc
     """
     dev = attrs.device
     G = int(grid_size)
-    coords = coords.to(dev).long()
     attrs = attrs.to(dev).float()
-    out = torch.zeros((points.shape[0], attrs.shape[1]), dtype=torch.float32, device=dev)
     if coords.shape[0] == 0 or points.shape[0] == 0:
-        return out
-    key = (coords[:, 0] * G + coords[:, 1]) * G + coords[:, 2]
-    skey, perm = torch.sort(key)
+        return torch.zeros((points.shape[0], attrs.shape[1]), dtype=torch.float32, device=dev)
+    return _sample_voxels(points, _voxel_table(coords.to(dev), G), attrs, G, fallback_radius, chunk)
+
+
+def _voxel_table(coords: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted keys, rows into attrs) of the voxels [N,3], for `_sample_voxels`."""
+    coords = coords.long()
+    return torch.sort((coords[:, 0] * G + coords[:, 1]) * G + coords[:, 2])
+
+
+def _sample_voxels(points: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor], attrs: torch.Tensor, G: int,
+                   fallback_radius: int, chunk: int = 1 << 20) -> torch.Tensor:
+    """`sample_sparse_voxels` on a `_voxel_table` of N > 0 voxels; attrs [N,C] float32 on the table's device."""
+    dev = attrs.device
+    out = torch.zeros((points.shape[0], attrs.shape[1]), dtype=torch.float32, device=dev)
+    skey, perm = table
     n = skey.numel()
 
     def lookup(c: torch.Tensor) -> torch.Tensor:
@@ -184,55 +239,124 @@ def fill_uncovered(image: torch.Tensor, mask: torch.Tensor, *, dilate: int = 3, 
     (benchmarks/compare_fill_telea.py), the mean absolute difference is ~1/255 on the first ring
     and ~4/255 on rings 2-3, the texels bilinear sampling reads; farther out, where no UV samples,
     the two extensions differ more (both are smooth continuations of the chart borders).
+
+    Works a band of rows at a time on one [H,W,C] float32 copy (`_fill_in_place`), so beyond that
+    copy it needs a few bytes a texel plus one band's buffers.
     """
-    H, W, C = image.shape
-    dev = image.device
-    filled = mask.clone()
-    img = torch.where(filled[..., None], image.float(), torch.zeros((), dtype=torch.float32, device=dev))
-    arrival = torch.where(filled, 0.0, math.inf).to(device=dev, dtype=torch.float32)
+    zero = torch.zeros((), dtype=torch.float32, device=image.device)
+    img = torch.where(mask[..., None], image.float(), zero).contiguous()
+    _fill_in_place(img, mask, dilate, radius)
+    return img
+
+
+def _grow(m: torch.Tensor) -> torch.Tensor:
+    """Boolean image m [H,W] grown by one texel in all 8 directions (a 3x3 max filter)."""
+    rows = m.clone()
+    rows[1:] |= m[:-1]
+    rows[:-1] |= m[1:]
+    out = rows.clone()
+    out[:, 1:] |= rows[:, :-1]
+    out[:, :-1] |= rows[:, 1:]
+    return out
+
+
+def _fill_in_place(img: torch.Tensor, mask: torch.Tensor, dilate: int = 3, radius: float = 3.0) -> None:
+    """`fill_uncovered` on img [H,W,C] float32 contiguous, zero where mask is False, overwritten."""
+    H, W, C = img.shape
+    dev = img.device
+    filled = mask.to(dev).clone()
+    # front at which each texel was filled (0: baked), 255 while empty: T in the TELEA weight
+    arrival = torch.full((H, W), 255, dtype=torch.uint8, device=dev).masked_fill_(filled, 0)
     r = int(math.ceil(radius))
     yy, xx = torch.meshgrid(torch.arange(-r, r + 1, device=dev), torch.arange(-r, r + 1, device=dev), indexing="ij")
     d2 = (yy * yy + xx * xx).float()
     kernel = torch.where((d2 > 0) & (d2 <= radius * radius), 1.0 / d2.clamp_min(1), torch.zeros_like(d2))
     kernel = kernel.expand(C + 1, 1, 2 * r + 1, 2 * r + 1).contiguous()
-    chw = img.permute(2, 0, 1)
+    rows = max(1, BAND_TEXELS // max(W, 1))
     for k in range(1, dilate + 1):
-        near = F.max_pool2d(filled[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
-        ring = near & ~filled
+        ring = _grow(filled)
+        ring &= ~filled
         if not bool(ring.any()):
             break
-        # distance weights as one depthwise convolution; arrival-time weights per source texel
-        w = torch.where(filled, 1.0 / (1.0 + (k - arrival).abs()), torch.zeros_like(arrival))
-        acc = F.conv2d(torch.cat([chw * w, w[None]])[None], kernel, padding=r, groups=C + 1)[0]
-        est = acc[:C] / acc[C:].clamp_min(1e-12)
-        chw = torch.where(ring, est, chw)
-        filled = filled | ring
-        arrival = torch.where(ring, float(k), arrival)
-    img = chw.permute(1, 2, 0)
+        for y0 in range(0, H, rows):
+            y1 = min(H, y0 + rows)
+            a, b = max(0, y0 - r), min(H, y1 + r)  # rows the kernel reaches; zero rows stand for the border
+            w = torch.where(filled[a:b], 1.0 / (1.0 + (k - arrival[a:b].float()).abs()), 0.0)
+            x = torch.zeros((1, C + 1, y1 - y0 + 2 * r, W), dtype=torch.float32, device=dev)
+            top = a - (y0 - r)
+            # distance weights as one depthwise convolution of (value * w, w); arrival-time weights per
+            # source texel. Ring texels of the band above are already written: their w is 0
+            torch.mul(img[a:b].permute(2, 0, 1), w, out=x[0, :C, top:top + b - a])
+            x[0, C, top:top + b - a] = w
+            del w
+            acc = F.conv2d(x, kernel, padding=(0, r), groups=C + 1)[0]
+            del x
+            est = acc[:C].div_(acc[C:].clamp_min(1e-12))
+            band = img[y0:y1]
+            torch.where(ring[y0:y1, :, None], est.permute(1, 2, 0), band, out=band)
+            del acc, est
+        filled |= ring
+        arrival.masked_fill_(ring, k)
+        del ring
+    del arrival
     if not bool(filled.all()):
-        img = _push_pull(img.permute(2, 0, 1)[None] * filled[None, None], filled[None, None].float())[0].permute(1, 2, 0)
-    return img.contiguous()
+        _push_pull(img, filled)
 
 
-def _push_pull(img: torch.Tensor, wgt: torch.Tensor) -> torch.Tensor:
-    """img [1,C,H,W] premultiplied by wgt [1,1,H,W] in {0,1}; returns img with the holes filled."""
-    H, W = img.shape[-2:]
-    if wgt.sum() == 0:
-        return img
-    if min(H, W) <= 1:
-        mean = img.sum(dim=(2, 3), keepdim=True) / wgt.sum()
-        return torch.where(wgt > 0, img, mean.expand_as(img))
-    # pull: 2x2 sums over filled texels (odd sizes padded with empty texels)
-    ph, pw = H % 2, W % 2
-    ip = F.pad(img, (0, pw, 0, ph))
-    wp = F.pad(wgt, (0, pw, 0, ph))
-    s = F.avg_pool2d(ip, 2) * 4
-    n = F.avg_pool2d(wp, 2) * 4
-    coarse = torch.where(n > 0, s / n.clamp_min(1e-12), torch.zeros_like(s))
-    coarse = _push_pull(coarse, (n > 0).float())
-    # push: bilinear back up, used only where this level has no value
-    up = F.interpolate(coarse, size=(H + ph, W + pw), mode="bilinear", align_corners=False)[..., :H, :W]
-    return torch.where(wgt > 0, img, up)
+def _push_pull(img: torch.Tensor, wgt: torch.Tensor) -> None:
+    """Fill img [H,W,C] in place where wgt [H,W] bool is False (img is zero there): pull averages the
+    filled texels down a 2x pyramid, push interpolates each level back up into the empty texels of the
+    level below; the coarsest level (1 texel wide) takes the mean of its filled texels."""
+    if not bool(wgt.any()):
+        return
+    levels = [(img, wgt)]
+    while min(levels[-1][0].shape[:2]) > 1:
+        levels.append(_pull(*levels[-1]))
+    top, top_w = levels[-1]
+    mean = top.sum(dim=(0, 1)) / top_w.sum()
+    torch.where(top_w[..., None], top, mean, out=top)
+    for (fine, fine_w), (coarse, _) in zip(levels[-2::-1], levels[:0:-1]):
+        _push(fine, fine_w, coarse)
+
+
+def _pull(img: torch.Tensor, wgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next pyramid level of (img [h,w,C], wgt [h,w] bool): means over the filled texels of each 2x2
+    block (odd sizes padded with empty texels), and whether the block had any; a band of rows at a time."""
+    h, w, C = img.shape
+    h2, w2 = (h + 1) // 2, (w + 1) // 2
+    coarse = torch.empty((h2, w2, C), dtype=img.dtype, device=img.device)
+    coarse_w = torch.empty((h2, w2), dtype=torch.bool, device=img.device)
+    zero = torch.zeros((), dtype=img.dtype, device=img.device)
+    rows = max(1, BAND_TEXELS // (2 * w))  # coarse rows per band
+    for j0 in range(0, h2, rows):
+        j1 = min(h2, j0 + rows)
+        x = img[2 * j0:2 * j1].permute(2, 0, 1)[None]
+        m = wgt[2 * j0:2 * j1].float()[None, None]
+        pad = (0, 2 * w2 - w, 0, 2 * (j1 - j0) - x.shape[2])
+        s = F.avg_pool2d(F.pad(x, pad), 2) * 4
+        n = F.avg_pool2d(F.pad(m, pad), 2) * 4
+        torch.where(n > 0, s / n.clamp_min(1e-12), zero, out=coarse[j0:j1].permute(2, 0, 1)[None])
+        coarse_w[j0:j1] = n[0, 0] > 0
+    return coarse, coarse_w
+
+
+def _push(img: torch.Tensor, wgt: torch.Tensor, coarse: torch.Tensor) -> None:
+    """img [h,w,C] takes the bilinear 2x upsampling of `coarse` (the filled next level) where wgt is False.
+
+    Band by band: an even first row y0 reads coarse rows from y0/2 - 1 (its bilinear neighbour), and the
+    band is cut from an upsampling of just those rows, which gives every kept row the same source rows
+    and weights (0.25/0.75) as upsampling the whole level.
+    """
+    h, w = img.shape[:2]
+    h2, w2 = coarse.shape[:2]
+    rows = max(2, BAND_TEXELS // w // 2 * 2)
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        c0, c1 = max(0, y0 // 2 - 1), min(h2, (y1 + 1) // 2 + 1)
+        up = F.interpolate(coarse[c0:c1].permute(2, 0, 1)[None], size=(2 * (c1 - c0), 2 * w2), mode="bilinear",
+                           align_corners=False)[0, :, y0 - 2 * c0:y1 - 2 * c0, :w]
+        band = img[y0:y1]
+        torch.where(wgt[y0:y1, :, None], band, up.permute(1, 2, 0), out=band)
 
 
 def bake_texture(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor, coords: torch.Tensor,
@@ -248,23 +372,57 @@ def bake_texture(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor,
     vertices [V,3] (grid frame), faces [F,3], uvs [V,2] (per output vertex, glTF v), coords [N,3],
     attrs [N,C]. Returns (maps [S,S,C] float32 with seams filled, coverage mask [S,S] bool).
     Row 0 of the maps is the top image row (v = 0).
+
+    The texels go through in bands of `BAND_TEXELS` (whole rows): each band is rasterised, its points
+    made, projected and sampled, and its rows of the maps written; the surface's triangle grid, the
+    voxel table and the triangles' setup are built once. Every texel gets the value a single pass
+    over the whole texture would give it.
     """
     dev = attrs.device
-    face_id, bary = rasterize_uv(uvs.to(dev).float(), faces.to(dev), texture_size)
-    mask = face_id >= 0
-    flat = torch.nonzero(mask.view(-1)).squeeze(1)
-    fid = face_id.view(-1).index_select(0, flat)
-    corner = faces.to(dev).long().index_select(0, fid)  # [P,3]
-    tri = vertices.to(dev).float().index_select(0, corner.view(-1)).view(-1, 3, 3)
-    pts = (bary.view(-1, 3).index_select(0, flat)[:, :, None] * tri).sum(dim=1)
+    S, C, G = int(texture_size), attrs.shape[1], int(grid_size)
+    tris = _uv_triangles(uvs.to(dev).float(), faces.to(dev), S)
+    faces = faces.to(dev).long()
+    vertices = vertices.to(dev).float()
+    attrs = attrs.float()
+    table = _voxel_table(coords.to(dev), G) if coords.shape[0] else None
     if surface is not None:
-        from .project import project_onto
+        from .project import TriangleGrid, project_onto
 
-        pts, found = project_onto(pts, surface[0].to(dev), surface[1].to(dev), surface_cell)
+        sv, sf = surface[0].to(dev), surface[1].to(dev)
+        grid = None
+        if sf.shape[0]:  # project_onto then answers from the grid's own float/long copies
+            grid = TriangleGrid(sv, sf, surface_cell)
+            sv, sf = grid.vertices, grid.faces
+    maps = torch.zeros((S, S, C), dtype=torch.float32, device=dev)
+    mask = torch.zeros((S, S), dtype=torch.bool, device=dev)
+    n_points = n_found = 0
+    rows = max(1, BAND_TEXELS // S)
+    for r0 in range(0, S, rows):
+        r1 = min(S, r0 + rows)
+        face_id, bary = _rasterize_rows(tris, S, r0, r1, BAND_TEXELS)
+        covered = face_id >= 0
+        mask[r0:r1] = covered.view(r1 - r0, S)
+        flat = torch.nonzero(covered).squeeze(1)
+        del covered
+        if flat.numel() == 0:
+            continue
+        corner = faces.index_select(0, face_id.index_select(0, flat))  # [P,3]
+        tri = vertices.index_select(0, corner.view(-1)).view(-1, 3, 3)
+        pts = (bary.index_select(0, flat)[:, :, None] * tri).sum(dim=1)
+        del face_id, bary, corner, tri
+        if surface is not None:
+            pts, found = project_onto(pts, sv, sf, surface_cell, grid=grid, max_pairs=PROJECT_PAIRS)
+            n_found += int(found.sum())
+            del found
+        n_points += flat.numel()
+        if table is not None:
+            maps[r0:r1].view(-1, C)[flat] = _sample_voxels(pts, table, attrs, G, fallback_radius)
+        del pts, flat
+    if surface is not None:
+        del grid, sv, sf
         if info is not None:
-            info["projected"] = float(found.float().mean()) if found.numel() else 0.0
-    maps = torch.zeros((texture_size, texture_size, attrs.shape[1]), dtype=torch.float32, device=dev)
-    maps[mask] = sample_sparse_voxels(pts, coords, attrs, grid_size, fallback_radius=fallback_radius)
+            info["projected"] = n_found / n_points if n_points else 0.0
+    del tris, table
     if fill:
-        maps = fill_uncovered(maps, mask)
+        _fill_in_place(maps, mask)
     return maps, mask
