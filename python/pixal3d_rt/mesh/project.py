@@ -104,6 +104,7 @@ class TriangleGrid:
         dev = V.device
         nf = Fc.shape[0]
         self.cell = float(cell)
+        self._kernel_arrays = None
         if origin is None:  # the lowest corner of the triangles (min is exact, so any gather order gives it)
             used = torch.zeros(V.shape[0], dtype=torch.bool, device=dev)
             used[Fc.reshape(-1)] = True
@@ -200,6 +201,15 @@ class TriangleGrid:
         end = torch.searchsorted(self.keys, k, right=True)
         return start, end
 
+    def kernel_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(corners [F,9], bounding spheres [F,4]) as the Triton kernel reads them; made once per grid,
+        which answers many slices of queries."""
+        if self._kernel_arrays is None:
+            corners = self.vertices[self.faces].reshape(-1, 9).contiguous()
+            spheres = torch.cat([self.centre, self.radius[:, None]], 1).float().contiguous()
+            self._kernel_arrays = (corners, spheres)
+        return self._kernel_arrays
+
     def occupied_cells(self) -> torch.Tensor:
         """[C,3] integer cells holding at least one triangle."""
         k = torch.unique_consecutive(self.keys)
@@ -245,8 +255,7 @@ def closest_points(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Te
     pts = points.float()
     cpt = _kernel_module(points, kernel)
     if cpt is not None:
-        corners = V[Fc].reshape(-1, 9).contiguous()
-        spheres = torch.cat([g.centre, g.radius[:, None]], 1).float().contiguous()
+        corners, spheres = g.kernel_arrays()
         step = max(1, max_pairs // 16)  # the [step,27] ranges are the chunk's memory
         for a in range(0, P, step):
             start, end = g.candidate_ranges(pts[a:a + step])
