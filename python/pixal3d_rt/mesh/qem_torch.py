@@ -31,7 +31,7 @@ import torch
 CHEAP_SHARE = 0.6  # of the edges that may collapse, the cheapest that are candidates in a round: a larger share
 # spreads the collapses over the surface (rounder faces, fewer and larger UV charts), a smaller one is greedier
 SELECTION_PASSES = 4
-EDGE_CHUNK = 1 << 18  # edges whose collapse points are solved at once (~600 bytes each)
+EDGE_CHUNK = 1 << 19  # edges whose collapse points are solved at once (~600 bytes each; fewer launches a round)
 QUADRIC_CHUNK = 1 << 20  # faces whose plane quadrics are summed at once (~300 bytes each)
 PART_FACES = 3 << 20  # faces of a slab simplified on its own first (a round holds ~400 bytes a face)
 MIN_NORMAL_COS = 0.2  # a face around a collapse may turn by up to ~78 degrees, as fast-simplification allows
