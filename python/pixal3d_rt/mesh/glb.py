@@ -510,8 +510,8 @@ def simplify_mesh(vertices: np.ndarray, faces: np.ndarray, target_faces: int, *,
 def count_charts(faces, n_vertices: int, *, device=None) -> int:
     """Connected components of faces sharing a vertex: the UV charts of an unwrapped mesh (its
     vertices are split along chart seams). On a GPU (`device`, or where a tensor of faces lives):
-    min-label propagation with pointer jumping in torch (uv.vertex_components); on the CPU a numpy
-    union-find instead, roots hooked onto smaller roots (a few rounds where propagation takes dozens)."""
+    min-label propagation with pointer jumping in torch (uv.vertex_components); on the CPU the numpy
+    union-find of simplify.union_labels (a few rounds where propagation takes dozens)."""
     import torch
 
     if (isinstance(faces, torch.Tensor) and faces.device.type != "cpu") or gpu_or_none(device) is not None:
@@ -523,24 +523,11 @@ def count_charts(faces, n_vertices: int, *, device=None) -> int:
             return 0
         lab = vertex_components(f, int(n_vertices))
         return int(torch.unique(lab[f.reshape(-1)]).numel())
+    from .simplify import union_labels
+
     f = _to_numpy(faces, np.int64).reshape(-1, 3)
-    a, b = np.concatenate([f[:, 0], f[:, 1]]), np.concatenate([f[:, 1], f[:, 2]])  # two edges join a face
-    parent = np.arange(int(n_vertices))
-    while True:
-        while True:  # pointer jumping: every vertex points at its root
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
-                break
-            parent = grand
-        ra, rb = parent[a], parent[b]
-        cross = ra != rb
-        if not cross.any():
-            break
-        a, b, ra, rb = a[cross], b[cross], ra[cross], rb[cross]
-        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
-    used = np.zeros(len(parent), dtype=bool)
-    used[f.reshape(-1)] = True
-    return int(np.count_nonzero(used & (parent == np.arange(len(parent)))))
+    lab = union_labels(int(n_vertices), np.concatenate([f[:, 0], f[:, 1]]), np.concatenate([f[:, 1], f[:, 2]]))
+    return int(np.unique(lab[f.reshape(-1)]).size)  # two edges join a face's corners
 
 
 def vertex_normals(vertices, faces):

@@ -426,7 +426,7 @@ def simplify(vertices, faces, target_faces: int, *, aggressiveness: float = 7.0,
 # topology repair
 
 
-def _union_labels(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def union_labels(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Connected-component label (the smallest member) of n nodes joined by links a[i]-b[i]:
     roots hook onto smaller roots, pointer jumping between rounds; vectorised."""
     parent = np.arange(n, dtype=np.int64)
@@ -573,7 +573,7 @@ def make_manifold(vertices: np.ndarray, faces: np.ndarray, max_rounds: int = 64)
         rng = np.random.default_rng(0)
         for round_ in range(max_rounds + 1):
             sa, sb = joins(mx, my)
-            sub_lab = _union_labels(len(sub), np.concatenate([ta, dense[sa]]), np.concatenate([tb, dense[sb]]))
+            sub_lab = union_labels(len(sub), np.concatenate([ta, dense[sa]]), np.concatenate([tb, dense[sb]]))
             xl, xh = corners(mx)
             fa, fb = sub_lab[dense[xl]], sub_lab[dense[xh]]
             srt = np.lexsort((np.arange(len(me)), fb, fa, me))
@@ -600,7 +600,7 @@ def make_manifold(vertices: np.ndarray, faces: np.ndarray, max_rounds: int = 64)
             mx[q_idx] = np.where(use1, Z, Y)
             my[q_idx] = np.where(use1, Y, W)
     ja, jb = joins(np.concatenate([px, mx]), np.concatenate([py, my]))
-    lab = _union_labels(len(corner_vertex), ja, jb)
+    lab = union_labels(len(corner_vertex), ja, jb)
 
     # a fan is named by its smallest corner; a vertex's first fan keeps the vertex, every further fan
     # gets a new copy of it
