@@ -25,6 +25,8 @@ on the whole mesh then finish the job, seams included.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -38,8 +40,16 @@ MIN_NORMAL_COS = 0.2  # a face around a collapse may turn by up to ~78 degrees, 
 _UPPER = ((0, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (3, 3))  # symmetric 4x4 as 10
 _UPPER_I = [i for i, _ in _UPPER]
 _UPPER_J = [j for _, j in _UPPER]
-_UPPER_MULT = torch.tensor([1.0 if i == j else 2.0 for i, j in _UPPER], dtype=torch.float64, device="cpu")
+_UPPER_MULT = [1.0 if i == j else 2.0 for i, j in _UPPER]
 _FULL = [_UPPER.index((min(i, j), max(i, j))) for i in range(4) for j in range(4)]  # the 16 entries from the 10
+
+
+@functools.lru_cache(maxsize=None)
+def _index_tensors(device: torch.device):
+    """(upper i, upper j, full) index tensors and the off-diagonal weights on `device`: made once, not
+    copied to the device for every chunk of every round."""
+    idx = [torch.tensor(x, dtype=torch.int64, device=device) for x in (_UPPER_I, _UPPER_J, _FULL)]
+    return (*idx, torch.tensor(_UPPER_MULT, dtype=torch.float64, device=device))
 
 
 def _plane_quadrics(v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -49,7 +59,8 @@ def _plane_quadrics(v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     twice_area = n.norm(dim=1, keepdim=True)
     n = n / twice_area.clamp_min(1e-300)
     p = torch.cat([n, -(n * a).sum(1, keepdim=True)], 1)
-    return (p[:, _UPPER_I] * p[:, _UPPER_J]) * (0.5 * twice_area)
+    ui, uj, _, _ = _index_tensors(p.device)
+    return (p[:, ui] * p[:, uj]) * (0.5 * twice_area)
 
 
 def _vertex_quadrics(v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -68,7 +79,8 @@ def _collapse_points(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple
     """Per edge (quadric sum q [E,10], endpoints a, b [E,3] float64): the collapse point and its cost.
     The 3x3 system is solved by its adjugate (symmetric: its columns are cross products of the rows),
     and the four candidates are evaluated together: a few large kernels per chunk."""
-    Q = q[:, _FULL].view(-1, 4, 4)
+    ui, uj, full, mult = _index_tensors(q.device)
+    Q = q[:, full].view(-1, 4, 4)
     r0, r1, r2 = Q[:, 0, :3], Q[:, 1, :3], Q[:, 2, :3]
     c0, c1, c2 = torch.linalg.cross(r1, r2), torch.linalg.cross(r2, r0), torch.linalg.cross(r0, r1)
     det = (r0 * c0).sum(1, keepdim=True)
@@ -81,8 +93,8 @@ def _collapse_points(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple
     candidates = torch.stack([x, mid, a, b], 1)  # ties go to the midpoint: rounder faces
     h = torch.cat([candidates, torch.ones_like(candidates[..., :1])], 2)  # [E,4,4] homogeneous
     # x^T Q x per candidate from the 10 upper entries (elementwise: a batched 4x4 matmul runs as a GEMM)
-    w = q * _UPPER_MULT.to(q.device)
-    costs = torch.stack([(h[:, c, _UPPER_I] * h[:, c, _UPPER_J]).mul_(w).sum(1) for c in range(4)], 1)
+    w = q * mult
+    costs = torch.stack([(h[:, c, ui] * h[:, c, uj]).mul_(w).sum(1) for c in range(4)], 1)
     costs[:, 0] = torch.where(ok, costs[:, 0], torch.inf)
     cost, best = costs.min(1)
     point = candidates.gather(1, best[:, None, None].expand(-1, 1, 3))[:, 0]
